@@ -1,0 +1,100 @@
+"""Stage a quantized candidate as a registry version: model files, report and manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+from distilq.autoquant import Candidate
+from distilq.checkpoint import Checkpoint, sha256_file
+from distilq.config import BatchingPolicy, GateThresholds
+from distilq.gate import Decision
+from distilq.quantization import save_int8
+from distilq.report import render_report
+from distilq.validation import Metrics, ValidationSet
+
+
+def run_key(
+    checkpoint: Checkpoint,
+    recipe_name: str,
+    validation: ValidationSet,
+    thresholds: GateThresholds,
+    margin: float,
+    policy: BatchingPolicy,
+) -> str:
+    """Identity of a quantize-and-promote run's inputs: the same key means the same result."""
+    inputs = {
+        "source": checkpoint.source,
+        "revision": checkpoint.revision,
+        "recipe": recipe_name,
+        "validation": validation.sha256,
+        "thresholds": thresholds.model_dump(),
+        "margin": margin if recipe_name == "auto" else None,
+        "batching": policy.model_dump(),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of what produced the artifact."""
+    import torch
+    import transformers
+
+    from distilq import __version__
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "distilq": __version__,
+    }
+
+
+def stage_version(
+    staging: str | Path,
+    candidate: Candidate,
+    tokenizer,
+    checkpoint: Checkpoint,
+    validation: ValidationSet,
+    metrics: Metrics,
+    decision: Decision,
+    policy: BatchingPolicy,
+    key: str,
+) -> dict:
+    """Write `model/` and `report.md` under `staging` and return the manifest describing them."""
+    staging = Path(staging)
+    model_dir = staging / "model"
+    candidate.model.config.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    weights = save_int8(candidate.model, candidate.recipe, model_dir)
+    weight_hash = sha256_file(weights)
+    now = datetime.now(UTC)
+    manifest = {
+        "version": f"{now:%Y%m%dT%H%M%SZ}-{weight_hash[:8]}",
+        "created_at": now.isoformat(timespec="microseconds"),
+        "run_key": key,
+        "source": {
+            "id": checkpoint.source,
+            "kind": checkpoint.kind,
+            "revision": checkpoint.revision,
+            "sha256": checkpoint.weight_sha256,
+        },
+        "recipe": candidate.recipe_record(policy),
+        "validation": {
+            "name": validation.name,
+            "sha256": validation.sha256,
+            "labels": validation.labels is not None,
+        },
+        "metrics": {
+            **metrics.model_dump(),
+            "size_bytes_fp32": checkpoint.weight_bytes,
+            "size_bytes_int8": sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
+        },
+        "decision": decision.model_dump(),
+        "software": software_versions(),
+    }
+    (staging / "report.md").write_text(render_report(manifest))
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest["files"] = {str(p.relative_to(staging)): sha256_file(p) for p in files}
+    return manifest

@@ -1,0 +1,178 @@
+"""Quantize a candidate for the gate; `auto` falls back to FP32 on the most sensitive layers.
+
+As Intel Neural Compressor does it: start from `dynamic-int8-pc`; if agreement on the
+validation set is below the target (the gate plus a safety margin), measure each Linear
+layer's sensitivity (that layer alone INT8, the rest FP32) and keep the most sensitive
+layers in FP32, one more at a time, until the target is met or no layer is left.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel
+from torch import nn
+
+from distilq.config import BatchingPolicy
+from distilq.quantization import Recipe, get_recipe, linear_names, quantize
+from distilq.validation import Predictions, ValidationSet, predict
+
+log = logging.getLogger("distilq")
+
+
+class LayerSensitivity(BaseModel):
+    """Effect of quantizing one Linear layer alone, on the examples nearest the boundary."""
+
+    layer: str
+    flips: int
+    mean_abs_prob_change: float
+
+
+class Attempt(BaseModel):
+    """One candidate tried by `auto`: which layers stayed FP32 and what it reached."""
+
+    fp32_layers: list[str]
+    agreement: float
+    rows_per_second: float
+
+
+@dataclass
+class Candidate:
+    """A quantized model with its predictions on the validation set and how it was made."""
+
+    model: nn.Module
+    recipe_name: str
+    recipe: Recipe
+    predictions: Predictions
+    fp32_layers: list[str] = field(default_factory=list)
+    sensitivity: list[LayerSensitivity] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
+    target_agreement: float | None = None
+
+    @property
+    def reached_target(self) -> bool | None:
+        if self.target_agreement is None:
+            return None
+        return self.attempts[-1].agreement >= self.target_agreement
+
+    def recipe_record(self, policy: BatchingPolicy) -> dict:
+        """What the manifest records under `recipe`."""
+        record = {
+            "name": self.recipe_name,
+            "engine": self.recipe.engine,
+            "per_channel": self.recipe.per_channel,
+            "full_range_activations": self.recipe.full_range_activations,
+            "int8_embeddings": self.recipe.int8_embeddings,
+            "fp32_layers": self.fp32_layers,
+            "batching": policy.model_dump(),
+        }
+        if self.recipe_name == "auto":
+            record["auto"] = {
+                "target_agreement": self.target_agreement,
+                "reached_target": self.reached_target,
+                "sensitivity": [s.model_dump() for s in self.sensitivity],
+                "attempts": [a.model_dump() for a in self.attempts],
+            }
+        return record
+
+
+def _agreement(fp32: Predictions, int8: Predictions) -> float:
+    return float((fp32.labels == int8.labels).mean())
+
+
+def _attempt(fp32_layers: list[str], fp32: Predictions, pred: Predictions) -> Attempt:
+    return Attempt(
+        fp32_layers=list(fp32_layers),
+        agreement=_agreement(fp32, pred),
+        rows_per_second=len(pred.probs) / pred.seconds,
+    )
+
+
+def boundary_examples(fp32: Predictions, int8: Predictions, n: int) -> np.ndarray:
+    """Indices of the `n` examples with the smallest FP32 margin, plus every flipped one."""
+    top2 = np.sort(fp32.probs, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    nearest = np.argsort(margin, kind="stable")[:n]
+    flipped = np.flatnonzero(fp32.labels != int8.labels)
+    return np.union1d(nearest, flipped)
+
+
+def layer_sensitivity(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    fp32: Predictions,
+    recipe: Recipe,
+    policy: BatchingPolicy,
+) -> list[LayerSensitivity]:
+    """Each Linear layer quantized alone, scored on `texts`; most sensitive first."""
+    reference = fp32.labels
+    rows = np.arange(len(texts))
+    table = []
+    for name in linear_names(model):
+        pred = predict(quantize(model, recipe, only=[name]), tokenizer, texts, policy)
+        change = np.abs(pred.probs[rows, reference] - fp32.probs[rows, reference])
+        flips = int((pred.labels != reference).sum())
+        table.append(
+            LayerSensitivity(layer=name, flips=flips, mean_abs_prob_change=float(change.mean()))
+        )
+    return sorted(table, key=lambda s: (-s.flips, -s.mean_abs_prob_change))
+
+
+def quantize_for_gate(
+    model: nn.Module,
+    tokenizer,
+    recipe_name: str,
+    validation: ValidationSet,
+    fp32: Predictions,
+    policy: BatchingPolicy,
+    target_agreement: float,
+    sensitivity_examples: int = 128,
+) -> Candidate:
+    """Quantize `model` by `recipe_name` and predict the validation set with the result.
+
+    For `auto`, falls back to FP32 layer by layer until agreement with `fp32` reaches
+    `target_agreement` (or every Linear layer is FP32; `reached_target` then says so).
+    """
+    recipe = get_recipe(recipe_name)
+    texts = validation.texts
+    qmodel = quantize(model, recipe)
+    pred = predict(qmodel, tokenizer, texts, policy, progress=f"{recipe_name} INT8")
+    is_auto = recipe_name == "auto"
+    candidate = Candidate(
+        qmodel,
+        recipe_name,
+        recipe,
+        pred,
+        attempts=[_attempt([], fp32, pred)],
+        target_agreement=target_agreement if is_auto else None,
+    )
+    if not is_auto or candidate.reached_target:
+        return candidate
+    log.info(
+        "auto: agreement %.4f < target %.4f; measuring layer sensitivity",
+        candidate.attempts[0].agreement,
+        target_agreement,
+    )
+    subset = boundary_examples(fp32, pred, sensitivity_examples)
+    sub_fp32 = Predictions(fp32.probs[subset], fp32.seconds, fp32.n_batches)
+    candidate.sensitivity = layer_sensitivity(
+        model, tokenizer, [texts[i] for i in subset], sub_fp32, recipe, policy
+    )
+    ranked = [s.layer for s in candidate.sensitivity]
+    for k in range(1, len(ranked) + 1):
+        keep = ranked[:k]
+        qmodel = quantize(model, recipe, keep_fp32=keep)
+        pred = predict(qmodel, tokenizer, texts, policy, progress=f"auto, {k} FP32")
+        candidate.attempts.append(_attempt(keep, fp32, pred))
+        candidate.model, candidate.predictions, candidate.fp32_layers = qmodel, pred, keep
+        log.info("auto: %d layer(s) FP32 -> agreement %.4f", k, candidate.attempts[-1].agreement)
+        if candidate.reached_target:
+            break
+    if not candidate.reached_target:
+        log.warning(
+            "auto: cannot reach agreement %.4f even with every Linear layer FP32", target_agreement
+        )
+    return candidate

@@ -1,0 +1,259 @@
+"""The `distilq` command line: maps flags to configs and runs flows or registry operations.
+
+Exit codes: 0 success (promoted, or a dry run that passed), 1 any other failure,
+2 bad usage or input, 3 rejected by the gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from distilq import __version__
+from distilq.config import DEFAULT_REGISTRY, DEFAULT_SOURCE, QuantizeConfig
+from distilq.errors import DistilqError, GateRejected, InputError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
+
+QUANTIZE_HELP = """\
+Quantize a sentiment classifier to INT8, measure its agreement with FP32 on a validation
+set, publish it to the registry and promote it to `production` if the gate passes.
+Runs the Prefect flow `quantize_and_promote` on an ephemeral local API (or on the server
+named by PREFECT_API_URL).
+
+recipes:
+  auto             dynamic-int8-pc, then keep the most sensitive Linear layers FP32 until
+                   agreement >= min-agreement + margin (default)
+  dynamic-int8-pc  Linear weights INT8 per channel, 8-bit dynamic activations,
+                   word/position embeddings INT8 per row
+  dynamic-int8     the seed's torch.ao quantize_dynamic: per-tensor weights, FP32 embeddings
+
+exit codes: 0 promoted (or dry run passed), 3 rejected by the gate, 2 bad usage or input,
+1 any other failure.
+"""
+
+
+def _registry_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--registry",
+        default=os.environ.get("DISTILQ_REGISTRY", DEFAULT_REGISTRY),
+        help="registry directory or fsspec URI (env DISTILQ_REGISTRY; default %(default)s)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = argparse.ArgumentParser(
+        prog="distilq",
+        description="Validated INT8 sentiment classifiers and their registry, on CPU.",
+    )
+    parser.add_argument("--version", action="version", version=f"distilq {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = commands.add_parser(
+        "quantize",
+        help="quantize, validate, publish and promote a checkpoint",
+        description=QUANTIZE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults = QuantizeConfig.model_fields
+    q.add_argument(
+        "--source",
+        default=os.environ.get("DISTILQ_SOURCE", DEFAULT_SOURCE),
+        help="hub id, local directory or fsspec URI (env DISTILQ_SOURCE; default %(default)s)",
+    )
+    q.add_argument("--revision", help="hub revision: branch, tag or commit (default main)")
+    q.add_argument("--recipe", default="auto", choices=["auto", "dynamic-int8", "dynamic-int8-pc"])
+    q.add_argument(
+        "--validation",
+        default=defaults["validation"].default,
+        help="TSV/CSV/Parquet/JSONL file or URI, or a datasets spec NAME[:CONFIG][@SPLIT] "
+        "(default: GLUE SST-2 validation, shipped with distilq)",
+    )
+    q.add_argument("--text-column", default="text", help="default %(default)s")
+    q.add_argument("--label-column", help="default: `label` when the data has one")
+    q.add_argument("--min-agreement", type=float, default=0.99, help="default %(default)s")
+    q.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=0.01,
+        help="absolute; checked when the data has labels (default %(default)s)",
+    )
+    q.add_argument(
+        "--margin",
+        type=float,
+        default=0.005,
+        help="auto aims for min-agreement + margin, so the gate holds on unseen data "
+        "(default %(default)s)",
+    )
+    q.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="batching policy for validation and scoring; rows are sorted by token length "
+        "(default %(default)s)",
+    )
+    _registry_arg(q)
+    q.add_argument("--dry-run", action="store_true", help="validate and report; publish nothing")
+    q.add_argument("--json", action="store_true", help="print only the manifest JSON on stdout")
+
+    models = commands.add_parser("models", help="list, show, promote and roll back versions")
+    actions = models.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = actions.add_parser("list", help="every version, newest first, with its gate and size")
+    _registry_arg(ls)
+    ls.add_argument("--json", action="store_true", help="print a JSON list")
+    show = actions.add_parser("show", help="one version's manifest")
+    show.add_argument(
+        "ref", nargs="?", default="production", help="version or alias (default production)"
+    )
+    _registry_arg(show)
+    show.add_argument("--json", action="store_true", help="print the manifest JSON")
+    promote = actions.add_parser("promote", help="point production at VERSION")
+    promote.add_argument("version")
+    promote.add_argument(
+        "--force", action="store_true", help="promote even if the gate rejected it (recorded)"
+    )
+    promote.add_argument("--reason", default="manual promotion", help="recorded in the history")
+    _registry_arg(promote)
+    rollback = actions.add_parser("rollback", help="point production back at the previous version")
+    rollback.add_argument("--reason", default="manual rollback", help="recorded in the history")
+    _registry_arg(rollback)
+    return parser
+
+
+def _print_json(data) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Run the flow; map its outcome to an exit code."""
+    try:
+        config = QuantizeConfig(
+            source=args.source,
+            revision=args.revision,
+            recipe=args.recipe,
+            validation=args.validation,
+            text_column=args.text_column,
+            label_column=args.label_column,
+            min_agreement=args.min_agreement,
+            max_accuracy_drop=args.max_accuracy_drop,
+            margin=args.margin,
+            batch_size=args.batch_size,
+            registry=args.registry,
+            dry_run=args.dry_run,
+        )
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    from flows.quantize_and_promote import quantize_and_promote
+
+    try:
+        result = quantize_and_promote(config)
+    except GateRejected as e:
+        if args.json:
+            _print_json(e.manifest)
+        print(f"distilq: {e}", file=sys.stderr)
+        return EXIT_REJECTED
+    manifest = result.manifest
+    if args.json:
+        _print_json(manifest)
+    else:
+        m = manifest["metrics"]
+        status = (
+            "unchanged inputs, reusing"
+            if result.reused
+            else "dry run, not published:"
+            if result.dry_run
+            else "promoted to production:"
+            if result.promoted
+            else "published (production holds a newer version):"
+        )
+        print(f"{status} {result.version}")
+        print(
+            f"  agreement {m['agreement']:.4f}, {m['size_bytes_int8'] / 2**20:.1f} MiB on disk "
+            f"({m['size_bytes_int8'] / m['size_bytes_fp32']:.1%} of FP32)"
+        )
+        print(f"  artifact: {result.location}/model")
+        print(f"  report:   {result.location}/report.md")
+    if result.dry_run and not result.approved:
+        return EXIT_REJECTED
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Registry operations; none of them needs Prefect."""
+    from distilq.registry import Registry
+
+    registry = Registry(args.registry)
+    if args.action == "list":
+        production = registry.alias()
+        rows = []
+        for version in reversed(registry.versions()):
+            m = registry.manifest(version)
+            rows.append(
+                {
+                    "version": version,
+                    "production": version == production,
+                    "approved": m["decision"]["approved"],
+                    "recipe": m["recipe"]["name"],
+                    "agreement": m["metrics"]["agreement"],
+                    "size_bytes_int8": m["metrics"]["size_bytes_int8"],
+                    "source": m["source"]["id"],
+                }
+            )
+        if args.json:
+            _print_json(rows)
+        elif not rows:
+            print(f"no versions in {args.registry}")
+        else:
+            print(
+                f"{'':2}{'version':28}{'gate':10}{'recipe':17}{'agreement':>10}{'MiB':>8}  source"
+            )
+            for r in rows:
+                print(
+                    f"{'*' if r['production'] else ' ':2}{r['version']:28}"
+                    f"{'approved' if r['approved'] else 'rejected':10}{r['recipe']:17}"
+                    f"{r['agreement']:>10.4f}{r['size_bytes_int8'] / 2**20:>8.1f}  {r['source']}"
+                )
+        return EXIT_OK
+    if args.action == "show":
+        manifest = registry.manifest(registry.resolve(args.ref))
+        if args.json:
+            _print_json(manifest)
+        else:
+            from distilq.report import render_report
+
+            print(render_report(manifest))
+        return EXIT_OK
+    if args.action == "promote":
+        entry = registry.promote(args.version, args.reason, force=args.force)
+        print(
+            f"production already is {args.version}"
+            if entry is None
+            else f"production: {entry['from']} -> {entry['to']}"
+        )
+        return EXIT_OK
+    entry = registry.rollback(args.reason)
+    print(f"production: {entry['from']} -> {entry['to']} (rolled back)")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `distilq` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "quantize":
+            return cmd_quantize(args)
+        return cmd_models(args)
+    except InputError as e:
+        print(f"distilq: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except DistilqError as e:
+        print(f"distilq: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Typed, validated configuration shared by the library, the tasks and the CLI."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_SOURCE = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
+DEFAULT_REGISTRY = "./registry"
+
+
+class BatchingPolicy(BaseModel):
+    """How rows are grouped into batches.
+
+    Dynamic INT8 quantizes activations with one scale per batch, so outputs depend on which
+    rows share a batch: the same policy must be used to validate and to score.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    batch_size: int = Field(32, ge=1, le=4096)
+    sort_by_length: bool = True
+    max_length: int = Field(512, ge=8, le=4096)
+
+
+class GateThresholds(BaseModel):
+    """What an INT8 candidate must reach to be promoted."""
+
+    model_config = ConfigDict(frozen=True)
+
+    min_agreement: float = Field(0.99, ge=0, le=1)
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1)
+
+
+def _env_default(name: str, fallback: str):
+    # Read when a config is made, never frozen at import time.
+    return lambda: os.environ.get(name) or fallback
+
+
+class QuantizeConfig(BaseModel):
+    """Parameters of `quantize_and_promote` (a form in the Prefect UI, flags in the CLI)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        default_factory=_env_default("DISTILQ_SOURCE", DEFAULT_SOURCE),
+        description="Hub id, local directory or fsspec URI of the FP32 checkpoint",
+    )
+    revision: str | None = Field(None, description="Hub revision (default main); hub sources only")
+    recipe: Literal["auto", "dynamic-int8", "dynamic-int8-pc"] = "auto"
+    validation: str = Field(
+        "builtin:sst2-validation",
+        description="TSV/CSV/Parquet/JSONL file or URI, or a datasets spec NAME[:CONFIG][@SPLIT]",
+    )
+    text_column: str = "text"
+    label_column: str | None = Field(None, description="Default: `label` when present")
+    min_agreement: float = Field(0.99, ge=0, le=1)
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1)
+    margin: float = Field(0.005, ge=0, le=0.5, description="auto: extra agreement to aim for")
+    batch_size: int = Field(
+        32, ge=1, le=4096, description="Batching policy used to validate and score"
+    )
+    registry: str = Field(default_factory=_env_default("DISTILQ_REGISTRY", DEFAULT_REGISTRY))
+    dry_run: bool = Field(False, description="Validate and report; publish nothing")
+
+    @model_validator(mode="after")
+    def _target_reachable(self) -> QuantizeConfig:
+        if self.recipe == "auto" and self.min_agreement + self.margin > 1:
+            raise ValueError(
+                f"min_agreement {self.min_agreement} + margin {self.margin} exceeds 1: "
+                "auto could never reach it; lower the margin"
+            )
+        return self
+
+    @property
+    def thresholds(self) -> GateThresholds:
+        return GateThresholds(
+            min_agreement=self.min_agreement, max_accuracy_drop=self.max_accuracy_drop
+        )
+
+    @property
+    def batching(self) -> BatchingPolicy:
+        return BatchingPolicy(batch_size=self.batch_size)
+
+    @property
+    def target_agreement(self) -> float:
+        return self.min_agreement + self.margin

@@ -1,0 +1,291 @@
+"""The model registry: immutable versions, a `production` alias, and its history.
+
+Layout under the registry root (a directory or an fsspec URI)::
+
+    versions/<version>/model/          config, tokenizer files, INT8 weights
+    versions/<version>/report.md
+    versions/<version>/manifest.json   written last: a version exists once it is there
+    aliases/production.json
+    aliases/history.jsonl              every alias move: when, from, to, why, by which command
+
+Writing the manifest last makes publishing atomic on any store (no rename needed). Alias
+moves happen under a lock on local disks and write the pointer atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import fsspec
+
+from distilq.checkpoint import sha256_file
+from distilq.errors import InputError, IntegrityError
+
+PRODUCTION = "production"
+MANIFEST = "manifest.json"
+
+
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 with microseconds."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def command_line() -> str:
+    """Who ran what, for the alias history."""
+    return f"{getpass.getuser()}: {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}"
+
+
+class Registry:
+    """A registry rooted at a local directory or fsspec URI."""
+
+    def __init__(self, uri: str | Path):
+        self.uri = str(uri)
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.is_local = protocol in ("file", "local")
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    # -- reading --------------------------------------------------------------------------
+
+    def versions(self) -> list[str]:
+        """Complete versions (those with a manifest), oldest first."""
+        try:
+            entries = self.fs.ls(self._path("versions"), detail=False)
+        except FileNotFoundError:
+            return []
+        names = sorted(Path(e).name for e in entries)
+        return [n for n in names if self.fs.exists(self._path("versions", n, MANIFEST))]
+
+    def manifest(self, version: str) -> dict:
+        """The manifest of `version`."""
+        try:
+            with self.fs.open(self._path("versions", version, MANIFEST), "rb") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise InputError(f"registry {self.uri}: no version {version!r}") from None
+
+    def alias(self, name: str = PRODUCTION) -> str | None:
+        """The version an alias points to, or None."""
+        try:
+            with self.fs.open(self._path("aliases", f"{name}.json"), "rb") as f:
+                return json.load(f)["version"]
+        except FileNotFoundError:
+            return None
+
+    def resolve(self, ref: str = PRODUCTION) -> str:
+        """A version name from a version or an alias."""
+        if ref == PRODUCTION:
+            version = self.alias(ref)
+            if version is None:
+                raise InputError(f"registry {self.uri}: nothing is in production yet")
+            return version
+        if not self.fs.exists(self._path("versions", ref, MANIFEST)):
+            raise InputError(f"registry {self.uri}: no version or alias {ref!r}")
+        return ref
+
+    def find_run(self, run_key: str) -> dict | None:
+        """The newest manifest made from the same inputs (`run_key`), if any."""
+        for version in reversed(self.versions()):
+            manifest = self.manifest(version)
+            if manifest.get("run_key") == run_key:
+                return manifest
+        return None
+
+    def history(self) -> list[dict]:
+        """Every alias move, oldest first."""
+        try:
+            with self.fs.open(self._path("aliases", "history.jsonl"), "rb") as f:
+                return [json.loads(line) for line in f.read().decode().splitlines() if line]
+        except FileNotFoundError:
+            return []
+
+    def fetch(
+        self, ref: str = PRODUCTION, cache_dir: str | Path | None = None
+    ) -> tuple[Path, dict]:
+        """A local directory holding the version's files, every sha256 checked; and its manifest."""
+        version = self.resolve(ref)
+        manifest = self.manifest(version)
+        if self.is_local:
+            local = Path(self._path("versions", version))
+        else:
+            base = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "distilq" / "registry"
+            local = base / version
+            for rel in manifest["files"]:
+                target = local / rel
+                if not target.exists() or sha256_file(target) != manifest["files"][rel]:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    self.fs.get(self._path("versions", version, rel), str(target))
+        verify_files(local, manifest)
+        return local, manifest
+
+    # -- writing --------------------------------------------------------------------------
+
+    def _write(self, path: str, data: bytes) -> None:
+        """Atomic write: temp file + rename on disk; one PUT (atomic per object) elsewhere."""
+        if not self.is_local:
+            self.fs.pipe_file(path, data)
+            return
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; registry files are for readers
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    @contextlib.contextmanager
+    def _alias_lock(self) -> Iterator[None]:
+        # Object stores get conditional writes later; on disk, flock serialises alias moves.
+        if not self.is_local:
+            yield
+            return
+        import fcntl
+
+        os.makedirs(self._path("aliases"), exist_ok=True)
+        with open(self._path("aliases", ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def publish(self, staging: str | Path, manifest: dict) -> str:
+        """Copy a staged version (files listed in the manifest) in; the manifest goes last.
+
+        Versions are immutable: publishing a version that exists fails.
+        """
+        version = manifest["version"]
+        if self.fs.exists(self._path("versions", version, MANIFEST)):
+            raise InputError(f"registry {self.uri}: version {version} exists and is immutable")
+        staging = Path(staging)
+        verify_files(staging, manifest)
+        for rel in manifest["files"]:
+            target = self._path("versions", version, rel)
+            self.fs.makedirs(os.path.dirname(target), exist_ok=True)
+            self.fs.put_file(str(staging / rel), target)
+        self._write(self._path("versions", version, MANIFEST), manifest_bytes(manifest))
+        return version
+
+    def _append_history(self, entry: dict) -> None:
+        line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+        path = self._path("aliases", "history.jsonl")
+        if self.is_local:
+            with open(path, "ab") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            old = self.fs.cat_file(path) if self.fs.exists(path) else b""
+            self.fs.pipe_file(path, old + line)
+
+    def _move(
+        self, version: str, action: str, reason: str, command: str, previous: str | None
+    ) -> dict:
+        at = utc_now()
+        pointer = {
+            "alias": PRODUCTION,
+            "version": version,
+            "updated_at": at,
+            "id": uuid.uuid4().hex,
+        }
+        self._write(self._path("aliases", f"{PRODUCTION}.json"), manifest_bytes(pointer))
+        entry = {
+            "at": at,
+            "alias": PRODUCTION,
+            "action": action,
+            "from": previous,
+            "to": version,
+            "reason": reason,
+            "command": command,
+        }
+        self._append_history(entry)
+        return entry
+
+    def promote(
+        self,
+        version: str,
+        reason: str,
+        command: str | None = None,
+        force: bool = False,
+        newer_only: bool = False,
+    ) -> dict | None:
+        """Point `production` at `version`; return the history entry (None if nothing moved).
+
+        A version the gate rejected is refused unless `force` (recorded in the history).
+        `newer_only` (automatic promotion) never moves production to an older version, so
+        two publishes racing leave it on the newer one.
+        """
+        manifest = self.manifest(version)
+        approved = manifest["decision"]["approved"]
+        if not approved and not force:
+            raise InputError(
+                f"version {version} was rejected by the gate "
+                f"({'; '.join(manifest['decision']['reasons'])}); use --force to promote it anyway"
+            )
+        if not approved:
+            reason = f"{reason} (forced over a rejected gate)"
+        with self._alias_lock():
+            current = self.alias(PRODUCTION)
+            if current == version:
+                return None
+            if newer_only and current is not None:
+                if self.manifest(current)["created_at"] > manifest["created_at"]:
+                    return None
+            return self._move(version, "promote", reason, command or command_line(), current)
+
+    def rollback(self, reason: str = "rollback", command: str | None = None) -> dict:
+        """Point `production` back at the version it had before the current one."""
+        with self._alias_lock():
+            stack: list[str] = []
+            for entry in self.history():
+                if entry["alias"] != PRODUCTION:
+                    continue
+                if entry["action"] == "promote":
+                    stack.append(entry["to"])
+                elif entry["action"] == "rollback" and stack:
+                    stack.pop()
+            if len(stack) < 2:
+                raise InputError(
+                    f"registry {self.uri}: no earlier production version to roll back to"
+                )
+            return self._move(stack[-2], "rollback", reason, command or command_line(), stack[-1])
+
+
+def manifest_bytes(data: dict) -> bytes:
+    """Stable, readable JSON."""
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def verify_files(directory: str | Path, manifest: dict) -> None:
+    """Check every file listed in the manifest against its sha256; refuse any mismatch."""
+    directory = Path(directory)
+    for rel, expected in manifest["files"].items():
+        path = directory / rel
+        if not path.is_file():
+            raise IntegrityError(
+                f"{path}: missing (listed in the manifest of {manifest['version']})"
+            )
+        actual = sha256_file(path)
+        if actual != expected:
+            raise IntegrityError(
+                f"{path}: sha256 {actual[:16]}... is not the manifest's {expected[:16]}...; "
+                "the file was changed or corrupted, refusing to load it"
+            )

@@ -1,0 +1,138 @@
+"""A report a person can read: Markdown tables built from a version's manifest."""
+
+from __future__ import annotations
+
+MIB = 2**20
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _escape(text: str, limit: int = 120) -> str:
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def metrics_table(manifest: dict) -> list[list[str]]:
+    """Rows (header first) comparing FP32 and INT8: the table shown in reports and artifacts."""
+    m = manifest["metrics"]
+    fp32_bytes, int8_bytes = m["size_bytes_fp32"], m["size_bytes_int8"]
+    return [
+        ["", "FP32", "INT8", "INT8 / FP32"],
+        ["accuracy", _pct(m["accuracy_fp32"]), _pct(m["accuracy_int8"]), ""],
+        [
+            "weights on disk",
+            f"{fp32_bytes / MIB:.2f} MiB",
+            f"{int8_bytes / MIB:.2f} MiB",
+            f"{int8_bytes / fp32_bytes:.1%}",
+        ],
+        [
+            "rows/s (validation)",
+            f"{m['rows_per_second_fp32']:.1f}",
+            f"{m['rows_per_second_int8']:.1f}",
+            f"{m['rows_per_second_int8'] / m['rows_per_second_fp32']:.2f}x",
+        ],
+        [
+            "ms per batch",
+            f"{m['latency_ms_per_batch_fp32']:.1f}",
+            f"{m['latency_ms_per_batch_int8']:.1f}",
+            "",
+        ],
+    ]
+
+
+def _table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines)
+
+
+def render_report(manifest: dict) -> str:
+    """The Markdown report of one candidate version."""
+    m, d, r = manifest["metrics"], manifest["decision"], manifest["recipe"]
+    verdict = "APPROVED" if d["approved"] else "REJECTED"
+    out = [
+        f"# distilq INT8 candidate {manifest['version']}",
+        "",
+        f"**Gate: {verdict}**",
+        "",
+        *[f"- {reason}" for reason in d["reasons"]],
+        "",
+        f"Source `{manifest['source']['id']}` at `{manifest['source']['revision']}`; "
+        f"validation `{manifest['validation']['name']}` ({m['n_examples']} examples).",
+        "",
+        "## FP32 vs INT8",
+        "",
+        _table(metrics_table(manifest)),
+        "",
+        f"Agreement {_pct(m['agreement'])} ({m['flips']} flips); probability of the FP32 label "
+        f"changed by {m['mean_abs_prob_change']:.4f} on average, {m['max_abs_prob_change']:.4f} "
+        "at most. Sizes are bytes on disk of the weight files.",
+        "",
+        "## Recipe",
+        "",
+        f"`{r['name']}`: engine `{r['engine']}`, Linear weights "
+        f"{'per-channel' if r['per_channel'] else 'per-tensor'}, "
+        f"{'8-bit' if r['full_range_activations'] else '7-bit'} dynamic activations, embeddings "
+        f"{'INT8 per-row' if r['int8_embeddings'] else 'FP32'}. Batching: "
+        f"{r['batching']['batch_size']} rows, "
+        f"{'sorted by token length' if r['batching']['sort_by_length'] else 'in input order'}, "
+        f"max {r['batching']['max_length']} tokens.",
+        "",
+        f"FP32 layers: {', '.join(f'`{x}`' for x in r['fp32_layers']) or 'none'}.",
+    ]
+    auto = r.get("auto")
+    if auto and auto["sensitivity"]:
+        out += [
+            "",
+            f"### auto: layer sensitivity (target agreement {auto['target_agreement']:.4f}, "
+            f"{'reached' if auto['reached_target'] else 'NOT reached'})",
+            "",
+            _table(
+                [["layer", "flips alone", "mean abs prob change"]]
+                + [
+                    [f"`{s['layer']}`", str(s["flips"]), f"{s['mean_abs_prob_change']:.5f}"]
+                    for s in auto["sensitivity"][:15]
+                ]
+            ),
+            "",
+            _table(
+                [["FP32 layers", "agreement", "rows/s"]]
+                + [
+                    [
+                        str(len(a["fp32_layers"])),
+                        _pct(a["agreement"]),
+                        f"{a['rows_per_second']:.1f}",
+                    ]
+                    for a in auto["attempts"]
+                ]
+            ),
+        ]
+    if m["flipped"]:
+        shown = m["flipped"][:25]
+        out += [
+            "",
+            f"## Flipped examples ({len(shown)} of {m['flips']})",
+            "",
+            _table(
+                [["#", "text", "true", "FP32", "INT8"]]
+                + [
+                    [
+                        str(f["index"]),
+                        _escape(f["text"]),
+                        f["label"] or "",
+                        f"{f['fp32_label']} {f['fp32_score']:.3f}",
+                        f"{f['int8_label']} {f['int8_score']:.3f}",
+                    ]
+                    for f in shown
+                ]
+            ),
+        ]
+    sw = manifest["software"]
+    out += [
+        "",
+        f"torch {sw['torch']}, transformers {sw['transformers']}, distilq {sw['distilq']}.",
+        "",
+    ]
+    return "\n".join(out)

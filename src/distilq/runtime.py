@@ -1,0 +1,20 @@
+"""Process settings distilq needs before Prefect is imported (this module never imports it)."""
+
+import os
+
+PREFECT_DEFAULTS = {
+    # The ephemeral API can take 30 s or more to start the first time on a fresh machine;
+    # Prefect's default wait is 20 s.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    # No analytics leave the machine (server and client side).
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    # distilq's own log lines show up in Prefect's run logs.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "distilq",
+}
+
+
+def set_prefect_defaults() -> None:
+    """Set distilq's Prefect defaults in the environment; values the user set win."""
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)

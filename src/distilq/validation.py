@@ -1,0 +1,290 @@
+"""Validation data, batched prediction under a batching policy, and FP32-vs-INT8 metrics."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from distilq.config import BatchingPolicy
+from distilq.errors import InputError
+
+# GLUE SST-2 validation (872 rows), shipped in the package.
+PACKAGED_VALIDATION = "builtin:sst2-validation"
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    """Texts with optional integer labels (ids of the model's classes)."""
+
+    name: str
+    texts: list[str]
+    labels: list[int] | None
+    sha256: str  # of the texts and labels as used, so a re-run can be recognised
+
+
+def _packaged_path() -> Path:
+    return Path(str(resources.files("distilq") / "data" / "sst2_validation.tsv"))
+
+
+def _read_table(spec: str):
+    """Read a local or fsspec file into a pyarrow Table; `datasets` hub specs otherwise."""
+    import pyarrow as pa
+
+    suffix = Path(spec.split("?")[0]).suffix.lower()
+    local = Path(spec).expanduser()
+    is_file = "://" in spec or local.is_file()
+    if spec == PACKAGED_VALIDATION:
+        spec, suffix, is_file = str(_packaged_path()), ".tsv", True
+    if not is_file:
+        return _read_hub_dataset(spec)
+    import fsspec
+
+    try:
+        with fsspec.open(spec, "rb") as f:
+            data = f.read()
+    except (OSError, ValueError) as e:
+        raise InputError(f"validation file {spec!r} cannot be read: {e}") from e
+    try:
+        if suffix in (".tsv", ".csv"):
+            # GLUE writes TSV with no quoting: a '"' is an ordinary character there.
+            quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
+            delimiter = "\t" if suffix == ".tsv" else ","
+            rows = list(
+                csv.reader(data.decode("utf-8").splitlines(), delimiter=delimiter, quoting=quoting)
+            )
+            if not rows:
+                raise InputError(f"validation file {spec!r} is empty")
+            header, body = rows[0], rows[1:]
+            bad = [i + 2 for i, r in enumerate(body) if len(r) != len(header)]
+            if bad:
+                raise InputError(
+                    f"validation file {spec!r}: lines {bad[:5]} have a different number of "
+                    f"fields than the header ({len(header)})"
+                )
+            return pa.table({h: [r[i] for r in body] for i, h in enumerate(header)})
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(pa.BufferReader(data))
+        if suffix in (".jsonl", ".json"):
+            records = [
+                json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()
+            ]
+            return pa.Table.from_pylist(records)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"validation file {spec!r} is not valid {suffix[1:]}: {e}") from e
+    raise InputError(
+        f"validation file {spec!r}: unsupported type {suffix!r} (tsv, csv, parquet, jsonl)"
+    )
+
+
+def _read_hub_dataset(spec: str):
+    """`NAME[:CONFIG][@SPLIT]`, e.g. `nyu-mll/glue:sst2@validation`."""
+    name, _, split = spec.partition("@")
+    name, _, config = name.partition(":")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config or None, split=split or "validation")
+    except Exception as e:
+        raise InputError(
+            f"validation {spec!r} is neither a local file nor a loadable `datasets` spec "
+            f"(NAME[:CONFIG][@SPLIT]): {e}"
+        ) from e
+    return ds.data.table if hasattr(ds.data, "table") else ds.to_arrow()
+
+
+def load_validation(
+    spec: str,
+    text_column: str = "text",
+    label_column: str | None = None,
+    label2id: dict[str, int] | None = None,
+) -> ValidationSet:
+    """Load texts (and labels, when present) for the agreement gate.
+
+    `label_column=None` means: use a `label` column if there is one. A named column must
+    exist. Labels may be class ids or class names (matched to `label2id`, any case).
+    """
+    table = _read_table(spec)
+    columns = table.column_names
+    if text_column not in columns:
+        raise InputError(
+            f"validation {spec!r} has no text column {text_column!r}; columns: {', '.join(columns)}"
+        )
+    if label_column is not None and label_column not in columns:
+        raise InputError(
+            f"validation {spec!r} has no label column {label_column!r}; "
+            f"columns: {', '.join(columns)}"
+        )
+    texts = table.column(text_column).to_pylist()
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if bad:
+        raise InputError(f"validation {spec!r}: rows {bad[:5]} have no text in {text_column!r}")
+    if not texts:
+        raise InputError(f"validation {spec!r} has no rows")
+    column = label_column or ("label" if "label" in columns else None)
+    labels = _labels(spec, table.column(column).to_pylist(), label2id or {}) if column else None
+    digest = hashlib.sha256(json.dumps([texts, labels]).encode()).hexdigest()
+    return ValidationSet(spec, texts, labels, digest)
+
+
+def _labels(spec: str, values: list, label2id: dict[str, int]) -> list[int]:
+    by_name = {k.lower(): v for k, v in label2id.items()}
+    n_classes = len(label2id) or None
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            v = int(v)
+        if isinstance(v, str) and v.lower() in by_name:
+            v = by_name[v.lower()]
+        if not isinstance(v, int) or v < 0 or (n_classes and v >= n_classes):
+            raise InputError(
+                f"validation {spec!r} row {i}: label {v!r} is not one of the model's classes "
+                f"{label2id}"
+            )
+        out.append(v)
+    return out
+
+
+@dataclass
+class Predictions:
+    """Class probabilities in input order, and how long the batches took."""
+
+    probs: np.ndarray  # [n, n_classes] float32
+    seconds: float
+    n_batches: int
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+
+def batch_order(tokenizer, texts: list[str], policy: BatchingPolicy) -> list[list[int]]:
+    """Row indices grouped into batches: sorted by token length when the policy says so."""
+    if policy.sort_by_length:
+        lengths = [
+            len(ids)
+            for ids in tokenizer(texts, truncation=True, max_length=policy.max_length)["input_ids"]
+        ]
+        order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+    else:
+        order = list(range(len(texts)))
+    return [order[i : i + policy.batch_size] for i in range(0, len(order), policy.batch_size)]
+
+
+def predict(
+    model, tokenizer, texts: list[str], policy: BatchingPolicy, progress: str | None = None
+) -> Predictions:
+    """Class probabilities for `texts`, batched by `policy`, deterministically."""
+    batches = batch_order(tokenizer, texts, policy)
+    n_classes = model.config.num_labels
+    probs = np.zeros((len(texts), n_classes), dtype=np.float32)
+    bar = _progress(len(texts), progress)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for idx in batches:
+            enc = tokenizer(
+                [texts[i] for i in idx],
+                padding=True,
+                truncation=True,
+                max_length=policy.max_length,
+                return_tensors="pt",
+            )
+            logits = model(**enc).logits.float()
+            probs[idx] = torch.softmax(logits, dim=-1).numpy()
+            bar.update(len(idx))
+    bar.close()
+    return Predictions(probs, time.perf_counter() - start, len(batches))
+
+
+def _progress(total: int, desc: str | None):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit="rows", file=sys.stderr, disable=desc is None, leave=False
+    )
+
+
+class Flip(BaseModel):
+    """An example whose predicted label differs between FP32 and INT8."""
+
+    index: int
+    text: str
+    label: str | None  # the true label, when the validation set has labels
+    fp32_label: str
+    fp32_score: float
+    int8_label: str
+    int8_score: float
+
+
+class Metrics(BaseModel):
+    """How the INT8 model compares with FP32 on the same examples and batches."""
+
+    n_examples: int
+    agreement: float
+    flips: int
+    flipped: list[Flip]
+    accuracy_fp32: float | None
+    accuracy_int8: float | None
+    accuracy_drop: float | None
+    mean_abs_prob_change: float  # of the probability of FP32's predicted class
+    max_abs_prob_change: float
+    latency_ms_per_batch_fp32: float
+    latency_ms_per_batch_int8: float
+    rows_per_second_fp32: float
+    rows_per_second_int8: float
+
+
+def compare(
+    fp32: Predictions, int8: Predictions, validation: ValidationSet, id2label: dict[int, str]
+) -> Metrics:
+    """Agreement, accuracies, probability changes and flipped examples of INT8 vs FP32."""
+    n = len(validation.texts)
+    a, b = fp32.labels, int8.labels
+    rows = np.arange(n)
+    change = np.abs(int8.probs[rows, a] - fp32.probs[rows, a])
+    flipped = [
+        Flip(
+            index=int(i),
+            text=validation.texts[i],
+            label=None if validation.labels is None else id2label[validation.labels[i]],
+            fp32_label=id2label[int(a[i])],
+            fp32_score=float(fp32.probs[i, a[i]]),
+            int8_label=id2label[int(b[i])],
+            int8_score=float(int8.probs[i, b[i]]),
+        )
+        for i in np.flatnonzero(a != b)
+    ]
+    accuracy_fp32 = accuracy_int8 = drop = None
+    if validation.labels is not None:
+        truth = np.asarray(validation.labels)
+        correct_fp32, correct_int8 = int((a == truth).sum()), int((b == truth).sum())
+        accuracy_fp32, accuracy_int8 = correct_fp32 / n, correct_int8 / n
+        drop = (correct_fp32 - correct_int8) / n  # from counts, so 0.01 is exactly 0.01
+    return Metrics(
+        n_examples=n,
+        agreement=float((a == b).mean()),
+        flips=len(flipped),
+        flipped=flipped,
+        accuracy_fp32=accuracy_fp32,
+        accuracy_int8=accuracy_int8,
+        accuracy_drop=drop,
+        mean_abs_prob_change=float(change.mean()),
+        max_abs_prob_change=float(change.max()),
+        latency_ms_per_batch_fp32=1000 * fp32.seconds / fp32.n_batches,
+        latency_ms_per_batch_int8=1000 * int8.seconds / int8.n_batches,
+        rows_per_second_fp32=n / fp32.seconds,
+        rows_per_second_int8=n / int8.seconds,
+    )

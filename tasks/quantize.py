@@ -1,0 +1,153 @@
+"""Tasks of the quantize-and-promote flow; every one is a call into `distilq`."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from distilq import artifact, autoquant, checkpoint, gate, report, validation
+from distilq.config import QuantizeConfig
+from distilq.errors import SourceUnavailable
+from distilq.registry import Registry
+
+
+def _retry_unreachable(task, task_run, state) -> bool:
+    """Retry only what may pass on a second try: an unreachable source or store."""
+    try:
+        state.result()
+    except (SourceUnavailable, OSError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+# Models and tensors flow between these tasks in memory: no input hashing, no caching.
+@task(
+    retries=3,
+    retry_delay_seconds=[5, 30, 90],
+    retry_condition_fn=_retry_unreachable,
+    cache_policy=NO_CACHE,
+)
+def resolve_checkpoint(config: QuantizeConfig) -> checkpoint.Checkpoint:
+    """Download (hub, URI) or locate (directory) the checkpoint and record its revision."""
+    found = checkpoint.resolve_checkpoint(config.source, config.revision)
+    get_run_logger().info("checkpoint %s at %s (%s)", found.source, found.revision, found.path)
+    return found
+
+
+@task(cache_policy=NO_CACHE)
+def load_fp32(found: checkpoint.Checkpoint):
+    """The FP32 model and its tokenizer, refused early if unsafe or not a classifier."""
+    return checkpoint.load_checkpoint(found.path)
+
+
+@task(cache_policy=NO_CACHE)
+def load_validation(
+    config: QuantizeConfig, found: checkpoint.Checkpoint
+) -> validation.ValidationSet:
+    """The validation set the gate measures agreement on, labels mapped to the model's ids."""
+    label2id = checkpoint.read_label2id(found.path)
+    data = validation.load_validation(
+        config.validation, config.text_column, config.label_column, label2id
+    )
+    labelled = "with labels" if data.labels is not None else "without labels"
+    get_run_logger().info("validation %s: %d examples %s", data.name, len(data.texts), labelled)
+    return data
+
+
+@task(
+    retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_unreachable, cache_policy=NO_CACHE
+)
+def find_existing(config: QuantizeConfig, key: str) -> dict | None:
+    """A version already made from these very inputs, if any."""
+    return Registry(config.registry).find_run(key)
+
+
+@task(cache_policy=NO_CACHE)
+def predict_fp32(model, tokenizer, data: validation.ValidationSet, config: QuantizeConfig):
+    """FP32 reference predictions, batched by the policy INT8 will use."""
+    return validation.predict(model, tokenizer, data.texts, config.batching, progress="FP32")
+
+
+@task(cache_policy=NO_CACHE)
+def quantize(model, tokenizer, data, fp32, config: QuantizeConfig) -> autoquant.Candidate:
+    """Quantize by the recipe (auto: with FP32 fallback on the most sensitive layers)."""
+    candidate = autoquant.quantize_for_gate(
+        model, tokenizer, config.recipe, data, fp32, config.batching, config.target_agreement
+    )
+    layers = ", ".join(candidate.fp32_layers) or "none"
+    get_run_logger().info("recipe %s: FP32 layers: %s", config.recipe, layers)
+    return candidate
+
+
+@task(cache_policy=NO_CACHE)
+def measure(fp32, candidate, data, id2label: dict[int, str]) -> validation.Metrics:
+    """FP32-vs-INT8 metrics on the validation set."""
+    metrics = validation.compare(fp32, candidate.predictions, data, id2label)
+    get_run_logger().info("agreement %.4f, %d flips", metrics.agreement, metrics.flips)
+    return metrics
+
+
+@task(cache_policy=NO_CACHE)
+def decide(metrics: validation.Metrics, config: QuantizeConfig) -> gate.Decision:
+    """The gate's decision, with its reasons."""
+    decision = gate.decide(metrics, config.thresholds)
+    get_run_logger().info(
+        "gate %s: %s", "passed" if decision.approved else "FAILED", "; ".join(decision.reasons)
+    )
+    return decision
+
+
+@task(cache_policy=NO_CACHE)
+def stage(candidate, tokenizer, found, data, metrics, decision, config: QuantizeConfig, key: str):
+    """Write the version's files to a staging directory; return it and the manifest."""
+    staging = Path(tempfile.mkdtemp(prefix="distilq-stage-"))
+    manifest = artifact.stage_version(
+        staging, candidate, tokenizer, found, data, metrics, decision, config.batching, key
+    )
+    return staging, manifest
+
+
+@task(
+    retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_unreachable, cache_policy=NO_CACHE
+)
+def publish(staging: Path, manifest: dict, config: QuantizeConfig) -> str:
+    """Publish the staged version (immutable; manifest written last), then drop the staging copy."""
+    version = Registry(config.registry).publish(staging, manifest)
+    shutil.rmtree(staging, ignore_errors=True)
+    get_run_logger().info("published %s to %s", version, config.registry)
+    return version
+
+
+@task(cache_policy=NO_CACHE)
+def promote(version: str, config: QuantizeConfig) -> dict | None:
+    """Move `production` to the approved version (never back to an older one)."""
+    entry = Registry(config.registry).promote(version, "gate passed", newer_only=True)
+    logger = get_run_logger()
+    if entry is None:
+        logger.warning("production not moved: it already holds %s or a newer version", version)
+    else:
+        logger.info("production: %s -> %s", entry["from"], entry["to"])
+    return entry
+
+
+@task(cache_policy=NO_CACHE)
+def publish_artifacts(manifest: dict) -> None:
+    """The report and the metrics table, as Prefect artifacts."""
+    create_markdown_artifact(
+        key="quantize-report",
+        markdown=report.render_report(manifest),
+        description=f"distilq candidate {manifest['version']}",
+    )
+    rows = report.metrics_table(manifest)
+    create_table_artifact(
+        key="quantize-metrics",
+        table=[dict(zip(["metric", *rows[0][1:]], r, strict=True)) for r in rows[1:]],
+        description=f"FP32 vs INT8 for {manifest['version']}",
+    )
