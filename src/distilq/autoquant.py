@@ -63,7 +63,6 @@ class Candidate:
             "name": self.recipe_name,
             "engine": self.recipe.engine,
             "per_channel": self.recipe.per_channel,
-            "full_range_activations": self.recipe.full_range_activations,
             "int8_embeddings": self.recipe.int8_embeddings,
             "fp32_layers": self.fp32_layers,
             "batching": policy.model_dump(),

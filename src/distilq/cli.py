@@ -26,8 +26,8 @@ named by PREFECT_API_URL).
 recipes:
   auto             dynamic-int8-pc, then keep the most sensitive Linear layers FP32 until
                    agreement >= min-agreement + margin (default)
-  dynamic-int8-pc  Linear weights INT8 per channel, 8-bit dynamic activations,
-                   word/position embeddings INT8 per row
+  dynamic-int8-pc  Linear weights INT8 per channel, word/position embeddings INT8
+                   per row
   dynamic-int8     the seed's torch.ao quantize_dynamic: per-tensor weights, FP32 embeddings
 
 exit codes: 0 promoted (or dry run passed), 3 rejected by the gate, 2 bad usage or input,

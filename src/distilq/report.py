@@ -74,7 +74,7 @@ def render_report(manifest: dict) -> str:
         "",
         f"`{r['name']}`: engine `{r['engine']}`, Linear weights "
         f"{'per-channel' if r['per_channel'] else 'per-tensor'}, "
-        f"{'8-bit' if r['full_range_activations'] else '7-bit'} dynamic activations, embeddings "
+        "7-bit dynamic activations, embeddings "
         f"{'INT8 per-row' if r['int8_embeddings'] else 'FP32'}. Batching: "
         f"{r['batching']['batch_size']} rows, "
         f"{'sorted by token length' if r['batching']['sort_by_length'] else 'in input order'}, "

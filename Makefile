@@ -1,0 +1,32 @@
+# Both targets create or reuse ./.venv and install the project into it first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# Reinstall only when the project's metadata changes. torch==2.13.0 is pinned in
+# pyproject.toml: that CPU build is on these machines' disk (newer pulls a CUDA build).
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/distilq quantize
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tasks flows tests bench
+	$(VENV)/bin/ruff format --check src tasks flows tests bench
+
+bench: $(STAMP)
+	$(PY) bench/bench_quantize.py
+
+clean:
+	rm -rf $(VENV) registry .pytest_cache

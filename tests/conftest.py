@@ -1,0 +1,150 @@
+"""Shared fixtures: tiny random DistilBERT checkpoints built in the test session itself."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = (
+    "good bad great awful movie film plot actor acting story boring fun funny sad dull "
+    "brilliant terrible love hate best worst wonderful poor slow fast long short music "
+    "scene ending script cast director hero villain charming mess moving flat fresh stale "
+    "smart silly bright dark warm cold rich thin deep shallow the a an and but is was it "
+    "this that not very too so of to in"
+).split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+SHARED_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "distilbert-sst2-minilm"
+SENSITIVE_LAYER = "distilbert.transformer.layer.1.ffn.lin2"
+
+
+def make_texts(n: int, seed: int = 0) -> list[str]:
+    """Short random sentences over the tiny vocabulary."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))) for _ in range(n)]
+
+
+def make_checkpoint(path: Path, seed: int = 0, sensitive: bool = False) -> Path:
+    """Save a tiny random DistilBERT sequence classifier with a WordPiece tokenizer.
+
+    `sensitive=True` plants an outlier in one Linear layer (SENSITIVE_LAYER): a huge weight
+    on an input that is always ~0, so FP32 is unaffected but per-channel INT8 rounds the
+    rest of each row to zero.
+    """
+    from transformers import (
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        DistilBertTokenizer,
+    )
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = path / "vocab.txt"
+    vocab.write_text("\n".join(SPECIAL + WORDS) + "\n")
+    tokenizer = DistilBertTokenizer(vocab_file=str(vocab))
+    torch.manual_seed(seed)
+    config = DistilBertConfig(
+        vocab_size=len(SPECIAL) + len(WORDS),
+        dim=32,
+        n_layers=2,
+        n_heads=2,
+        hidden_dim=64,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+    )
+    model = DistilBertForSequenceClassification(config).eval()
+    with torch.no_grad():
+        if sensitive:
+            lin1 = model.distilbert.transformer.layer[1].ffn.lin1
+            lin2 = model.get_submodule(SENSITIVE_LAYER)
+            lin1.weight[0].zero_()
+            lin1.bias[0] = -20.0  # GELU(-20) == 0: input 0 of lin2 is always zero
+            lin2.weight.mul_(6)
+            lin2.weight[:, 0] = 400.0
+        # A random encoder barely separates inputs: widen the head and centre it on the
+        # median logit gap, so predictions split about evenly and have spread.
+        model.classifier.weight.mul_(20)
+        enc = tokenizer(make_texts(300, seed=123), padding=True, return_tensors="pt")
+        logits = model(**enc).logits
+        gap = (logits[:, 1] - logits[:, 0]).median()
+        model.classifier.bias[1] -= gap
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_tsv(path: Path, texts: list[str], labels: list[int] | None = None) -> Path:
+    """A GLUE-style TSV: header, tab-separated, no quoting."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+        writer.writerow(["text", "label"] if labels is not None else ["text"])
+        for i, text in enumerate(texts):
+            writer.writerow([text, labels[i]] if labels is not None else [text])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def sensitive_checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("sensitive") / "ckpt", seed=1, sensitive=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_validation(tmp_path_factory) -> Path:
+    texts = make_texts(200, seed=7)
+    labels = [int(("good" in t) or ("great" in t)) for t in texts]
+    return write_tsv(tmp_path_factory.mktemp("val") / "val.tsv", texts, labels)
+
+
+def stage_tiny_version(
+    staging: Path, checkpoint: Path, validation: Path, min_agreement: float = 0.0
+):
+    """Run the library pipeline (no Prefect) on a checkpoint; return the staged manifest."""
+    from distilq.artifact import run_key, stage_version
+    from distilq.autoquant import quantize_for_gate
+    from distilq.checkpoint import load_checkpoint, resolve_checkpoint
+    from distilq.config import BatchingPolicy, GateThresholds
+    from distilq.gate import decide
+    from distilq.validation import compare, load_validation, predict
+
+    found = resolve_checkpoint(str(checkpoint))
+    model, tokenizer = load_checkpoint(found.path)
+    data = load_validation(str(validation), label2id=model.config.label2id)
+    policy, thresholds = (
+        BatchingPolicy(),
+        GateThresholds(min_agreement=min_agreement, max_accuracy_drop=1),
+    )
+    fp32 = predict(model, tokenizer, data.texts, policy)
+    candidate = quantize_for_gate(model, tokenizer, "dynamic-int8-pc", data, fp32, policy, 0.0)
+    metrics = compare(fp32, candidate.predictions, data, model.config.id2label)
+    key = run_key(found, "dynamic-int8-pc", data, thresholds, 0.0, policy)
+    return stage_version(
+        staging,
+        candidate,
+        tokenizer,
+        found,
+        data,
+        metrics,
+        decide(metrics, thresholds),
+        policy,
+        key,
+    )
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect API on SQLite for the whole session (flow tests only)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    import flows  # noqa: F401  (distilq's Prefect defaults, before prefect is imported)
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -1,0 +1,58 @@
+"""`auto`: sensitivity analysis and FP32 fallback on a model with one planted sensitive layer."""
+
+from __future__ import annotations
+
+import pytest
+
+from distilq.autoquant import quantize_for_gate
+from distilq.checkpoint import load_checkpoint
+from distilq.config import BatchingPolicy
+from distilq.quantization import linear_names
+from distilq.validation import load_validation, predict
+from tests.conftest import SENSITIVE_LAYER
+
+
+def _setup(checkpoint, validation):
+    model, tokenizer = load_checkpoint(checkpoint)
+    data = load_validation(str(validation), label2id=model.config.label2id)
+    policy = BatchingPolicy()
+    return model, tokenizer, data, policy, predict(model, tokenizer, data.texts, policy)
+
+
+def test_auto_keeps_the_sensitive_layer_fp32(sensitive_checkpoint, tiny_validation):
+    model, tokenizer, data, policy, fp32 = _setup(sensitive_checkpoint, tiny_validation)
+    candidate = quantize_for_gate(
+        model, tokenizer, "auto", data, fp32, policy, target_agreement=0.95
+    )
+    start = candidate.attempts[0]
+    assert start.fp32_layers == [] and start.agreement < 0.8  # per-channel alone fails badly
+    assert candidate.sensitivity[0].layer == SENSITIVE_LAYER
+    assert candidate.fp32_layers[0] == SENSITIVE_LAYER
+    assert len(candidate.fp32_layers) <= 3
+    assert candidate.reached_target
+    agreement = float((candidate.predictions.labels == fp32.labels).mean())
+    assert agreement >= 0.95 and agreement == candidate.attempts[-1].agreement
+    assert linear_names(candidate.model) == candidate.fp32_layers  # exactly those stayed float
+    record = candidate.recipe_record(policy)
+    assert record["name"] == "auto" and record["fp32_layers"] == candidate.fp32_layers
+    assert record["auto"]["sensitivity"][0]["layer"] == SENSITIVE_LAYER
+    assert record["auto"]["reached_target"] is True
+
+
+def test_auto_stops_at_the_start_when_it_already_passes(tiny_checkpoint, tiny_validation):
+    model, tokenizer, data, policy, fp32 = _setup(tiny_checkpoint, tiny_validation)
+    candidate = quantize_for_gate(
+        model, tokenizer, "auto", data, fp32, policy, target_agreement=0.9
+    )
+    assert candidate.attempts[0].agreement >= 0.9
+    assert candidate.fp32_layers == [] and candidate.sensitivity == []
+
+
+@pytest.mark.parametrize("recipe", ["dynamic-int8", "dynamic-int8-pc"])
+def test_static_recipes_never_fall_back(sensitive_checkpoint, tiny_validation, recipe):
+    model, tokenizer, data, policy, fp32 = _setup(sensitive_checkpoint, tiny_validation)
+    candidate = quantize_for_gate(
+        model, tokenizer, recipe, data, fp32, policy, target_agreement=0.99
+    )
+    assert candidate.fp32_layers == [] and len(candidate.attempts) == 1
+    assert candidate.reached_target is None and "auto" not in candidate.recipe_record(policy)

@@ -1,0 +1,57 @@
+"""The gate is a pure function of metrics and thresholds; its edges are inclusive."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distilq.config import GateThresholds
+from distilq.gate import decide
+from distilq.validation import Predictions, ValidationSet, compare
+
+ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}
+
+
+def _metrics(n: int, int8_flipped: int, labels: bool = True):
+    """FP32 predicts class 1 everywhere and is right; INT8 flips the first rows to 0."""
+    fp32 = np.tile([[0.2, 0.8]], (n, 1)).astype(np.float32)
+    int8 = fp32.copy()
+    int8[:int8_flipped] = [0.7, 0.3]
+    data = ValidationSet("t", [f"t{i}" for i in range(n)], [1] * n if labels else None, "x")
+    return compare(Predictions(fp32, 1.0, 1), Predictions(int8, 1.0, 1), data, ID2LABEL)
+
+
+def test_agreement_exactly_at_the_threshold_passes():
+    decision = decide(_metrics(100, 1, labels=False), GateThresholds(min_agreement=0.99))
+    assert decision.approved
+    assert decision.reasons[0].startswith("agreement 0.9900 >= 0.9900 (1 of 100 flipped)")
+    assert "not checked" in decision.reasons[1]
+
+
+def test_agreement_one_flip_below_fails_with_the_numbers():
+    decision = decide(_metrics(100, 2, labels=False), GateThresholds(min_agreement=0.99))
+    assert not decision.approved
+    assert "agreement 0.9800 < 0.9900 (2 of 100 flipped)" in decision.reasons[0]
+
+
+def test_accuracy_drop_exactly_at_the_limit_passes_and_beyond_fails():
+    thresholds = GateThresholds(min_agreement=0.9, max_accuracy_drop=0.01)
+    at_limit = _metrics(100, 1)
+    assert at_limit.accuracy_drop == 0.01
+    assert decide(at_limit, thresholds).approved
+    beyond = decide(_metrics(100, 2), thresholds)
+    assert not beyond.approved
+    assert "accuracy drop +0.0200 (1.0000 -> 0.9800) > 0.0100" in beyond.reasons[1]
+
+
+def test_flips_are_listed_with_both_labels_and_scores():
+    metrics = _metrics(10, 1)
+    assert metrics.flips == 1
+    flip = metrics.flipped[0]
+    assert (flip.index, flip.label, flip.fp32_label, flip.int8_label) == (
+        0,
+        "POSITIVE",
+        "POSITIVE",
+        "NEGATIVE",
+    )
+    assert abs(flip.fp32_score - 0.8) < 1e-6 and abs(flip.int8_score - 0.7) < 1e-6
+    assert abs(metrics.max_abs_prob_change - 0.5) < 1e-6
