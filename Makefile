@@ -11,14 +11,13 @@ $(PY):
 # Reinstall only when the project's metadata changes. torch==2.13.0 is pinned in
 # pyproject.toml: that CPU build is on these machines' disk (newer pulls a CUDA build).
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/distilq quantize
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

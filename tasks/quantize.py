@@ -30,7 +30,7 @@ def _retry_unreachable(task, task_run, state) -> bool:
 # Models and tensors flow between these tasks in memory: no input hashing, no caching.
 @task(
     retries=3,
-    retry_delay_seconds=[5, 30, 90],
+    retry_delay_seconds=[2, 10, 30],
     retry_condition_fn=_retry_unreachable,
     cache_policy=NO_CACHE,
 )

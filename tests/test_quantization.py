@@ -130,3 +130,11 @@ def test_load_refuses_a_file_that_is_not_distilq_int8(fp32, tmp_path):
     (tmp_path / WEIGHTS_FILE).write_bytes(b"garbage")
     with pytest.raises(IntegrityError, match="unreadable INT8 weights"):
         load_int8(tmp_path)
+
+
+def test_the_int8_file_is_byte_for_byte_reproducible(fp32, tmp_path):
+    model, _ = fp32
+    recipe = RECIPES["dynamic-int8-pc"]
+    first = save_int8(quantize(model, recipe), recipe, tmp_path / "a").read_bytes()
+    second = save_int8(quantize(model, recipe), recipe, tmp_path / "b").read_bytes()
+    assert first == second  # so a version's hash names its content

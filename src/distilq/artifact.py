@@ -71,7 +71,8 @@ def stage_version(
     weight_hash = sha256_file(weights)
     now = datetime.now(UTC)
     manifest = {
-        "version": f"{now:%Y%m%dT%H%M%SZ}-{weight_hash[:8]}",
+        # Sortable by creation to the millisecond, then by content.
+        "version": f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{weight_hash[:8]}",
         "created_at": now.isoformat(timespec="microseconds"),
         "run_key": key,
         "source": {

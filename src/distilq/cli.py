@@ -130,21 +130,10 @@ def _print_json(data) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Run the flow; map its outcome to an exit code."""
+    # Every flag of `quantize` is named after a QuantizeConfig field.
+    fields = {k: v for k, v in vars(args).items() if k in QuantizeConfig.model_fields}
     try:
-        config = QuantizeConfig(
-            source=args.source,
-            revision=args.revision,
-            recipe=args.recipe,
-            validation=args.validation,
-            text_column=args.text_column,
-            label_column=args.label_column,
-            min_agreement=args.min_agreement,
-            max_accuracy_drop=args.max_accuracy_drop,
-            margin=args.margin,
-            batch_size=args.batch_size,
-            registry=args.registry,
-            dry_run=args.dry_run,
-        )
+        config = QuantizeConfig(**fields)
     except ValueError as e:
         raise InputError(str(e)) from e
     from flows.quantize_and_promote import quantize_and_promote

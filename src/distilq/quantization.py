@@ -186,12 +186,14 @@ def save_int8(model: nn.Module, recipe: Recipe, directory: str | Path) -> Path:
         if isinstance(value, torch.Tensor) and not key.startswith(quantized):
             tensors[key] = value
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    metadata = {
+    # One metadata key: safetensors writes several in hash-map order, so bytes would differ.
+    layout = {
         "format": FORMAT,
         "engine": recipe.engine,
-        "linear": json.dumps(linear, sort_keys=True),
-        "int8_embeddings": json.dumps(embeddings),
+        "linear": linear,
+        "int8_embeddings": embeddings,
     }
+    metadata = {"distilq": json.dumps(layout, sort_keys=True)}
     path = Path(directory) / WEIGHTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
@@ -207,20 +209,20 @@ def load_int8(directory: str | Path) -> nn.Module:
     path = directory / WEIGHTS_FILE
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+            layout = json.loads((f.metadata() or {}).get("distilq", "{}"))
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as e:
         raise IntegrityError(f"{path}: unreadable INT8 weights: {e}") from e
-    if metadata.get("format") != FORMAT:
-        raise IntegrityError(f"{path}: not a distilq INT8 file (format {metadata.get('format')!r})")
-    torch.backends.quantized.engine = metadata["engine"]
+    if layout.get("format") != FORMAT:
+        raise IntegrityError(f"{path}: not a distilq INT8 file (format {layout.get('format')!r})")
+    torch.backends.quantized.engine = layout["engine"]
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     with quiet_torch():
         model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
-    for name in json.loads(metadata["int8_embeddings"]):
+    for name in layout["int8_embeddings"]:
         weight, scale = tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"]
         _set_module(model, name, Int8Embedding(weight, scale))
-    linear = json.loads(metadata["linear"])
+    linear = layout["linear"]
     int8_parts = {
         name: (
             tensors.pop(f"{name}.weight_int8"),

@@ -1,0 +1,138 @@
+"""The `distilq` console script, run as a user runs it: exit codes, --json, first run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distilq.registry import Registry
+from tests.conftest import stage_tiny_version
+
+DISTILQ = str(Path(sys.executable).parent / "distilq")
+
+
+def run(
+    *args: str, prefect_home: Path | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    if prefect_home is not None:
+        env["PREFECT_HOME"] = str(prefect_home)
+    return subprocess.run(
+        [DISTILQ, *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def quantize(source: Path, validation: Path, registry: Path, *extra: str) -> list[str]:
+    """Arguments of a `distilq quantize` run."""
+    return [
+        "quantize",
+        "--source",
+        str(source),
+        "--validation",
+        str(validation),
+        "--registry",
+        str(registry),
+        *extra,
+    ]
+
+
+@pytest.fixture
+def registry_with_two(tmp_path, tiny_checkpoint, tiny_validation):
+    """A registry holding two approved versions, the second in production."""
+    registry = Registry(tmp_path / "reg")
+    versions = []
+    for i in range(2):
+        staging = tmp_path / f"stage{i}"
+        staging.mkdir()
+        versions.append(
+            registry.publish(staging, stage_tiny_version(staging, tiny_checkpoint, tiny_validation))
+        )
+        registry.promote(versions[-1], "setup")
+    return tmp_path / "reg", versions
+
+
+def test_version_and_help():
+    assert run("--version").stdout.strip() == "distilq 0.1.0"
+    for command in (
+        ["quantize"],
+        ["models"],
+        ["models", "list"],
+        ["models", "show"],
+        ["models", "promote"],
+        ["models", "rollback"],
+    ):
+        done = run(*command, "--help")
+        assert done.returncode == 0 and "usage: distilq" in done.stdout
+    assert "exit codes: 0 promoted" in run("quantize", "--help").stdout
+
+
+@pytest.mark.slow
+def test_first_run_on_an_empty_prefect_home_promotes(tmp_path, tiny_checkpoint, tiny_validation):
+    home = tmp_path / "prefect-home"  # does not exist yet: a fresh machine
+    registry = tmp_path / "reg"
+    extra = ["--recipe", "dynamic-int8-pc", "--min-agreement", "0.9", "--max-accuracy-drop", "1"]
+    done = run(
+        *quantize(tiny_checkpoint, tiny_validation, registry, *extra, "--json"), prefect_home=home
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads(done.stdout)  # stdout holds the manifest and nothing else
+    assert manifest["decision"]["approved"] is True
+    assert Registry(registry).alias() == manifest["version"]
+    assert home.is_dir()
+
+    shown = run("models", "show", "production", "--registry", str(registry), "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["version"] == manifest["version"]
+    report = run("models", "show", manifest["version"], "--registry", str(registry))
+    assert "**Gate: APPROVED**" in report.stdout
+
+
+@pytest.mark.slow
+def test_gate_rejection_exits_3_with_the_manifest(tmp_path, sensitive_checkpoint, tiny_validation):
+    args = quantize(
+        sensitive_checkpoint, tiny_validation, tmp_path / "reg", "--recipe", "dynamic-int8-pc"
+    )
+    done = run(*args, "--json", prefect_home=tmp_path / "home")
+    assert done.returncode == 3, done.stderr[-3000:]
+    manifest = json.loads(done.stdout)
+    assert manifest["decision"]["approved"] is False
+    assert "gate rejected" in done.stderr and "agreement" in done.stderr
+    assert Registry(tmp_path / "reg").alias() is None
+
+
+@pytest.mark.slow
+def test_bad_input_exits_2_naming_the_problem(tmp_path, tiny_checkpoint, tiny_validation):
+    args = quantize(tiny_checkpoint, tiny_validation, tmp_path / "reg", "--text-column", "review")
+    done = run(*args, prefect_home=tmp_path / "home")
+    assert done.returncode == 2
+    assert "no text column 'review'; columns: text, label" in done.stderr
+
+
+def test_bad_parameters_exit_2_before_any_work(tmp_path):
+    done = run(
+        "quantize", "--min-agreement", "0.999", "--margin", "0.01", "--registry", str(tmp_path)
+    )
+    assert done.returncode == 2 and "exceeds 1" in done.stderr
+    assert run("quantize", "--recipe", "int4").returncode == 2
+    done = run("models", "show", "nope", "--registry", str(tmp_path))
+    assert done.returncode == 2 and "no version or alias 'nope'" in done.stderr
+
+
+def test_models_list_promote_rollback(registry_with_two):
+    registry, (first, second) = registry_with_two
+    listed = json.loads(run("models", "list", "--registry", str(registry), "--json").stdout)
+    assert [r["version"] for r in listed] == [second, first]
+    assert [r["production"] for r in listed] == [True, False]
+    table = run("models", "list", "--registry", str(registry)).stdout
+    assert table.splitlines()[1].startswith(f"* {second}")
+
+    done = run("models", "rollback", "--registry", str(registry))
+    assert done.returncode == 0 and f"{second} -> {first}" in done.stdout
+    done = run("models", "promote", second, "--reason", "fixed", "--registry", str(registry))
+    assert done.returncode == 0 and Registry(registry).alias() == second
+    last = Registry(registry).history()[-1]
+    assert last["reason"] == "fixed" and "models promote" in last["command"]

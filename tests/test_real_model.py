@@ -1,0 +1,40 @@
+"""On the real fine-tuned SST-2 model in ../shared (skipped where it is absent)."""
+
+from __future__ import annotations
+
+import pytest
+
+from distilq.autoquant import quantize_for_gate
+from distilq.checkpoint import load_checkpoint, resolve_checkpoint
+from distilq.config import BatchingPolicy
+from distilq.quantization import RECIPES, save_int8
+from distilq.validation import PACKAGED_VALIDATION, compare, load_validation, predict
+from tests.conftest import SHARED_MODEL
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not SHARED_MODEL.is_dir(), reason=f"the shared model is not at {SHARED_MODEL}"
+    ),
+]
+
+
+def test_recipes_on_the_real_model(tmp_path):
+    found = resolve_checkpoint(str(SHARED_MODEL))
+    model, tokenizer = load_checkpoint(found.path)
+    data = load_validation(PACKAGED_VALIDATION, label2id=model.config.label2id)
+    policy = BatchingPolicy()
+    fp32 = predict(model, tokenizer, data.texts, policy)
+    results = {}
+    for name in ("dynamic-int8", "dynamic-int8-pc"):
+        candidate = quantize_for_gate(model, tokenizer, name, data, fp32, policy, 0.99)
+        metrics = compare(fp32, candidate.predictions, data, model.config.id2label)
+        model.config.save_pretrained(tmp_path / name)
+        size = save_int8(candidate.model, RECIPES[name], tmp_path / name).stat().st_size
+        results[name] = (metrics, size / found.weight_bytes)
+    seed, seed_ratio = results["dynamic-int8"]
+    pc, pc_ratio = results["dynamic-int8-pc"]
+    assert seed.accuracy_fp32 == pytest.approx(0.8865, abs=5e-5)  # the model card's dev accuracy
+    assert 0.95 <= seed.agreement < pc.agreement  # the seed's ~96%, improved per-channel
+    assert pc.agreement >= 0.97 and pc.accuracy_drop <= 0.01
+    assert pc_ratio < 0.30 < seed_ratio < 0.70  # bytes on disk, INT8 / FP32
