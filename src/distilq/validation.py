@@ -171,24 +171,34 @@ class Predictions:
         return self.probs.argmax(axis=1)
 
 
-def batch_order(tokenizer, texts: list[str], policy: BatchingPolicy) -> list[list[int]]:
+def token_lengths(tokenizer, texts: list[str]) -> list[int]:
+    """Token counts with special tokens and without truncation."""
+    return [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
+
+
+def batch_order(lengths: list[int], policy: BatchingPolicy) -> list[list[int]]:
     """Row indices grouped into batches: sorted by token length when the policy says so."""
     if policy.sort_by_length:
-        lengths = [
-            len(ids)
-            for ids in tokenizer(texts, truncation=True, max_length=policy.max_length)["input_ids"]
-        ]
-        order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+        capped = [min(n, policy.max_length) for n in lengths]
+        order = sorted(range(len(lengths)), key=lambda i: (capped[i], i))
     else:
-        order = list(range(len(texts)))
+        order = list(range(len(lengths)))
     return [order[i : i + policy.batch_size] for i in range(0, len(order), policy.batch_size)]
 
 
 def predict(
-    model, tokenizer, texts: list[str], policy: BatchingPolicy, progress: str | None = None
+    model,
+    tokenizer,
+    texts: list[str],
+    policy: BatchingPolicy,
+    progress: str | None = None,
+    lengths: list[int] | None = None,
 ) -> Predictions:
-    """Class probabilities for `texts`, batched by `policy`, deterministically."""
-    batches = batch_order(tokenizer, texts, policy)
+    """Class probabilities for `texts`, batched by `policy`, deterministically.
+
+    `lengths` (from `token_lengths`) saves tokenizing twice when the caller has them.
+    """
+    batches = batch_order(lengths or token_lengths(tokenizer, texts), policy)
     n_classes = model.config.num_labels
     probs = np.zeros((len(texts), n_classes), dtype=np.float32)
     bar = _progress(len(texts), progress)

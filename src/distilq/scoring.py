@@ -1,0 +1,512 @@
+"""Batch scoring of Parquet files: plan shards, stream them through a classifier, write
+atomically, and keep `_manifest.json` so an interrupted run resumes where it stopped.
+
+An output directory holds only scored `*.parquet` files and `_manifest.json`. A shard's
+file appears under its final name by one rename, after it is complete; the manifest
+records which shards are done, for which inputs and which model version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob as globlib
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+
+from distilq.errors import InputError
+from distilq.validation import predict, token_lengths
+
+MANIFEST = "_manifest.json"
+OUTPUT_COLUMNS = ("label", "score", "model_version", "error")
+
+
+class ScoreOptions(BaseModel):
+    """What to read, what to write, and how to batch."""
+
+    text_column: str = "text"
+    id_columns: list[str] = Field(default_factory=list)
+    keep_text: bool = False
+    probabilities: bool = False
+    max_length: int = Field(512, ge=8, le=4096)
+    batch_size: int = Field(32, ge=1, le=4096)
+    sort_by_length: bool = True
+    window_batches: int = Field(32, ge=1, description="rows are sorted within this many batches")
+    shard_rows: int = Field(200_000, ge=1, description="files with more rows split by row group")
+
+    @property
+    def window_rows(self) -> int:
+        return self.batch_size * self.window_batches
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work: a Parquet file, or a run of its row groups, and its output name."""
+
+    uri: str  # fsspec URI of the input file
+    output: str  # file name in the output directory
+    row_groups: tuple[int, ...] | None  # None: the whole file
+    rows: int
+    identity: dict  # size and mtime or ETag of the input, to recognise it on resume
+    partitions: dict[str, str] = field(default_factory=dict)  # hive key=value directories
+
+
+@dataclass
+class ShardStats:
+    """What scoring one shard did."""
+
+    output: str
+    rows_read: int = 0
+    rows_written: int = 0
+    rows_error: int = 0
+    rows_truncated: int = 0
+    seconds: float = 0.0
+    labels: dict[str, int] = field(default_factory=dict)
+    score_sum: float = 0.0
+
+
+@dataclass
+class Plan:
+    """Shards to score, and input files that could not even be opened."""
+
+    shards: list[Shard]
+    unreadable: dict[str, str]  # input URI -> why
+
+
+# -- discovering inputs ----------------------------------------------------------------------
+
+
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
+def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    protocol = _protocol(fs)
+    return path if protocol in ("file", "local") else f"{protocol}://{path.lstrip('/')}"
+
+
+def _identity(info: dict) -> dict:
+    ident = {"size": int(info.get("size") or 0)}
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created"):
+        if info.get(key) is not None:
+            ident["version"] = str(info[key])
+            break
+    return ident
+
+
+def discover_inputs(inputs: list[str]) -> list[tuple[str, str, dict]]:
+    """Every Parquet file named by `inputs` (files, directories, globs, fsspec URIs), with
+    the name relative to what the user gave and the file's identity. Missing inputs fail."""
+    found: list[tuple[str, str, dict]] = []
+    for spec in inputs:
+        fs, path = fsspec.core.url_to_fs(spec)
+        if globlib.has_magic(path):
+            root = path[: min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+            paths = sorted(p for p in fs.glob(path) if fs.isfile(p))
+            if not paths:
+                raise InputError(f"--input {spec!r} matches no file")
+        elif fs.isdir(path):
+            root = path.rstrip("/")
+            paths = sorted(
+                p
+                for p in fs.find(path)
+                if p.endswith(".parquet")
+                and not any(part.startswith(("_", ".")) for part in p[len(root) :].split("/"))
+            )
+            if not paths:
+                raise InputError(f"--input {spec!r} is a directory with no *.parquet file")
+        elif fs.isfile(path):
+            root, paths = path.rsplit("/", 1)[0] if "/" in path else "", [path]
+        else:
+            raise InputError(f"--input {spec!r} does not exist")
+        for p in paths:
+            relative = p[len(root) :].lstrip("/") if root else p
+            found.append((_uri(fs, p), relative, _identity(fs.info(p))))
+    uris = [u for u, _, _ in found]
+    duplicates = {u for u in uris if uris.count(u) > 1}
+    if duplicates:
+        raise InputError(f"inputs name these files more than once: {', '.join(sorted(duplicates))}")
+    return found
+
+
+def _partitions(relative: str) -> dict[str, str]:
+    parts = PurePosixPath(relative).parts[:-1]
+    return dict(p.split("=", 1) for p in parts if "=" in p and not p.startswith("="))
+
+
+def _open_parquet(uri: str) -> pq.ParquetFile:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return pq.ParquetFile(fs.open(path, "rb"))
+
+
+def plan_shards(inputs: list[str], options: ScoreOptions) -> Plan:
+    """Shards for every input file, after checking each schema has the needed columns.
+
+    A file whose footer cannot be read is recorded as unreadable (the others still run);
+    a missing text or id column is a usage error for the whole run.
+    """
+    shards: list[Shard] = []
+    unreadable: dict[str, str] = {}
+    names: Counter[str] = Counter()
+    entries = []
+    for uri, relative, identity in discover_inputs(inputs):
+        try:
+            meta = _open_parquet(uri).metadata
+            schema = meta.schema.to_arrow_schema()
+        except Exception as e:
+            unreadable[uri] = f"not a readable Parquet file: {e}"
+            continue
+        partitions = _partitions(relative)
+        columns = set(schema.names) | set(partitions)
+        if options.text_column not in columns:
+            raise InputError(
+                f"{uri} has no text column {options.text_column!r}; "
+                f"columns: {', '.join(schema.names)}"
+            )
+        missing = [c for c in options.id_columns if c not in columns]
+        if missing:
+            raise InputError(f"{uri} has no id column(s) {', '.join(missing)}")
+        clash = [c for c in OUTPUT_COLUMNS if c in columns and _kept(c, options)]
+        if clash:
+            raise InputError(
+                f"{uri}: input column(s) {', '.join(clash)} would be overwritten by the scores; "
+                "choose the kept columns with --id-column"
+            )
+        base = relative.removesuffix(".parquet").replace("/", "__")
+        groups = _group_runs(meta, options.shard_rows)
+        for run in groups:
+            suffix = "" if len(groups) == 1 else f".rg{run[0]:05d}-{run[-1]:05d}"
+            rows = sum(meta.row_group(i).num_rows for i in run) if run else meta.num_rows
+            entries.append(
+                (uri, base + suffix, None if len(groups) == 1 else run, rows, identity, partitions)
+            )
+            names[base + suffix] += 1
+    for uri, name, run, rows, identity, partitions in entries:
+        if names[name] > 1:  # same relative name under two inputs: make it unique
+            name = f"{name}-{hashlib.sha256(uri.encode()).hexdigest()[:8]}"
+        shards.append(Shard(uri, f"{name}.parquet", run, rows, identity, partitions))
+    return Plan(shards, unreadable)
+
+
+def _kept(column: str, options: ScoreOptions) -> bool:
+    return column in options.id_columns if options.id_columns else column != options.text_column
+
+
+def _group_runs(meta: pq.FileMetaData, shard_rows: int) -> list[tuple[int, ...]]:
+    """Consecutive row groups, at most `shard_rows` rows a run (at least one group each)."""
+    if meta.num_rows <= shard_rows or meta.num_row_groups <= 1:
+        return [tuple(range(meta.num_row_groups))]
+    runs, current, rows = [], [], 0
+    for i in range(meta.num_row_groups):
+        n = meta.row_group(i).num_rows
+        if current and rows + n > shard_rows:
+            runs.append(tuple(current))
+            current, rows = [], 0
+        current.append(i)
+        rows += n
+    runs.append(tuple(current))
+    return runs
+
+
+# -- scoring ---------------------------------------------------------------------------------
+
+
+def text_error(value) -> str | None:
+    """Why a value cannot be scored, or None when it is a text."""
+    if value is None:
+        return "text is null"
+    if not isinstance(value, str):
+        return f"text is {type(value).__name__}, not a string"
+    if not value.strip():
+        return "text is empty" if not value else "text is only whitespace"
+    return None
+
+
+def _output_schema(
+    input_schema: pa.Schema, kept: list[str], partitions: dict, labels: list[str], options
+) -> pa.Schema:
+    fields = [input_schema.field(c) for c in kept if c in input_schema.names]
+    fields += [
+        pa.field(k, pa.string()) for k in partitions if k in kept and k not in input_schema.names
+    ]
+    fields += [pa.field("label", pa.string()), pa.field("score", pa.float32())]
+    if options.probabilities:
+        fields += [pa.field(f"prob_{label}", pa.float32()) for label in labels]
+    fields += [pa.field("model_version", pa.string()), pa.field("error", pa.string())]
+    return pa.schema(fields)
+
+
+def score_window(
+    classifier, values: list, options: ScoreOptions
+) -> tuple[np.ndarray | None, list, int]:
+    """Probabilities for the scorable values (rows sorted by length inside the window), the
+    error of every row, and how many texts were truncated."""
+    errors = [text_error(v) for v in values]
+    valid = [i for i, e in enumerate(errors) if e is None]
+    if not valid:
+        return None, errors, 0
+    texts = [values[i] for i in valid]
+    lengths = token_lengths(classifier.tokenizer, texts)
+    truncated = sum(n > options.max_length for n in lengths)
+    policy = classifier.batching.model_copy(
+        update={
+            "batch_size": options.batch_size,
+            "max_length": options.max_length,
+            "sort_by_length": options.sort_by_length,
+        }
+    )
+    probs = np.full((len(values), len(classifier.id2label)), np.nan, dtype=np.float32)
+    probs[valid] = predict(
+        classifier.model, classifier.tokenizer, texts, policy, lengths=lengths
+    ).probs
+    return probs, errors, truncated
+
+
+def score_shard(
+    classifier,
+    shard: Shard,
+    output_dir: str,
+    options: ScoreOptions,
+    on_progress: Callable[[int], None] | None = None,
+) -> ShardStats:
+    """Score one shard into `output_dir/<shard.output>`, streaming record batches.
+
+    Rows keep their order. The file is written under a temporary name that does not end in
+    `.parquet` and renamed when complete, so a killed run leaves no partial output.
+    """
+    start = time.perf_counter()
+    stats = ShardStats(shard.output)
+    labels = [classifier.id2label[i] for i in sorted(classifier.id2label)]
+    parquet = _open_parquet(shard.uri)
+    input_schema = parquet.schema_arrow
+    names = list(input_schema.names) + [k for k in shard.partitions if k not in input_schema.names]
+    kept = [
+        c for c in names if _kept(c, options) or (options.keep_text and c == options.text_column)
+    ]
+    schema = _output_schema(input_schema, kept, shard.partitions, labels, options)
+    read = [c for c in dict.fromkeys([*kept, options.text_column]) if c in input_schema.names]
+    fs, out_root = fsspec.core.url_to_fs(output_dir)
+    final = f"{out_root.rstrip('/')}/{shard.output}"
+    tmp = f"{out_root.rstrip('/')}/.{shard.output}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with fs.open(tmp, "wb") as sink, pq.ParquetWriter(sink, schema) as writer:
+            batches = parquet.iter_batches(
+                batch_size=options.window_rows, row_groups=shard.row_groups, columns=read
+            )
+            for batch in batches:
+                table = _score_batch(classifier, batch, shard, kept, labels, schema, options, stats)
+                writer.write_table(table)
+                if on_progress:
+                    on_progress(batch.num_rows)
+        _commit(fs, tmp, final)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _score_batch(classifier, batch, shard, kept, labels, schema, options, stats) -> pa.Table:
+    n = batch.num_rows
+    values = batch.column(options.text_column).to_pylist()
+    probs, errors, truncated = score_window(classifier, values, options)
+    columns = {}
+    for name in kept:
+        if name in batch.schema.names:
+            columns[name] = batch.column(name)
+        else:  # a hive partition value
+            columns[name] = pa.array([shard.partitions[name]] * n, pa.string())
+    if probs is None:
+        best = np.zeros(n, dtype=int)
+        score = np.full(n, np.nan, dtype=np.float32)
+    else:
+        best = np.nan_to_num(probs, nan=-1).argmax(axis=1)
+        score = probs[np.arange(n), best]
+    ok = np.array([e is None for e in errors])
+    columns["label"] = pa.array(
+        [labels[b] if o else None for b, o in zip(best, ok, strict=True)], pa.string()
+    )
+    columns["score"] = pa.array(score, pa.float32(), mask=~ok)
+    if options.probabilities:
+        for j, label in enumerate(labels):
+            values_j = probs[:, j] if probs is not None else np.zeros(n, dtype=np.float32)
+            columns[f"prob_{label}"] = pa.array(values_j, pa.float32(), mask=~ok)
+    columns["model_version"] = pa.array([classifier.version] * n, pa.string())
+    columns["error"] = pa.array(errors, pa.string())
+    stats.rows_read += n
+    stats.rows_written += n
+    stats.rows_error += int((~ok).sum())
+    stats.rows_truncated += truncated
+    for b in best[ok]:
+        stats.labels[labels[b]] = stats.labels.get(labels[b], 0) + 1
+    stats.score_sum += float(score[ok].sum())
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def _commit(fs: fsspec.AbstractFileSystem, tmp: str, final: str) -> None:
+    if _protocol(fs) in ("file", "local"):
+        os.replace(tmp, final)  # atomic on one filesystem
+    else:  # object stores: copy to the final key, then drop the temporary one
+        fs.mv(tmp, final)
+
+
+# -- the output directory and its manifest ---------------------------------------------------
+
+
+class OutputManifest:
+    """`_manifest.json`: model version, batching, and every completed shard with its input."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.fs, self.root = fsspec.core.url_to_fs(output_dir)
+        self.path = f"{self.root.rstrip('/')}/{MANIFEST}"
+        self.data: dict = {}
+
+    def load(self) -> dict:
+        if self.fs.exists(self.path):
+            with self.fs.open(self.path, "rb") as f:
+                self.data = json.load(f)
+        return self.data
+
+    def save(self) -> None:
+        """Write atomically: temp name then rename on disk, one PUT on object stores."""
+        body = (json.dumps(self.data, indent=2, sort_keys=True) + "\n").encode()
+        if _protocol(self.fs) in ("file", "local"):
+            tmp = f"{self.path}.{uuid.uuid4().hex[:8]}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        else:
+            self.fs.pipe_file(self.path, body)
+
+
+def prepare_output(
+    output_dir: str, plan: Plan, model_version: str, settings: dict, overwrite: bool
+) -> tuple[OutputManifest, list[Shard]]:
+    """Check the output directory against this run and return the manifest and the shards
+    still to score. Refuses results of another model version, other inputs or other
+    settings unless `overwrite` (which clears them)."""
+    manifest = OutputManifest(output_dir)
+    fs, root = manifest.fs, manifest.root.rstrip("/")
+    fs.makedirs(root, exist_ok=True)
+    existing = manifest.load()
+    files = [PurePosixPath(p).name for p in fs.ls(root, detail=False)]
+    strays = [
+        f for f in files if f != MANIFEST and not f.endswith(".parquet") and not f.endswith(".tmp")
+    ]
+    wanted = {s.output: s for s in plan.shards}
+    problems = []
+    if existing:
+        if existing.get("model_version") != model_version:
+            problems.append(f"it holds results of model version {existing.get('model_version')}")
+        if existing.get("settings") != settings:
+            problems.append("it was written with other settings (columns, batching or max length)")
+        for name, entry in existing.get("shards", {}).items():
+            shard = wanted.get(name)
+            if shard is None or entry["input"] != shard.uri or entry["identity"] != shard.identity:
+                problems.append(f"{name} comes from another input ({entry['input']})")
+                break
+    elif any(f.endswith(".parquet") for f in files):
+        problems.append("it holds Parquet files but no distilq manifest")
+    if strays:
+        problems.append(f"it holds other files ({', '.join(strays[:3])})")
+    if problems and not overwrite:
+        raise InputError(
+            f"output {output_dir}: {'; '.join(problems)}. Use another --output, or --overwrite "
+            "to replace its contents"
+        )
+    if problems or overwrite:
+        for f in files:
+            fs.rm(f"{root}/{f}", recursive=True)
+        existing = {}
+    for f in files:  # temporaries of a killed run
+        if f.endswith(".tmp") and fs.exists(f"{root}/{f}"):
+            fs.rm(f"{root}/{f}")
+    done = existing.get("shards", {}) if existing else {}
+    manifest.data = {
+        "model_version": model_version,
+        "settings": settings,
+        "shards": {k: v for k, v in done.items() if fs.exists(f"{root}/{k}")},
+        "failed": {},
+    }
+    todo = [s for s in plan.shards if s.output not in manifest.data["shards"]]
+    return manifest, todo
+
+
+def record_shard(manifest: OutputManifest, shard: Shard, stats: ShardStats) -> None:
+    """Mark a shard done in the manifest and save it."""
+    manifest.data["failed"].pop(shard.uri, None)
+    manifest.data["shards"][shard.output] = {
+        "input": shard.uri,
+        "identity": shard.identity,
+        "row_groups": list(shard.row_groups) if shard.row_groups is not None else None,
+        **{k: v for k, v in asdict(stats).items() if k != "output"},
+    }
+    manifest.save()
+
+
+def record_failure(manifest: OutputManifest, uri: str, error: str) -> None:
+    """Record an input that could not be scored, and save."""
+    manifest.data["failed"][uri] = error
+    manifest.save()
+
+
+def summarize(manifest: OutputManifest, seconds: float) -> dict:
+    """Totals over every shard scored into this output, this run or before."""
+    shards = manifest.data["shards"].values()
+    labels: Counter[str] = Counter()
+    for s in shards:
+        labels.update(s["labels"])
+    scored = sum(labels.values())
+    return {
+        "model_version": manifest.data["model_version"],
+        "output": manifest.output_dir,
+        "files": len(manifest.data["shards"]),
+        "failed": dict(manifest.data["failed"]),
+        "rows_read": sum(s["rows_read"] for s in shards),
+        "rows_written": sum(s["rows_written"] for s in shards),
+        "rows_error": sum(s["rows_error"] for s in shards),
+        "rows_truncated": sum(s["rows_truncated"] for s in shards),
+        "labels": dict(sorted(labels.items())),
+        "mean_score": (sum(s["score_sum"] for s in shards) / scored) if scored else None,
+        "seconds": round(seconds, 3),
+    }
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str) -> Iterator[None]:
+    """Refuse a second run writing to the same local output directory at the same time."""
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    if _protocol(fs) not in ("file", "local"):
+        yield
+        return
+    import fcntl
+
+    os.makedirs(root, exist_ok=True)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"output {output_dir} is being written by another distilq run; wait for it "
+                "or choose another --output"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
