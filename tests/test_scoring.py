@@ -15,12 +15,12 @@ from distilq.registry import Registry
 from distilq.scoring import (
     MANIFEST,
     ScoreOptions,
+    finalize,
     output_lock,
     plan_shards,
     prepare_output,
     record_shard,
     score_shard,
-    summarize,
 )
 from tests.conftest import make_texts, stage_tiny_version
 
@@ -88,7 +88,7 @@ def test_scores_keep_rows_columns_and_order(classifier, tmp_path):
     assert np.allclose(out.column("score").to_numpy(), probs.max(1))
     assert set(out.column("model_version").to_pylist()) == {classifier.version}
     assert out.column("error").null_count == 150
-    summary = summarize(manifest, 1.0)
+    summary = finalize(manifest, 1.0)
     assert summary["rows_read"] == summary["rows_written"] == 150 and summary["rows_error"] == 0
     assert sum(summary["labels"].values()) == 150
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MANIFEST, "reviews.parquet"]

@@ -35,6 +35,18 @@ exit codes: 0 promoted (or dry run passed), 3 rejected by the gate, 2 bad usage 
 """
 
 
+SCORE_HELP = """\
+Score Parquet files with a registry model (INT8, CPU) into one output Parquet file per input
+file (or per row-group shard of a large file), plus _manifest.json. Runs the Prefect flow
+`score_parquet`. Rows keep their order; a row whose text is null, empty or not a string is
+kept with a null label and the reason in `error`. Re-running with the same inputs, model
+and output skips what is done.
+
+exit codes: 0 every input file scored, 1 some file failed (the others are scored),
+2 bad usage or input found before scoring.
+"""
+
+
 def _registry_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--registry",
@@ -98,6 +110,60 @@ def build_parser() -> argparse.ArgumentParser:
     _registry_arg(q)
     q.add_argument("--dry-run", action="store_true", help="validate and report; publish nothing")
     q.add_argument("--json", action="store_true", help="print only the manifest JSON on stdout")
+
+    s = commands.add_parser(
+        "score",
+        help="score Parquet files with a registry model",
+        description=SCORE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="Parquet file, directory, glob or fsspec URI; repeat for more",
+    )
+    s.add_argument(
+        "--output", required=True, metavar="DIR", help="directory or URI for the results"
+    )
+    s.add_argument("--text-column", default="text", help="default %(default)s")
+    s.add_argument(
+        "--id-column",
+        dest="id_columns",
+        action="append",
+        default=[],
+        metavar="COL",
+        help="keep only these input columns (repeat); default: all but the text",
+    )
+    s.add_argument("--keep-text", action="store_true", help="keep the text column too")
+    s.add_argument("--probabilities", action="store_true", help="add prob_<label> for every class")
+    s.add_argument("--model", default="production", help="version or alias (default %(default)s)")
+    _registry_arg(s)
+    s.add_argument("--batch-size", type=int, help="default: the batching policy the gate validated")
+    s.add_argument(
+        "--max-length", type=int, default=512, help="tokens; longer texts are truncated and counted"
+    )
+    s.add_argument(
+        "--runner",
+        choices=["local", "process", "dask"],
+        default="local",
+        help="default %(default)s",
+    )
+    s.add_argument(
+        "--workers", type=int, default=1, help="worker processes (process, dask); default 1"
+    )
+    s.add_argument(
+        "--threads", type=int, help="torch threads in all, split over workers (default: cores)"
+    )
+    s.add_argument(
+        "--dask-address", help="tcp://host:port of a running Dask scheduler (with --runner dask)"
+    )
+    s.add_argument(
+        "--overwrite", action="store_true", help="replace an output holding other results"
+    )
+    s.add_argument("--json", action="store_true", help="print only the summary JSON on stdout")
 
     models = commands.add_parser("models", help="list, show, promote and roll back versions")
     actions = models.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -171,6 +237,41 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    """Run the scoring flow; print its summary."""
+    from distilq.config import ScoreConfig
+
+    fields = {
+        k: v for k, v in vars(args).items() if k in ScoreConfig.model_fields and v is not None
+    }
+    try:
+        config = ScoreConfig(**fields)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    from flows.score_parquet import ScoringFailed, score_parquet
+
+    try:
+        summary = score_parquet(config).summary
+        code = EXIT_OK
+    except ScoringFailed as e:
+        print(f"distilq: {e}", file=sys.stderr)
+        summary, code = e.summary, EXIT_FAILED
+    if args.json:
+        _print_json(summary)
+    else:
+        rows_s = summary["rows_written"] / summary["seconds"] if summary["seconds"] else 0
+        print(
+            f"scored {summary['rows_written']} rows in {summary['files']} file(s) with "
+            f"{summary['model_version']} -> {summary['output']}"
+        )
+        print(
+            f"  labels {summary['labels']}, {summary['rows_error']} row(s) with errors, "
+            f"{summary['rows_truncated']} truncated, "
+            f"{summary['seconds']:.1f} s ({rows_s:.1f} rows/s)"
+        )
+    return code
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """Registry operations; none of them needs Prefect."""
     from distilq.registry import Registry
@@ -235,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "quantize":
             return cmd_quantize(args)
+        if args.command == "score":
+            return cmd_score(args)
         return cmd_models(args)
     except InputError as e:
         print(f"distilq: error: {e}", file=sys.stderr)

@@ -87,3 +87,53 @@ class QuantizeConfig(BaseModel):
     @property
     def target_agreement(self) -> float:
         return self.min_agreement + self.margin
+
+
+def available_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class ScoreConfig(BaseModel):
+    """Parameters of `score_parquet` (a form in the Prefect UI, flags in the CLI)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[str] = Field(min_length=1, description="Parquet files, directories, globs or URIs")
+    output: str = Field(description="Directory or URI for scored files and _manifest.json")
+    text_column: str = "text"
+    id_columns: list[str] = Field(default_factory=list, description="Keep only these input columns")
+    keep_text: bool = False
+    probabilities: bool = Field(False, description="Add prob_<label> for every class")
+    model: str = Field("production", description="Registry version or alias")
+    registry: str = Field(default_factory=_env_default("DISTILQ_REGISTRY", DEFAULT_REGISTRY))
+    batch_size: int | None = Field(None, ge=1, le=4096, description="Default: the model's policy")
+    max_length: int = Field(512, ge=8, le=4096)
+    runner: Literal["local", "process", "dask"] = "local"
+    workers: int = Field(1, ge=1, le=256)
+    threads: int = Field(default_factory=available_cores, ge=1, le=1024)
+    dask_address: str | None = Field(None, description="tcp://host:port of a Dask scheduler")
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ScoreConfig:
+        if self.dask_address and self.runner != "dask":
+            raise ValueError("--dask-address needs --runner dask")
+        if self.runner == "local" and self.workers != 1:
+            raise ValueError(
+                "--runner local is one process; use --runner process or dask for workers"
+            )
+        if self.workers > self.threads:
+            raise ValueError(
+                f"--workers {self.workers} exceeds --threads {self.threads}: every worker needs a "
+                "thread"
+            )
+        return self
+
+    @property
+    def threads_per_worker(self) -> int:
+        """Torch threads per worker, so workers x threads never exceed `threads`."""
+        return max(1, self.threads // self.workers)

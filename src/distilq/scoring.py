@@ -466,14 +466,15 @@ def record_failure(manifest: OutputManifest, uri: str, error: str) -> None:
     manifest.save()
 
 
-def summarize(manifest: OutputManifest, seconds: float) -> dict:
-    """Totals over every shard scored into this output, this run or before."""
+def finalize(manifest: OutputManifest, seconds: float) -> dict:
+    """Totals over every shard scored into this output (this run or before), also saved in
+    the manifest as `summary`; `seconds` is this run's wall time."""
     shards = manifest.data["shards"].values()
     labels: Counter[str] = Counter()
     for s in shards:
         labels.update(s["labels"])
     scored = sum(labels.values())
-    return {
+    summary = {
         "model_version": manifest.data["model_version"],
         "output": manifest.output_dir,
         "files": len(manifest.data["shards"]),
@@ -486,6 +487,9 @@ def summarize(manifest: OutputManifest, seconds: float) -> dict:
         "mean_score": (sum(s["score_sum"] for s in shards) / scored) if scored else None,
         "seconds": round(seconds, 3),
     }
+    manifest.data["summary"] = summary
+    manifest.save()
+    return summary
 
 
 @contextlib.contextmanager

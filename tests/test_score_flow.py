@@ -1,0 +1,182 @@
+"""score_parquet end to end: CLI, runners, resume after SIGKILL, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distilq.config import ScoreConfig
+from distilq.registry import Registry
+from flows.score_parquet import ScoringFailed, score_parquet
+from tests.conftest import make_texts, stage_tiny_version
+from tests.test_cli import DISTILQ, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_checkpoint, tiny_validation) -> Path:
+    root = tmp_path_factory.mktemp("score-flow")
+    (root / "staging").mkdir()
+    reg = Registry(root / "reg")
+    version = reg.publish(
+        root / "staging", stage_tiny_version(root / "staging", tiny_checkpoint, tiny_validation)
+    )
+    reg.promote(version, "test")
+    return root / "reg"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dataset")
+    for i in range(4):
+        texts = make_texts(120, seed=100 + i)
+        texts[3] = None
+        pq.write_table(
+            pa.table({"review_id": [f"{i}-{j}" for j in range(120)], "text": texts}),
+            root / f"f{i}.parquet",
+        )
+    return root
+
+
+def outputs(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.parquet"))}
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_runners_agree_file_for_file(registry, dataset, tmp_path):
+    results = {}
+    for runner, workers in (("local", 1), ("process", 2), ("dask", 2)):
+        config = ScoreConfig(
+            inputs=[str(dataset)],
+            output=str(tmp_path / runner),
+            registry=str(registry),
+            runner=runner,
+            workers=workers,
+            threads=2,
+            probabilities=True,
+        )
+        summary = score_parquet(config).summary
+        assert (
+            summary["files"] == 4 and summary["rows_written"] == 480 and summary["rows_error"] == 4
+        )
+        results[runner] = outputs(tmp_path / runner)
+    assert results["local"] == results["process"] == results["dask"]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_corrupt_file_fails_alone(registry, dataset, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in dataset.glob("*.parquet"):
+        (data / p.name).write_bytes(p.read_bytes())
+    (data / "zz-broken.parquet").write_bytes(b"PAR1" + b"\x00" * 100 + b"PAR1")
+    config = ScoreConfig(inputs=[str(data)], output=str(tmp_path / "out"), registry=str(registry))
+    with pytest.raises(
+        ScoringFailed, match="1 input file\\(s\\) failed: .*zz-broken.parquet"
+    ) as failed:
+        score_parquet(config)
+    assert failed.value.summary["files"] == 4
+    assert sorted(outputs(tmp_path / "out")) == [
+        "f0.parquet",
+        "f1.parquet",
+        "f2.parquet",
+        "f3.parquet",
+    ]
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert list(manifest["failed"]) == [str(data / "zz-broken.parquet")]
+
+
+def test_cli_scores_then_resumes_byte_identical(registry, dataset, tmp_path):
+    args = [
+        "score",
+        "--input",
+        str(dataset),
+        "--output",
+        str(tmp_path / "out"),
+        "--registry",
+        str(registry),
+    ]
+    first = run(*args, "--json", "--id-column", "review_id", prefect_home=tmp_path / "home")
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads(first.stdout)
+    assert summary["rows_written"] == 480 and summary["labels"] and summary["mean_score"] > 0.5
+    before = outputs(tmp_path / "out")
+    assert pq.read_table(tmp_path / "out" / "f0.parquet").column_names == [
+        "review_id",
+        "label",
+        "score",
+        "model_version",
+        "error",
+    ]
+    again = run(*args, "--json", "--id-column", "review_id", prefect_home=tmp_path / "home")
+    assert again.returncode == 0 and outputs(tmp_path / "out") == before
+    changed = run(*args, "--max-length", "64", prefect_home=tmp_path / "home")
+    assert changed.returncode == 2 and "other settings" in changed.stderr
+
+
+def test_cli_bad_input_exits_2(registry, dataset, tmp_path):
+    base = [
+        "score",
+        "--input",
+        str(dataset),
+        "--output",
+        str(tmp_path / "out"),
+        "--registry",
+        str(registry),
+    ]
+    done = run(*base, "--text-column", "body", prefect_home=tmp_path / "home")
+    assert done.returncode == 2 and "no text column 'body'" in done.stderr
+    done = run(*base, "--model", "19990101T000000000Z-deadbeef", prefect_home=tmp_path / "home")
+    assert done.returncode == 2 and "no version or alias" in done.stderr
+    done = run(*base, "--workers", "2")
+    assert done.returncode == 2 and "use --runner process or dask" in done.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_sigkill_half_way_then_resume_equals_an_uninterrupted_run(registry, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        pq.write_table(
+            pa.table({"id": list(range(400)), "text": make_texts(400, seed=i)}),
+            data / f"p{i}.parquet",
+        )
+    base = ["score", "--input", str(data), "--registry", str(registry)]
+    clean = run(*base, "--output", str(tmp_path / "clean"), prefect_home=tmp_path / "home")
+    assert clean.returncode == 0, clean.stderr[-3000:]
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "home")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [DISTILQ, *base, "--output", str(out)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(out.glob("*.parquet"))) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-run: some shards done, one being written
+    proc.wait()
+    done_at_kill = sorted(p.name for p in out.glob("*.parquet"))
+    assert 3 <= len(done_at_kill) < 8
+    for p in out.glob("*.parquet"):  # whatever is visible is complete
+        assert pq.read_table(p).num_rows == 400
+
+    resumed = run(*base, "--output", str(out), prefect_home=tmp_path / "home")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert outputs(out) == outputs(tmp_path / "clean")
+    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json"] + [
+        f"p{i}.parquet" for i in range(8)
+    ]
