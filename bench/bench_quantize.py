@@ -117,9 +117,12 @@ def full_size(tmp: Path) -> list[str]:
     return lines
 
 
-def write_results(block: list[str]) -> None:
-    start, end = "<!-- bench_quantize:start -->", "<!-- bench_quantize:end -->"
-    text = RESULTS.read_text() if RESULTS.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
+def write_results(block: list[str], name: str = "bench_quantize") -> None:
+    """Replace the block between `<!-- name:start -->` and `<!-- name:end -->` in RESULTS.md."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
     body = "\n".join([start, *block, end])
     RESULTS.write_text(
         re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: body, text, flags=re.S)

@@ -66,7 +66,7 @@ def score_shard(
     shard: scoring.Shard, config: ScoreConfig, version: str, options: scoring.ScoreOptions
 ):
     """Score one shard on this worker; log progress every 15 s."""
-    torch.set_num_threads(config.threads_per_worker if config.runner != "local" else config.threads)
+    torch.set_num_threads(config.threads_per_worker)
     logger = get_run_logger()
     classifier = classifier_for(config.registry, version)
     done, start, last = 0, time.perf_counter(), time.perf_counter()

@@ -146,9 +146,11 @@ def _partitions(relative: str) -> dict[str, str]:
     return dict(p.split("=", 1) for p in parts if "=" in p and not p.startswith("="))
 
 
-def _open_parquet(uri: str) -> pq.ParquetFile:
+@contextlib.contextmanager
+def _open_parquet(uri: str) -> Iterator[pq.ParquetFile]:
     fs, path = fsspec.core.url_to_fs(uri)
-    return pq.ParquetFile(fs.open(path, "rb"))
+    with fs.open(path, "rb") as f:
+        yield pq.ParquetFile(f)
 
 
 def plan_shards(inputs: list[str], options: ScoreOptions) -> Plan:
@@ -163,7 +165,8 @@ def plan_shards(inputs: list[str], options: ScoreOptions) -> Plan:
     entries = []
     for uri, relative, identity in discover_inputs(inputs):
         try:
-            meta = _open_parquet(uri).metadata
+            with _open_parquet(uri) as parquet:
+                meta = parquet.metadata
             schema = meta.schema.to_arrow_schema()
         except Exception as e:
             unreadable[uri] = f"not a readable Parquet file: {e}"
@@ -289,27 +292,34 @@ def score_shard(
     start = time.perf_counter()
     stats = ShardStats(shard.output)
     labels = [classifier.id2label[i] for i in sorted(classifier.id2label)]
-    parquet = _open_parquet(shard.uri)
-    input_schema = parquet.schema_arrow
-    names = list(input_schema.names) + [k for k in shard.partitions if k not in input_schema.names]
-    kept = [
-        c for c in names if _kept(c, options) or (options.keep_text and c == options.text_column)
-    ]
-    schema = _output_schema(input_schema, kept, shard.partitions, labels, options)
-    read = [c for c in dict.fromkeys([*kept, options.text_column]) if c in input_schema.names]
     fs, out_root = fsspec.core.url_to_fs(output_dir)
     final = f"{out_root.rstrip('/')}/{shard.output}"
     tmp = f"{out_root.rstrip('/')}/.{shard.output}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with fs.open(tmp, "wb") as sink, pq.ParquetWriter(sink, schema) as writer:
-            batches = parquet.iter_batches(
-                batch_size=options.window_rows, row_groups=shard.row_groups, columns=read
-            )
-            for batch in batches:
-                table = _score_batch(classifier, batch, shard, kept, labels, schema, options, stats)
-                writer.write_table(table)
-                if on_progress:
-                    on_progress(batch.num_rows)
+        with _open_parquet(shard.uri) as parquet:
+            input_schema = parquet.schema_arrow
+            names = list(input_schema.names)
+            names += [k for k in shard.partitions if k not in input_schema.names]
+            kept = [
+                c
+                for c in names
+                if _kept(c, options) or (options.keep_text and c == options.text_column)
+            ]
+            schema = _output_schema(input_schema, kept, shard.partitions, labels, options)
+            read = [
+                c for c in dict.fromkeys([*kept, options.text_column]) if c in input_schema.names
+            ]
+            with fs.open(tmp, "wb") as sink, pq.ParquetWriter(sink, schema) as writer:
+                batches = parquet.iter_batches(
+                    batch_size=options.window_rows, row_groups=shard.row_groups, columns=read
+                )
+                for batch in batches:
+                    table = _score_batch(
+                        classifier, batch, shard, kept, labels, schema, options, stats
+                    )
+                    writer.write_table(table)
+                    if on_progress:
+                        on_progress(batch.num_rows)
         _commit(fs, tmp, final)
     except BaseException:
         with contextlib.suppress(Exception):

@@ -1,0 +1,307 @@
+"""Scoring speed, agreement, start-up cost and memory, measured side by side in one run.
+
+- rows/s of the transformers pipeline (FP32, best batch size), distilq FP32 and distilq
+  INT8, on SST-2 dev sentences and IMDB reviews, for the full-size DistilBertConfig()
+  shape (random weights) and the real shared model;
+- whole-process wall time of `distilq score` vs a whole-process pipeline script on ~5k
+  sentences (full-size shape);
+- agreement of distilq INT8 labels (through `distilq score`) with the FP32 pipeline's labels,
+  real model, SST-2 dev and the IMDB sample;
+- peak RSS of `distilq score` on 10k vs 40k rows; the fixed cost of a run on one row.
+
+Writes its tables between markers in bench/RESULTS.md. Usage: python bench/bench_score.py
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SHARED_MODEL = SHARED / "models" / "distilbert-sst2-minilm"
+DISTILQ = str(Path(sys.executable).parent / "distilq")
+IMDB_SPEED_ROWS = 120  # long reviews are slow; enough for a rate
+csv.field_size_limit(1 << 24)
+
+
+def read_sst2(name: str) -> list[str]:
+    with open(SHARED / "data" / "sst2" / name, newline="") as f:
+        return [r[0] for r in list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]]
+
+
+def read_imdb() -> list[str]:
+    with open(SHARED / "data" / "imdb" / "imdb_test_sample_3000.csv", newline="") as f:
+        return [r["text"] for r in csv.DictReader(f)]
+
+
+def write_texts(path: Path, texts: list[str]) -> Path:
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), path)
+    return path
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """Like `run`, with the child's peak RSS (MiB) from wait4."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True
+    )
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with status {status}")
+    return seconds, usage.ru_maxrss / 1024, out
+
+
+def quantize_into(registry: Path, source: Path, *extra: str) -> str:
+    _, _, out = run_measured(
+        [
+            DISTILQ,
+            "quantize",
+            "--source",
+            str(source),
+            "--registry",
+            str(registry),
+            "--json",
+            *extra,
+        ]
+    )
+    return json.loads(out)["version"]
+
+
+def in_process_rates(model_dir: Path, registry: Path, texts: dict[str, list[str]]) -> dict:
+    """rows/s in one process: pipeline at batch 1/8/32, distilq FP32 and INT8 (policy)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    import distilq
+    from distilq.validation import predict
+
+    fp32 = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    int8 = distilq.load(registry)
+    classify = pipeline("text-classification", model=fp32, tokenizer=tokenizer, device=-1)
+    rates = {}
+    for name, rows in texts.items():
+        pipe = {}
+        for bs in (1, 8, 32):
+            start = time.perf_counter()
+            classify(rows, batch_size=bs, truncation=True)
+            pipe[bs] = len(rows) / (time.perf_counter() - start)
+        best = max(pipe, key=pipe.get)
+        ours = {}
+        for label, model in (("FP32", fp32), ("INT8", int8.model)):
+            start = time.perf_counter()
+            predict(model, tokenizer, rows, int8.batching)
+            ours[label] = len(rows) / (time.perf_counter() - start)
+        rates[name] = {"pipeline": pipe, "best_bs": best, **ours}
+    return rates
+
+
+def rate_rows(title: str, rates: dict) -> list[str]:
+    lines = [
+        f"**{title}** (rows/s, one process, {torch.get_num_threads()} threads)",
+        "",
+        "| data | pipeline bs 1 | bs 8 | bs 32 | distilq FP32 | distilq INT8 "
+        "| INT8 vs pipeline's best |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rates.items():
+        best = r["pipeline"][r["best_bs"]]
+        lines.append(
+            f"| {name} | {r['pipeline'][1]:.1f} | {r['pipeline'][8]:.1f} | {r['pipeline'][32]:.1f} "
+            f"| {r['FP32']:.1f} | {r['INT8']:.1f} "
+            f"| **{r['INT8'] / best:.2f}x** (vs bs {r['best_bs']}) |"
+        )
+    return lines
+
+
+def main() -> None:
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+
+    if not SHARED_MODEL.is_dir():
+        sys.exit(f"the shared model is not at {SHARED_MODEL}")
+    sst2_dev, imdb = read_sst2("dev.tsv"), read_imdb()
+    lines = [f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `make bench`.", ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect")}
+        # The full-size shape: random weights, saved as a checkpoint with the real tokenizer.
+        torch.manual_seed(0)
+        full = tmp / "full"
+        DistilBertForSequenceClassification(
+            DistilBertConfig(
+                id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1}
+            )
+        ).save_pretrained(full)
+        AutoTokenizer.from_pretrained(SHARED_MODEL).save_pretrained(full)
+        # Random weights: agreement is meaningless, so the gate is opened for this one.
+        quantize_into(
+            tmp / "reg-full",
+            full,
+            "--recipe",
+            "dynamic-int8-pc",
+            "--min-agreement",
+            "0",
+            "--max-accuracy-drop",
+            "1",
+        )
+        quantize_into(tmp / "reg-real", SHARED_MODEL)  # auto, default gate
+
+        texts = {
+            "SST-2 dev (872)": sst2_dev,
+            f"IMDB ({IMDB_SPEED_ROWS} reviews)": imdb[:IMDB_SPEED_ROWS],
+        }
+        lines += rate_rows(
+            "Full-size DistilBertConfig()", in_process_rates(full, tmp / "reg-full", texts)
+        )
+        lines += [""] + rate_rows(
+            "Real model distilbert-sst2-minilm",
+            in_process_rates(SHARED_MODEL, tmp / "reg-real", texts),
+        )
+
+        # Whole processes on ~5k sentences: what a user waits for.
+        five_k = write_texts(tmp / "sst2-5k.parquet", read_sst2("train.tsv")[:5000])
+        pipe_s, pipe_rss, _ = run_measured(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "pipeline_script.py"),
+                str(full),
+                str(five_k),
+                str(tmp / "p.parquet"),
+                "8",
+            ],
+            env,
+        )
+        ours_s, ours_rss, out = run_measured(
+            [
+                DISTILQ,
+                "score",
+                "--input",
+                str(five_k),
+                "--output",
+                str(tmp / "o5k"),
+                "--registry",
+                str(tmp / "reg-full"),
+                "--json",
+            ],
+            env,
+        )
+        lines += [
+            "",
+            "**Whole process, 5,000 SST-2 train sentences, full-size shape** (start-up included)",
+            "",
+            "| command | wall s | rows/s | peak RSS MiB |",
+            "|---|---:|---:|---:|",
+            f"| pipeline script (FP32, batch 8) | {pipe_s:.1f} | {5000 / pipe_s:.1f} "
+            f"| {pipe_rss:.0f} |",
+            f"| `distilq score` (INT8) | {ours_s:.1f} | {5000 / ours_s:.1f} | {ours_rss:.0f} |",
+            "",
+            f"`distilq score` is **{pipe_s / ours_s:.2f}x** faster, whole process.",
+        ]
+
+        # Agreement: distilq INT8 labels (through the CLI) vs FP32 pipeline labels, real model.
+        lines += [
+            "",
+            "**Agreement with the FP32 pipeline's labels, real model (auto recipe)**",
+            "",
+            "| data | rows | agreement |",
+            "|---|---:|---:|",
+        ]
+        for name, rows in (("SST-2 dev", sst2_dev), ("IMDB sample", imdb)):
+            src = write_texts(tmp / f"agree-{len(rows)}.parquet", rows)
+            run_measured(
+                [
+                    sys.executable,
+                    str(ROOT / "bench" / "pipeline_script.py"),
+                    str(SHARED_MODEL),
+                    str(src),
+                    str(tmp / f"pa-{len(rows)}.parquet"),
+                    "8",
+                ],
+                env,
+            )
+            run_measured(
+                [
+                    DISTILQ,
+                    "score",
+                    "--input",
+                    str(src),
+                    "--output",
+                    str(tmp / f"oa-{len(rows)}"),
+                    "--registry",
+                    str(tmp / "reg-real"),
+                ],
+                env,
+            )
+            theirs = pq.read_table(tmp / f"pa-{len(rows)}.parquet").column("label").to_pylist()
+            ours = pq.read_table(tmp / f"oa-{len(rows)}" / src.name).column("label").to_pylist()
+            agreement = sum(a == b for a, b in zip(theirs, ours, strict=True)) / len(rows)
+            lines.append(f"| {name} | {len(rows)} | {agreement:.2%} |")
+
+        # Memory: streaming means peak RSS does not grow with the input.
+        lines += [
+            "",
+            "**Peak RSS of `distilq score`, real model, repeated SST-2 sentences**",
+            "",
+            "| rows | wall s | peak RSS MiB |",
+            "|---:|---:|---:|",
+        ]
+        short = [t for t in sst2_dev if len(t) < 60][:250]
+        peaks = {}
+        for n in (10_000, 40_000):
+            src = write_texts(tmp / f"mem-{n}.parquet", (short * (n // len(short) + 1))[:n])
+            seconds, rss, _ = run_measured(
+                [
+                    DISTILQ,
+                    "score",
+                    "--input",
+                    str(src),
+                    "--output",
+                    str(tmp / f"om-{n}"),
+                    "--registry",
+                    str(tmp / "reg-real"),
+                ],
+                env,
+            )
+            peaks[n] = rss
+            lines.append(f"| {n:,} | {seconds:.1f} | {rss:.0f} |")
+        lines += ["", f"Growth from 10k to 40k rows: **{peaks[40_000] / peaks[10_000] - 1:+.1%}**."]
+
+        one = write_texts(tmp / "one.parquet", ["a fine film"])
+        seconds, rss, _ = run_measured(
+            [
+                DISTILQ,
+                "score",
+                "--input",
+                str(one),
+                "--output",
+                str(tmp / "o1"),
+                "--registry",
+                str(tmp / "reg-full"),
+            ],
+            env,
+        )
+        lines += [
+            "",
+            "Fixed cost of a `distilq score` run (one row, full-size model, ephemeral Prefect "
+            f"API, warm disk cache): **{seconds:.1f} s**.",
+        ]
+    from bench_quantize import write_results
+
+    write_results(lines, "bench_score")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
