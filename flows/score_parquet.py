@@ -79,15 +79,7 @@ def score_parquet(config: ScoreConfig) -> ScoreResult:
     input file could not be scored."""
     start = time.perf_counter()
     version, batching = t.resolve_model(config)
-    options = scoring.ScoreOptions(
-        text_column=config.text_column,
-        id_columns=config.id_columns,
-        keep_text=config.keep_text,
-        probabilities=config.probabilities,
-        max_length=config.max_length,
-        batch_size=config.batch_size or batching["batch_size"],
-        sort_by_length=batching["sort_by_length"],
-    )
+    options = scoring.options_for(config, batching)
     found = t.plan(config, options)
     with scoring.output_lock(config.output):
         todo = t.prepare(config, found, version, options)

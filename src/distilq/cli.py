@@ -248,6 +248,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         config = ScoreConfig(**fields)
     except ValueError as e:
         raise InputError(str(e)) from e
+    from distilq.scoring import preflight
+
+    preflight(config)  # seconds, instead of after the Prefect API has started
     from flows.score_parquet import ScoringFailed, score_parquet
 
     try:

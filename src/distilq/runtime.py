@@ -9,8 +9,10 @@ PREFECT_DEFAULTS = {
     # No analytics leave the machine (server and client side).
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
-    # distilq's own log lines show up in Prefect's run logs.
+    # distilq's own log lines show up in Prefect's run logs, and stay local (no warning)
+    # when the library is used outside a flow run.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "distilq",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 

@@ -524,3 +524,25 @@ def output_lock(output_dir: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def options_for(config, batching: dict) -> ScoreOptions:
+    """Scoring options from a ScoreConfig and the model's validated batching policy."""
+    return ScoreOptions(
+        text_column=config.text_column,
+        id_columns=config.id_columns,
+        keep_text=config.keep_text,
+        probabilities=config.probabilities,
+        max_length=config.max_length,
+        batch_size=config.batch_size or batching["batch_size"],
+        sort_by_length=batching["sort_by_length"],
+    )
+
+
+def preflight(config) -> None:
+    """Fail fast, before starting any engine: unknown model, missing paths or columns."""
+    from distilq.registry import Registry
+
+    registry = Registry(config.registry)
+    batching = registry.manifest(registry.resolve(config.model))["recipe"]["batching"]
+    plan_shards(config.inputs, options_for(config, batching))
