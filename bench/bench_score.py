@@ -50,18 +50,28 @@ def write_texts(path: Path, texts: list[str]) -> Path:
     return path
 
 
+# A child's ru_maxrss starts from its parent's high-water mark (kept across fork and exec),
+# and this process holds models: measure through a small launcher instead.
+LAUNCHER = (
+    "import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, s, u = os.wait4(p.pid, 0); "
+    "open(sys.argv[1], 'w').write(str(u.ru_maxrss)); sys.exit(os.waitstatus_to_exitcode(s))"
+)
+
+
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """Like `run`, with the child's peak RSS (MiB) from wait4."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True
-    )
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed with status {status}")
-    return seconds, usage.ru_maxrss / 1024, out
+    """Run a whole process; its wall seconds, its own peak RSS in MiB, and its stdout."""
+    with tempfile.NamedTemporaryFile() as rss:
+        start = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-c", LAUNCHER, rss.name, *cmd],
+            capture_output=True,
+            env=env,
+            text=True,
+        )
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+        return seconds, int(Path(rss.name).read_text()) / 1024, done.stdout
 
 
 def quantize_into(registry: Path, source: Path, *extra: str) -> str:
@@ -126,181 +136,189 @@ def rate_rows(title: str, rates: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
+def setup(tmp: Path, env: dict) -> tuple[Path, Path, Path]:
+    """The full-size checkpoint (random weights, real tokenizer) and two registries."""
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
 
-    if not SHARED_MODEL.is_dir():
-        sys.exit(f"the shared model is not at {SHARED_MODEL}")
-    sst2_dev, imdb = read_sst2("dev.tsv"), read_imdb()
-    lines = [f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `make bench`.", ""]
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect")}
-        # The full-size shape: random weights, saved as a checkpoint with the real tokenizer.
-        torch.manual_seed(0)
-        full = tmp / "full"
-        DistilBertForSequenceClassification(
-            DistilBertConfig(
-                id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1}
-            )
-        ).save_pretrained(full)
-        AutoTokenizer.from_pretrained(SHARED_MODEL).save_pretrained(full)
-        # Random weights: agreement is meaningless, so the gate is opened for this one.
-        quantize_into(
-            tmp / "reg-full",
-            full,
-            "--recipe",
-            "dynamic-int8-pc",
-            "--min-agreement",
-            "0",
-            "--max-accuracy-drop",
-            "1",
-        )
-        quantize_into(tmp / "reg-real", SHARED_MODEL)  # auto, default gate
+    torch.manual_seed(0)
+    full = tmp / "full"
+    labels = {
+        "id2label": {0: "NEGATIVE", 1: "POSITIVE"},
+        "label2id": {"NEGATIVE": 0, "POSITIVE": 1},
+    }
+    DistilBertForSequenceClassification(DistilBertConfig(**labels)).save_pretrained(full)
+    AutoTokenizer.from_pretrained(SHARED_MODEL).save_pretrained(full)
+    # Random weights make agreement meaningless, so the gate is opened for this one.
+    open_gate = ["--recipe", "dynamic-int8-pc", "--min-agreement", "0", "--max-accuracy-drop", "1"]
+    quantize_into(tmp / "reg-full", full, *open_gate, env=env)
+    quantize_into(tmp / "reg-real", SHARED_MODEL, env=env)  # auto, default gate
+    return full, tmp / "reg-full", tmp / "reg-real"
 
-        texts = {
-            "SST-2 dev (872)": sst2_dev,
-            f"IMDB ({IMDB_SPEED_ROWS} reviews)": imdb[:IMDB_SPEED_ROWS],
-        }
-        lines += rate_rows(
-            "Full-size DistilBertConfig()", in_process_rates(full, tmp / "reg-full", texts)
-        )
-        lines += [""] + rate_rows(
-            "Real model distilbert-sst2-minilm",
-            in_process_rates(SHARED_MODEL, tmp / "reg-real", texts),
-        )
 
-        # Whole processes on ~5k sentences: what a user waits for.
-        five_k = write_texts(tmp / "sst2-5k.parquet", read_sst2("train.tsv")[:5000])
-        pipe_s, pipe_rss, _ = run_measured(
-            [
-                sys.executable,
-                str(ROOT / "bench" / "pipeline_script.py"),
-                str(full),
-                str(five_k),
-                str(tmp / "p.parquet"),
-                "8",
-            ],
-            env,
+def section_speed(tmp, env, full, reg_full, reg_real, sst2_dev, imdb) -> list[str]:
+    texts = {
+        "SST-2 dev (872)": sst2_dev,
+        f"IMDB ({IMDB_SPEED_ROWS} reviews)": imdb[:IMDB_SPEED_ROWS],
+    }
+    return (
+        rate_rows("Full-size DistilBertConfig()", in_process_rates(full, reg_full, texts))
+        + [""]
+        + rate_rows(
+            "Real model distilbert-sst2-minilm", in_process_rates(SHARED_MODEL, reg_real, texts)
         )
-        ours_s, ours_rss, out = run_measured(
+    )
+
+
+def section_whole(tmp, env, full, reg_full, reg_real, sst2_dev, imdb) -> list[str]:
+    five_k = write_texts(tmp / "sst2-5k.parquet", read_sst2("train.tsv")[:5000])
+    script = [sys.executable, str(ROOT / "bench" / "pipeline_script.py")]
+    pipe_s, pipe_rss, _ = run_measured(
+        [*script, str(full), str(five_k), str(tmp / "p.parquet"), "8"], env
+    )
+    ours_s, ours_rss, _ = run_measured(
+        [
+            DISTILQ,
+            "score",
+            "--input",
+            str(five_k),
+            "--output",
+            str(tmp / "o5k"),
+            "--registry",
+            str(reg_full),
+        ],
+        env,
+    )
+    return [
+        "**Whole process, 5,000 SST-2 train sentences, full-size shape** (start-up included)",
+        "",
+        "| command | wall s | rows/s | peak RSS MiB |",
+        "|---|---:|---:|---:|",
+        f"| pipeline script (FP32, batch 8) | {pipe_s:.1f} | {5000 / pipe_s:.1f} "
+        f"| {pipe_rss:.0f} |",
+        f"| `distilq score` (INT8) | {ours_s:.1f} | {5000 / ours_s:.1f} | {ours_rss:.0f} |",
+        "",
+        f"`distilq score` is **{pipe_s / ours_s:.2f}x** faster, whole process.",
+    ]
+
+
+def section_agreement(tmp, env, full, reg_full, reg_real, sst2_dev, imdb) -> list[str]:
+    lines = [
+        "**Agreement of `distilq score` INT8 labels with the FP32 pipeline's, real model (auto)**",
+        "",
+        "| data | rows | agreement |",
+        "|---|---:|---:|",
+    ]
+    for name, rows in (("SST-2 dev", sst2_dev), ("IMDB sample", imdb)):
+        src = write_texts(tmp / f"agree-{len(rows)}.parquet", rows)
+        theirs_path, ours_dir = tmp / f"pa-{len(rows)}.parquet", tmp / f"oa-{len(rows)}"
+        script = [sys.executable, str(ROOT / "bench" / "pipeline_script.py")]
+        run_measured([*script, str(SHARED_MODEL), str(src), str(theirs_path), "8"], env)
+        run_measured(
             [
                 DISTILQ,
                 "score",
                 "--input",
-                str(five_k),
+                str(src),
                 "--output",
-                str(tmp / "o5k"),
+                str(ours_dir),
                 "--registry",
-                str(tmp / "reg-full"),
-                "--json",
+                str(reg_real),
             ],
             env,
         )
-        lines += [
-            "",
-            "**Whole process, 5,000 SST-2 train sentences, full-size shape** (start-up included)",
-            "",
-            "| command | wall s | rows/s | peak RSS MiB |",
-            "|---|---:|---:|---:|",
-            f"| pipeline script (FP32, batch 8) | {pipe_s:.1f} | {5000 / pipe_s:.1f} "
-            f"| {pipe_rss:.0f} |",
-            f"| `distilq score` (INT8) | {ours_s:.1f} | {5000 / ours_s:.1f} | {ours_rss:.0f} |",
-            "",
-            f"`distilq score` is **{pipe_s / ours_s:.2f}x** faster, whole process.",
-        ]
+        theirs = pq.read_table(theirs_path).column("label").to_pylist()
+        ours = pq.read_table(ours_dir / src.name).column("label").to_pylist()
+        agreement = sum(a == b for a, b in zip(theirs, ours, strict=True)) / len(rows)
+        lines.append(f"| {name} | {len(rows)} | {agreement:.2%} |")
+    return lines
 
-        # Agreement: distilq INT8 labels (through the CLI) vs FP32 pipeline labels, real model.
-        lines += [
-            "",
-            "**Agreement with the FP32 pipeline's labels, real model (auto recipe)**",
-            "",
-            "| data | rows | agreement |",
-            "|---|---:|---:|",
-        ]
-        for name, rows in (("SST-2 dev", sst2_dev), ("IMDB sample", imdb)):
-            src = write_texts(tmp / f"agree-{len(rows)}.parquet", rows)
-            run_measured(
-                [
-                    sys.executable,
-                    str(ROOT / "bench" / "pipeline_script.py"),
-                    str(SHARED_MODEL),
-                    str(src),
-                    str(tmp / f"pa-{len(rows)}.parquet"),
-                    "8",
-                ],
-                env,
-            )
-            run_measured(
-                [
-                    DISTILQ,
-                    "score",
-                    "--input",
-                    str(src),
-                    "--output",
-                    str(tmp / f"oa-{len(rows)}"),
-                    "--registry",
-                    str(tmp / "reg-real"),
-                ],
-                env,
-            )
-            theirs = pq.read_table(tmp / f"pa-{len(rows)}.parquet").column("label").to_pylist()
-            ours = pq.read_table(tmp / f"oa-{len(rows)}" / src.name).column("label").to_pylist()
-            agreement = sum(a == b for a, b in zip(theirs, ours, strict=True)) / len(rows)
-            lines.append(f"| {name} | {len(rows)} | {agreement:.2%} |")
 
-        # Memory: streaming means peak RSS does not grow with the input.
-        lines += [
-            "",
-            "**Peak RSS of `distilq score`, real model, repeated SST-2 sentences**",
-            "",
-            "| rows | wall s | peak RSS MiB |",
-            "|---:|---:|---:|",
-        ]
-        short = [t for t in sst2_dev if len(t) < 60][:250]
-        peaks = {}
-        for n in (10_000, 40_000):
-            src = write_texts(tmp / f"mem-{n}.parquet", (short * (n // len(short) + 1))[:n])
-            seconds, rss, _ = run_measured(
-                [
-                    DISTILQ,
-                    "score",
-                    "--input",
-                    str(src),
-                    "--output",
-                    str(tmp / f"om-{n}"),
-                    "--registry",
-                    str(tmp / "reg-real"),
-                ],
-                env,
-            )
-            peaks[n] = rss
-            lines.append(f"| {n:,} | {seconds:.1f} | {rss:.0f} |")
-        lines += ["", f"Growth from 10k to 40k rows: **{peaks[40_000] / peaks[10_000] - 1:+.1%}**."]
-
-        one = write_texts(tmp / "one.parquet", ["a fine film"])
+def section_memory(tmp, env, full, reg_full, reg_real, sst2_dev, imdb) -> list[str]:
+    lines = [
+        "**Peak RSS of the `distilq score` process, real model, repeated SST-2 sentences**",
+        "",
+        "| rows | wall s | peak RSS MiB |",
+        "|---:|---:|---:|",
+    ]
+    short = [t for t in sst2_dev if len(t) < 60][:250]
+    peaks = {}
+    for n in (10_000, 40_000):
+        src = write_texts(tmp / f"mem-{n}.parquet", (short * (n // len(short) + 1))[:n])
         seconds, rss, _ = run_measured(
             [
                 DISTILQ,
                 "score",
                 "--input",
-                str(one),
+                str(src),
                 "--output",
-                str(tmp / "o1"),
+                str(tmp / f"om-{n}"),
                 "--registry",
-                str(tmp / "reg-full"),
+                str(reg_real),
             ],
             env,
         )
-        lines += [
-            "",
-            "Fixed cost of a `distilq score` run (one row, full-size model, ephemeral Prefect "
-            f"API, warm disk cache): **{seconds:.1f} s**.",
-        ]
+        peaks[n] = rss
+        lines.append(f"| {n:,} | {seconds:.1f} | {rss:.0f} |")
+    return lines + [
+        "",
+        f"Growth from 10k to 40k rows: **{peaks[40_000] / peaks[10_000] - 1:+.1%}**.",
+    ]
+
+
+def section_startup(tmp, env, full, reg_full, reg_real, sst2_dev, imdb) -> list[str]:
+    one = write_texts(tmp / "one.parquet", ["a fine film"])
+    seconds, _, _ = run_measured(
+        [
+            DISTILQ,
+            "score",
+            "--input",
+            str(one),
+            "--output",
+            str(tmp / "o1"),
+            "--registry",
+            str(reg_full),
+        ],
+        env,
+    )
+    return [
+        "Fixed cost of a `distilq score` run (one row, full-size model, ephemeral Prefect API, "
+        f"warm disk cache): **{seconds:.1f} s**."
+    ]
+
+
+SECTIONS = {
+    "speed": section_speed,
+    "whole": section_whole,
+    "agreement": section_agreement,
+    "memory": section_memory,
+    "startup": section_startup,
+}
+
+
+def main() -> None:
+    """Run the sections named on the command line (default: all)."""
     from bench_quantize import write_results
 
-    write_results(lines, "bench_score")
-    print("\n".join(lines))
+    if not SHARED_MODEL.is_dir():
+        sys.exit(f"the shared model is not at {SHARED_MODEL}")
+    names = sys.argv[1:] or list(SECTIONS)
+    unknown = set(names) - set(SECTIONS)
+    if unknown:
+        sys.exit(
+            f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}"
+        )
+    sst2_dev, imdb = read_sst2("dev.tsv"), read_imdb()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect")}
+        full, reg_full, reg_real = setup(tmp, env)
+        for name in names:
+            stamp = (
+                f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by bench/bench_score.py."
+            )
+            lines = SECTIONS[name](tmp, env, full, reg_full, reg_real, sst2_dev, imdb)
+            write_results([stamp, "", *lines], f"bench_score_{name}")
+            print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":
