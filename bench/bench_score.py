@@ -74,19 +74,10 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float,
         return seconds, int(Path(rss.name).read_text()) / 1024, done.stdout
 
 
-def quantize_into(registry: Path, source: Path, *extra: str) -> str:
-    _, _, out = run_measured(
-        [
-            DISTILQ,
-            "quantize",
-            "--source",
-            str(source),
-            "--registry",
-            str(registry),
-            "--json",
-            *extra,
-        ]
-    )
+def quantize_into(registry: Path, source: Path, *extra: str, env: dict) -> str:
+    """`distilq quantize` into a bench registry; the new version."""
+    args = ["quantize", "--source", str(source), "--registry", str(registry), "--json", *extra]
+    _, _, out = run_measured([DISTILQ, *args], env)
     return json.loads(out)["version"]
 
 
