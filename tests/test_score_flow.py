@@ -47,6 +47,11 @@ def dataset(tmp_path_factory) -> Path:
     return root
 
 
+def score_args(source: Path, output: Path, registry: Path) -> list[str]:
+    """Arguments of a `distilq score` run."""
+    return ["score", "--input", str(source), "--output", str(output), "--registry", str(registry)]
+
+
 def outputs(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.glob("*.parquet"))}
 
@@ -96,15 +101,7 @@ def test_corrupt_file_fails_alone(registry, dataset, tmp_path):
 
 
 def test_cli_scores_then_resumes_byte_identical(registry, dataset, tmp_path):
-    args = [
-        "score",
-        "--input",
-        str(dataset),
-        "--output",
-        str(tmp_path / "out"),
-        "--registry",
-        str(registry),
-    ]
+    args = score_args(dataset, tmp_path / "out", registry)
     first = run(*args, "--json", "--id-column", "review_id", prefect_home=tmp_path / "home")
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads(first.stdout)
@@ -124,15 +121,7 @@ def test_cli_scores_then_resumes_byte_identical(registry, dataset, tmp_path):
 
 
 def test_cli_bad_input_exits_2(registry, dataset, tmp_path):
-    base = [
-        "score",
-        "--input",
-        str(dataset),
-        "--output",
-        str(tmp_path / "out"),
-        "--registry",
-        str(registry),
-    ]
+    base = score_args(dataset, tmp_path / "out", registry)
     done = run(*base, "--text-column", "body", prefect_home=tmp_path / "home")
     assert done.returncode == 2 and "no text column 'body'" in done.stderr
     done = run(*base, "--model", "19990101T000000000Z-deadbeef", prefect_home=tmp_path / "home")
