@@ -66,8 +66,8 @@ def score_shards(
         try:
             scoring.record_shard(manifest, shard, future.result())
         except Exception as e:  # one bad file must not stop the others
-            get_run_logger().error("%s failed: %s", shard.uri, e)
-            scoring.record_failure(manifest, shard.uri, str(e))
+            get_run_logger().error("%s failed: %s", shard.name, e)
+            scoring.record_failure(manifest, shard.name, str(e))
         bar.update(shard.rows)
     bar.close()
 

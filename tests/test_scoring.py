@@ -19,6 +19,7 @@ from distilq.scoring import (
     output_lock,
     plan_shards,
     prepare_output,
+    record_failure,
     record_shard,
     score_shard,
 )
@@ -211,3 +212,17 @@ def test_a_second_writer_is_refused(tmp_path):
                 pass
     with output_lock(str(tmp_path / "out")):
         pass  # released
+
+
+def test_a_failed_shard_stays_failed_when_a_sibling_succeeds(classifier, tmp_path):
+    src = write_parquet(tmp_path / "big.parquet", make_texts(60, 3), row_group_size=20)
+    options = ScoreOptions(shard_rows=20)
+    plan = plan_shards([src], options)
+    manifest, todo = prepare_output(
+        str(tmp_path / "out"), plan, classifier.version, options.model_dump(), False
+    )
+    record_failure(manifest, todo[0].name, "disk on fire")
+    record_shard(
+        manifest, todo[1], score_shard(classifier, todo[1], str(tmp_path / "out"), options)
+    )
+    assert manifest.data["failed"] == {f"{src} (row groups 0-0)": "disk on fire"}

@@ -62,6 +62,13 @@ class Shard:
     identity: dict  # size and mtime or ETag of the input, to recognise it on resume
     partitions: dict[str, str] = field(default_factory=dict)  # hive key=value directories
 
+    @property
+    def name(self) -> str:
+        """The input file, with its row groups when it is one of several shards."""
+        if self.row_groups is None:
+            return self.uri
+        return f"{self.uri} (row groups {self.row_groups[0]}-{self.row_groups[-1]})"
+
 
 @dataclass
 class ShardStats:
@@ -460,7 +467,7 @@ def prepare_output(
 
 def record_shard(manifest: OutputManifest, shard: Shard, stats: ShardStats) -> None:
     """Mark a shard done in the manifest and save it."""
-    manifest.data["failed"].pop(shard.uri, None)
+    manifest.data["failed"].pop(shard.name, None)
     manifest.data["shards"][shard.output] = {
         "input": shard.uri,
         "identity": shard.identity,
@@ -470,9 +477,9 @@ def record_shard(manifest: OutputManifest, shard: Shard, stats: ShardStats) -> N
     manifest.save()
 
 
-def record_failure(manifest: OutputManifest, uri: str, error: str) -> None:
-    """Record an input that could not be scored, and save."""
-    manifest.data["failed"][uri] = error
+def record_failure(manifest: OutputManifest, name: str, error: str) -> None:
+    """Record an input file (or shard of one, by `Shard.name`) that failed, and save."""
+    manifest.data["failed"][name] = error
     manifest.save()
 
 
