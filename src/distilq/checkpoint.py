@@ -11,6 +11,7 @@ from pathlib import Path
 import fsspec
 
 from distilq.errors import InputError, SourceUnavailable
+from distilq.storage import is_local
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILES = (
@@ -81,7 +82,7 @@ def resolve_checkpoint(
     """
     if "://" in source:
         fs, root = fsspec.core.url_to_fs(source)
-        if _is_local(fs):
+        if is_local(fs):
             return _resolve_local(source, Path(root), revision)
         return _resolve_uri(source, fs, root, revision, cache_dir)
     path = Path(source).expanduser()
@@ -90,11 +91,6 @@ def resolve_checkpoint(
     if _HUB_ID.match(source):
         return _resolve_hub(source, revision or "main", cache_dir)
     raise InputError(f"checkpoint source {source!r}: no such directory, and not a hub id or URI")
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
 
 
 def _check_no_revision(source: str, revision: str | None) -> None:

@@ -19,7 +19,6 @@ import getpass
 import json
 import os
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -29,6 +28,7 @@ import fsspec
 
 from distilq.checkpoint import sha256_file
 from distilq.errors import InputError, IntegrityError
+from distilq.storage import is_local, write_atomic
 
 PRODUCTION = "production"
 MANIFEST = "manifest.json"
@@ -50,8 +50,7 @@ class Registry:
     def __init__(self, uri: str | Path):
         self.uri = str(uri)
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        self.is_local = protocol in ("file", "local")
+        self.is_local = is_local(self.fs)
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -131,26 +130,6 @@ class Registry:
 
     # -- writing --------------------------------------------------------------------------
 
-    def _write(self, path: str, data: bytes) -> None:
-        """Atomic write: temp file + rename on disk; one PUT (atomic per object) elsewhere."""
-        if not self.is_local:
-            self.fs.pipe_file(path, data)
-            return
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; registry files are for readers
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-
     @contextlib.contextmanager
     def _alias_lock(self) -> Iterator[None]:
         # Object stores get conditional writes later; on disk, flock serialises alias moves.
@@ -181,7 +160,7 @@ class Registry:
             target = self._path("versions", version, rel)
             self.fs.makedirs(os.path.dirname(target), exist_ok=True)
             self.fs.put_file(str(staging / rel), target)
-        self._write(self._path("versions", version, MANIFEST), manifest_bytes(manifest))
+        write_atomic(self.fs, self._path("versions", version, MANIFEST), manifest_bytes(manifest))
         return version
 
     def _append_history(self, entry: dict) -> None:
@@ -206,7 +185,7 @@ class Registry:
             "updated_at": at,
             "id": uuid.uuid4().hex,
         }
-        self._write(self._path("aliases", f"{PRODUCTION}.json"), manifest_bytes(pointer))
+        write_atomic(self.fs, self._path("aliases", f"{PRODUCTION}.json"), manifest_bytes(pointer))
         entry = {
             "at": at,
             "alias": PRODUCTION,

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from distilq.errors import InputError
+from distilq.storage import is_local, protocol, write_atomic
 from distilq.validation import predict, token_lengths
 
 MANIFEST = "_manifest.json"
@@ -95,13 +96,8 @@ class Plan:
 # -- discovering inputs ----------------------------------------------------------------------
 
 
-def _protocol(fs: fsspec.AbstractFileSystem) -> str:
-    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-
-
 def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    protocol = _protocol(fs)
-    return path if protocol in ("file", "local") else f"{protocol}://{path.lstrip('/')}"
+    return path if is_local(fs) else f"{protocol(fs)}://{path.lstrip('/')}"
 
 
 def _identity(info: dict) -> dict:
@@ -374,7 +370,7 @@ def _score_batch(classifier, batch, shard, kept, labels, schema, options, stats)
 
 
 def _commit(fs: fsspec.AbstractFileSystem, tmp: str, final: str) -> None:
-    if _protocol(fs) in ("file", "local"):
+    if is_local(fs):
         os.replace(tmp, final)  # atomic on one filesystem
     else:  # object stores: copy to the final key, then drop the temporary one
         fs.mv(tmp, final)
@@ -399,17 +395,10 @@ class OutputManifest:
         return self.data
 
     def save(self) -> None:
-        """Write atomically: temp name then rename on disk, one PUT on object stores."""
-        body = (json.dumps(self.data, indent=2, sort_keys=True) + "\n").encode()
-        if _protocol(self.fs) in ("file", "local"):
-            tmp = f"{self.path}.{uuid.uuid4().hex[:8]}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        else:
-            self.fs.pipe_file(self.path, body)
+        """Write atomically (see `storage.write_atomic`)."""
+        write_atomic(
+            self.fs, self.path, (json.dumps(self.data, indent=2, sort_keys=True) + "\n").encode()
+        )
 
 
 def prepare_output(
@@ -513,7 +502,7 @@ def finalize(manifest: OutputManifest, seconds: float) -> dict:
 def output_lock(output_dir: str) -> Iterator[None]:
     """Refuse a second run writing to the same local output directory at the same time."""
     fs, root = fsspec.core.url_to_fs(output_dir)
-    if _protocol(fs) not in ("file", "local"):
+    if not is_local(fs):
         yield
         return
     import fcntl
