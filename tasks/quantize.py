@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 
 from distilq import artifact, autoquant, checkpoint, gate, report, validation
 from distilq.config import QuantizeConfig
@@ -134,7 +135,20 @@ def promote(version: str, config: QuantizeConfig) -> dict | None:
         logger.warning("production not moved: it already holds %s or a newer version", version)
     else:
         logger.info("production: %s -> %s", entry["from"], entry["to"])
+        emit_promoted(version, config.registry, entry)
     return entry
+
+
+PROMOTED_EVENT = "distilq.model.promoted"
+
+
+def emit_promoted(version: str, registry: str, entry: dict) -> None:
+    """Tell Prefect that `production` moved, so deployment triggers can re-score datasets."""
+    emit_event(
+        event=PROMOTED_EVENT,
+        resource={"prefect.resource.id": f"distilq.model.{version}", "registry": registry},
+        payload={"version": version, "registry": registry, "previous": entry["from"]},
+    )
 
 
 @task(cache_policy=NO_CACHE)

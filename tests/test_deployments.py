@@ -1,0 +1,194 @@
+"""deployments/prefect.yaml on a real `prefect server start` with a process work pool and a
+`prefect worker start` process, all on loopback: deploy as the README says, quantize, let the
+promotion event trigger a re-score, then check the registry and the scored files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distilq.registry import Registry
+from tests.conftest import make_checkpoint, make_texts
+from tests.procs import ROOT, VENV_BIN, free_port, http_ok, running, wait_until
+
+pytestmark = pytest.mark.slow
+
+PREFECT = str(VENV_BIN / "prefect")
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on a free port with its own SQLite database; its client env."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    log = home / "server.log"
+    cmd = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with running(cmd, log, env) as server:
+        wait_until(http_ok(f"{env['PREFECT_API_URL']}/health"), 180, "prefect server", server, log)
+        yield env
+
+
+def prefect_cli(args: list[str], env: dict, cwd: Path = ROOT) -> str:
+    """Run the `prefect` CLI; fail with its output if it fails."""
+    done = subprocess.run(
+        [PREFECT, *args],
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def api(env: dict):
+    """Point this process's Prefect client at the test server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]})
+
+
+def call(fn):
+    """Run `fn(client)` with an async Prefect client and return its result."""
+    from prefect.client.orchestration import get_client
+
+    async def go():
+        async with get_client() as client:
+            return await fn(client)
+
+    return asyncio.run(go())
+
+
+def score_runs() -> list:
+    """Flow runs of the score_parquet deployment (not the score_shards subflows)."""
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    async def read(client):
+        runs = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["score_parquet"]))
+        )
+        return [r for r in runs if r.deployment_id is not None]
+
+    return call(read)
+
+
+def wait_for_rescore(version: str, timeout: float = 300):
+    """The flow run the promotion of `version` triggered, once it is completed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in score_runs():
+            if run.parameters["config"]["model"] != version:
+                continue
+            if run.state.is_completed():
+                return run
+            assert not run.state.is_final(), f"re-score of {version}: {run.state}"
+        time.sleep(2)
+    raise AssertionError(f"no completed re-score of {version} after {timeout:.0f} s")
+
+
+def run_logs(flow_run_id) -> str:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async def read(client):
+        logs = await client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+        return "\n".join(log.message for log in logs)
+
+    return call(read)
+
+
+def check_scored(directory: Path, version: str, dataset: dict[str, list]) -> dict[str, pa.Table]:
+    """Every input file scored by `version`, rows in order."""
+    tables = {p.name: pq.read_table(p) for p in sorted(directory.glob("*.parquet"))}
+    assert sorted(tables) == sorted(dataset)
+    for name, table in tables.items():
+        assert table.column("id").to_pylist() == dataset[name]
+        assert set(table.column("model_version").to_pylist()) == {version}
+        assert table.column("label").null_count == 0
+    return tables
+
+
+def test_deploy_quantize_trigger_rescore_on_a_server_and_worker(
+    prefect_server, tmp_path, tiny_validation
+):
+    from prefect.deployments import run_deployment
+
+    env = prefect_server
+    work = tmp_path / "work"  # the worker's DISTILQ_WORKDIR: relative paths resolve here
+    (work / "data" / "to-score").mkdir(parents=True)
+    dataset = {}
+    for i in range(2):
+        ids = list(range(i * 100, i * 100 + 60))
+        table = pa.table({"id": ids, "text": make_texts(60, seed=40 + i)})
+        pq.write_table(table, work / "data" / "to-score" / f"part-{i}.parquet")
+        dataset[f"part-{i}.parquet"] = ids
+    checkpoint = make_checkpoint(tmp_path / "checkpoint", seed=0)
+
+    prefect_cli(["work-pool", "create", "distilq", "--type", "process"], env)
+    prefect_cli(
+        ["--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env
+    )
+    quantize = {
+        "config": {
+            "source": str(checkpoint),
+            "validation": str(tiny_validation),
+            "recipe": "dynamic-int8-pc",
+            "min_agreement": 0.9,
+            "max_accuracy_drop": 1.0,
+            "registry": "./registry",
+        }
+    }
+    worker_env = {**env, "DISTILQ_WORKDIR": str(work)}
+    worker_cmd = [PREFECT, "worker", "start", "--pool", "distilq", "--limit", "2"]
+    with running(worker_cmd, tmp_path / "worker.log", worker_env, cwd=tmp_path) as worker, api(env):
+        weekly = call(lambda c: c.read_deployment_by_name("quantize_and_promote/weekly"))
+        assert [s.schedule.cron for s in weekly.schedules] == ["0 3 * * 1"]
+        automations = call(lambda c: c.read_automations())
+        assert [a.trigger.expect for a in automations] == [{"distilq.model.promoted"}]
+
+        # A new checkpoint: quantized, validated, promoted; the event re-scores the dataset.
+        first = run_deployment("quantize_and_promote/weekly", parameters=quantize, timeout=600)
+        assert first.state.is_completed(), (first.state, (tmp_path / "worker.log").read_text())
+        registry = Registry(work / "registry")
+        v1 = registry.alias()
+        assert registry.versions() == [v1]
+        wait_for_rescore(v1)
+        check_scored(work / "scored" / v1, v1, dataset)
+
+        # Same revision, recipe and validation set: no work, and the run says so.
+        again = run_deployment("quantize_and_promote/weekly", parameters=quantize, timeout=600)
+        assert again.state.is_completed()
+        assert registry.versions() == [v1]
+        assert f"unchanged inputs: {v1} already holds this result" in run_logs(again.id)
+
+        # The upstream checkpoint moves: a new version, promoted, re-scored into its own dir.
+        make_checkpoint(checkpoint, seed=5)
+        moved = run_deployment("quantize_and_promote/weekly", parameters=quantize, timeout=600)
+        assert moved.state.is_completed()
+        v2 = registry.alias()
+        assert registry.versions() == [v1, v2]
+        wait_for_rescore(v2)
+        by_trigger = check_scored(work / "scored" / v2, v2, dataset)
+
+        # The rescore deployment run by hand, with its default parameters (production).
+        direct = run_deployment("score_parquet/rescore", timeout=600)
+        assert direct.state.is_completed()
+        assert check_scored(work / "scored" / "production", v2, dataset) == by_trigger
+        assert len(score_runs()) == 3  # one per promotion, and the one by hand
+        assert worker.poll() is None
