@@ -21,8 +21,8 @@ test: lint
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tasks flows tests bench
-	$(VENV)/bin/ruff format --check src tasks flows tests bench
+	$(VENV)/bin/ruff check src tasks flows tests bench deployments
+	$(VENV)/bin/ruff format --check src tasks flows tests bench deployments
 
 bench: $(STAMP)
 	$(PY) bench/bench_quantize.py

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distilq.registry import Registry
-from tests.conftest import make_checkpoint, make_texts
+from tests.conftest import make_checkpoint, make_texts, stage_tiny_version
 from tests.procs import ROOT, VENV_BIN, free_port, http_ok, running, wait_until
 
 pytestmark = pytest.mark.slow
@@ -192,3 +192,41 @@ def test_deploy_quantize_trigger_rescore_on_a_server_and_worker(
         assert check_scored(work / "scored" / "production", v2, dataset) == by_trigger
         assert len(score_runs()) == 3  # one per promotion, and the one by hand
         assert worker.poll() is None
+
+
+def test_serve_runs_the_same_deployments_without_a_work_pool(
+    prefect_server, tmp_path, tiny_checkpoint, tiny_validation
+):
+    from prefect.deployments import run_deployment
+
+    env = prefect_server
+    work = tmp_path / "work"
+    (work / "data" / "to-score").mkdir(parents=True)
+    ids = list(range(40))
+    pq.write_table(
+        pa.table({"id": ids, "text": make_texts(40, seed=9)}),
+        work / "data" / "to-score" / "part-0.parquet",
+    )
+    (tmp_path / "staging").mkdir()
+    registry = Registry(work / "registry")
+    staged = stage_tiny_version(tmp_path / "staging", tiny_checkpoint, tiny_validation)
+    version = registry.publish(tmp_path / "staging", staged)
+    registry.promote(version, "test")
+
+    serve_cmd = [str(VENV_BIN / "python"), str(ROOT / "deployments" / "serve.py")]
+    serve_env = {**env, "DISTILQ_WORKDIR": str(work)}
+    with api(env):  # start from no deployments (an earlier test deployed the same names)
+        for deployment in call(lambda c: c.read_deployments()):
+            call(lambda c, d=deployment: c.delete_deployment(d.id))
+    with running(serve_cmd, tmp_path / "serve.log", serve_env, cwd=tmp_path) as served, api(env):
+
+        def served_deployments() -> bool:
+            deployments = call(lambda c: c.read_deployments())
+            return sum(d.work_pool_name is None for d in deployments) == 2
+
+        wait_until(served_deployments, 120, "serve.py", served, tmp_path / "serve.log")
+        weekly = call(lambda c: c.read_deployment_by_name("quantize_and_promote/weekly"))
+        assert [s.schedule.cron for s in weekly.schedules] == ["0 3 * * 1"]
+        run = run_deployment("score_parquet/rescore", timeout=600)
+        assert run.state.is_completed(), (run.state, (tmp_path / "serve.log").read_text())
+        check_scored(work / "scored" / "production", version, {"part-0.parquet": ids})
