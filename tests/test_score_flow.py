@@ -17,6 +17,7 @@ from distilq.config import ScoreConfig
 from distilq.registry import Registry
 from flows.score_parquet import ScoringFailed, score_parquet
 from tests.conftest import make_texts, stage_tiny_version
+from tests.procs import VENV_BIN, free_port, running
 from tests.test_cli import DISTILQ, run
 
 pytestmark = pytest.mark.slow
@@ -56,25 +57,54 @@ def outputs(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.glob("*.parquet"))}
 
 
+@pytest.fixture(scope="module")
+def dask_scheduler(tmp_path_factory):
+    """A `dask scheduler` and two `dask worker` processes (1 thread each) on loopback."""
+    from distributed import Client
+
+    logs = tmp_path_factory.mktemp("dask")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    dask = str(VENV_BIN / "dask")
+    host, port = address.removeprefix("tcp://").split(":")
+    loopback = ["--host", host, "--dashboard-address", f"{host}:0"]
+    scheduler_cmd = [dask, "scheduler", "--port", port, *loopback]
+    worker_cmd = [dask, "worker", address, "--nthreads", "1", *loopback]
+    with (
+        running(scheduler_cmd, logs / "scheduler.log"),
+        running(worker_cmd, logs / "worker-1.log"),
+        running(worker_cmd, logs / "worker-2.log"),
+    ):
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield address
+
+
 @pytest.mark.usefixtures("prefect_harness")
-def test_runners_agree_file_for_file(registry, dataset, tmp_path):
+def test_runners_agree_file_for_file(registry, dataset, dask_scheduler, tmp_path):
     results = {}
-    for runner, workers in (("local", 1), ("process", 2), ("dask", 2)):
+    runners = {
+        "local": {"runner": "local"},
+        "process": {"runner": "process", "workers": 2},
+        "dask-local-cluster": {"runner": "dask", "workers": 2},
+        "dask-scheduler": {"runner": "dask", "workers": 2, "dask_address": dask_scheduler},
+    }
+    for name, runner in runners.items():
         config = ScoreConfig(
             inputs=[str(dataset)],
-            output=str(tmp_path / runner),
+            output=str(tmp_path / name),
             registry=str(registry),
-            runner=runner,
-            workers=workers,
             threads=2,
             probabilities=True,
+            **runner,
         )
         summary = score_parquet(config).summary
         assert (
             summary["files"] == 4 and summary["rows_written"] == 480 and summary["rows_error"] == 4
         )
-        results[runner] = outputs(tmp_path / runner)
-    assert results["local"] == results["process"] == results["dask"]
+        results[name] = outputs(tmp_path / name)
+    assert len(results["local"]) == 4
+    for name in runners:
+        assert results[name] == results["local"], name
 
 
 @pytest.mark.usefixtures("prefect_harness")
