@@ -11,7 +11,7 @@ from pathlib import Path
 import fsspec
 
 from distilq.errors import InputError, SourceUnavailable
-from distilq.storage import is_local
+from distilq.storage import is_local, url_to_fs
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILES = (
@@ -81,7 +81,7 @@ def resolve_checkpoint(
     URI sources are identified by a sha256 over their weight files.
     """
     if "://" in source:
-        fs, root = fsspec.core.url_to_fs(source)
+        fs, root = url_to_fs(source)
         if is_local(fs):
             return _resolve_local(source, Path(root), revision)
         return _resolve_uri(source, fs, root, revision, cache_dir)

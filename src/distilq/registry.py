@@ -8,8 +8,11 @@ Layout under the registry root (a directory or an fsspec URI)::
     aliases/production.json
     aliases/history.jsonl              every alias move: when, from, to, why, by which command
 
-Writing the manifest last makes publishing atomic on any store (no rename needed). Alias
-moves happen under a lock on local disks and write the pointer atomically.
+Writing the manifest last makes publishing atomic on any store (no rename needed): a
+version's files go under its own unique prefix, then the manifest says it is complete.
+The alias is a small pointer object. Moving it reads, decides and writes as one step: under
+flock on local disks; on S3 the pointer write is conditional (If-Match its ETag) and the
+step is retried when another writer moved the alias first.
 """
 
 from __future__ import annotations
@@ -18,20 +21,30 @@ import contextlib
 import getpass
 import json
 import os
+import random
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-
-import fsspec
+from typing import TypeVar
 
 from distilq.checkpoint import sha256_file
-from distilq.errors import InputError, IntegrityError
-from distilq.storage import is_local, write_atomic
+from distilq.errors import DistilqError, InputError, IntegrityError
+from distilq.storage import (
+    WriteConflict,
+    is_local,
+    read_for_update,
+    url_to_fs,
+    write_atomic,
+    write_if_unchanged,
+)
 
 PRODUCTION = "production"
 MANIFEST = "manifest.json"
+CONFLICT_RETRIES = 20
+T = TypeVar("T")
 
 
 def utc_now() -> str:
@@ -49,7 +62,7 @@ class Registry:
 
     def __init__(self, uri: str | Path):
         self.uri = str(uri)
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.fs, self.root = url_to_fs(self.uri)
         self.is_local = is_local(self.fs)
 
     def _path(self, *parts: str) -> str:
@@ -132,10 +145,6 @@ class Registry:
 
     @contextlib.contextmanager
     def _alias_lock(self) -> Iterator[None]:
-        # Object stores get conditional writes later; on disk, flock serialises alias moves.
-        if not self.is_local:
-            yield
-            return
         import fcntl
 
         os.makedirs(self._path("aliases"), exist_ok=True)
@@ -145,6 +154,24 @@ class Registry:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _alias_step(self, step: Callable[[], T]) -> T:
+        """Run `step` (read the alias, decide, write it) as one: under flock on disk; on
+        object stores retried while another writer's conditional write wins first."""
+        if self.is_local:
+            with self._alias_lock():
+                return step()
+        for attempt in range(CONFLICT_RETRIES):
+            try:
+                return step()
+            except WriteConflict:
+                time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
+        raise DistilqError(f"registry {self.uri}: the alias kept changing; try again")
+
+    def _read_alias(self) -> tuple[str | None, str | None]:
+        """The production version and the token its conditional rewrite needs."""
+        data, token = read_for_update(self.fs, self._path("aliases", f"{PRODUCTION}.json"))
+        return (json.loads(data)["version"] if data else None), token
 
     def publish(self, staging: str | Path, manifest: dict) -> str:
         """Copy a staged version (files listed in the manifest) in; the manifest goes last.
@@ -166,17 +193,29 @@ class Registry:
     def _append_history(self, entry: dict) -> None:
         line = (json.dumps(entry, sort_keys=True) + "\n").encode()
         path = self._path("aliases", "history.jsonl")
-        if self.is_local:
+        if self.is_local:  # the alias lock is held
             with open(path, "ab") as f:
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
-        else:
-            old = self.fs.cat_file(path) if self.fs.exists(path) else b""
-            self.fs.pipe_file(path, old + line)
+            return
+        for attempt in range(CONFLICT_RETRIES):  # object stores cannot append: rewrite it
+            old, token = read_for_update(self.fs, path)
+            try:
+                write_if_unchanged(self.fs, path, (old or b"") + line, token)
+                return
+            except WriteConflict:
+                time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
+        raise DistilqError(f"registry {self.uri}: could not append to {path}; try again")
 
     def _move(
-        self, version: str, action: str, reason: str, command: str, previous: str | None
+        self,
+        version: str,
+        action: str,
+        reason: str,
+        command: str,
+        previous: str | None,
+        token: str | None,
     ) -> dict:
         at = utc_now()
         pointer = {
@@ -185,7 +224,8 @@ class Registry:
             "updated_at": at,
             "id": uuid.uuid4().hex,
         }
-        write_atomic(self.fs, self._path("aliases", f"{PRODUCTION}.json"), manifest_bytes(pointer))
+        path = self._path("aliases", f"{PRODUCTION}.json")
+        write_if_unchanged(self.fs, path, manifest_bytes(pointer), token)
         entry = {
             "at": at,
             "alias": PRODUCTION,
@@ -221,18 +261,25 @@ class Registry:
             )
         if not approved:
             reason = f"{reason} (forced over a rejected gate)"
-        with self._alias_lock():
-            current = self.alias(PRODUCTION)
+        command = command or command_line()
+
+        def step() -> dict | None:
+            current, token = self._read_alias()
             if current == version:
                 return None
             if newer_only and current is not None:
                 if self.manifest(current)["created_at"] > manifest["created_at"]:
                     return None
-            return self._move(version, "promote", reason, command or command_line(), current)
+            return self._move(version, "promote", reason, command, current, token)
+
+        return self._alias_step(step)
 
     def rollback(self, reason: str = "rollback", command: str | None = None) -> dict:
         """Point `production` back at the version it had before the current one."""
-        with self._alias_lock():
+        command = command or command_line()
+
+        def step() -> dict:
+            current, token = self._read_alias()
             stack: list[str] = []
             for entry in self.history():
                 if entry["alias"] != PRODUCTION:
@@ -245,7 +292,9 @@ class Registry:
                 raise InputError(
                     f"registry {self.uri}: no earlier production version to roll back to"
                 )
-            return self._move(stack[-2], "rollback", reason, command or command_line(), stack[-1])
+            return self._move(stack[-2], "rollback", reason, command, current, token)
+
+        return self._alias_step(step)
 
 
 def manifest_bytes(data: dict) -> bytes:

@@ -13,8 +13,8 @@ import glob as globlib
 import hashlib
 import json
 import os
+import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -27,7 +27,14 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from distilq.errors import InputError
-from distilq.storage import is_local, protocol, write_atomic
+from distilq.storage import (
+    WriteConflict,
+    is_local,
+    protocol,
+    read_for_update,
+    url_to_fs,
+    write_if_unchanged,
+)
 from distilq.validation import predict, token_lengths
 
 MANIFEST = "_manifest.json"
@@ -114,7 +121,7 @@ def discover_inputs(inputs: list[str]) -> list[tuple[str, str, dict]]:
     the name relative to what the user gave and the file's identity. Missing inputs fail."""
     found: list[tuple[str, str, dict]] = []
     for spec in inputs:
-        fs, path = fsspec.core.url_to_fs(spec)
+        fs, path = url_to_fs(spec)
         if globlib.has_magic(path):
             root = path[: min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
             paths = sorted(p for p in fs.glob(path) if fs.isfile(p))
@@ -151,7 +158,7 @@ def _partitions(relative: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _open_parquet(uri: str) -> Iterator[pq.ParquetFile]:
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = url_to_fs(uri)
     with fs.open(path, "rb") as f:
         yield pq.ParquetFile(f)
 
@@ -289,45 +296,35 @@ def score_shard(
 ) -> ShardStats:
     """Score one shard into `output_dir/<shard.output>`, streaming record batches.
 
-    Rows keep their order. The file is written under a temporary name that does not end in
-    `.parquet` and renamed when complete, so a killed run leaves no partial output.
+    Rows keep their order. The file is written to a temporary name that does not end in
+    `.parquet` and published when complete (see `_staged`): a killed run leaves no partial
+    output.
     """
     start = time.perf_counter()
     stats = ShardStats(shard.output)
     labels = [classifier.id2label[i] for i in sorted(classifier.id2label)]
-    fs, out_root = fsspec.core.url_to_fs(output_dir)
+    fs, out_root = url_to_fs(output_dir)
     final = f"{out_root.rstrip('/')}/{shard.output}"
-    tmp = f"{out_root.rstrip('/')}/.{shard.output}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with _open_parquet(shard.uri) as parquet:
-            input_schema = parquet.schema_arrow
-            names = list(input_schema.names)
-            names += [k for k in shard.partitions if k not in input_schema.names]
-            kept = [
-                c
-                for c in names
-                if _kept(c, options) or (options.keep_text and c == options.text_column)
-            ]
-            schema = _output_schema(input_schema, kept, shard.partitions, labels, options)
-            read = [
-                c for c in dict.fromkeys([*kept, options.text_column]) if c in input_schema.names
-            ]
-            with fs.open(tmp, "wb") as sink, pq.ParquetWriter(sink, schema) as writer:
-                batches = parquet.iter_batches(
-                    batch_size=options.window_rows, row_groups=shard.row_groups, columns=read
-                )
-                for batch in batches:
-                    table = _score_batch(
-                        classifier, batch, shard, kept, labels, schema, options, stats
-                    )
-                    writer.write_table(table)
-                    if on_progress:
-                        on_progress(batch.num_rows)
-        _commit(fs, tmp, final)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            fs.rm(tmp)
-        raise
+    with _open_parquet(shard.uri) as parquet, _staged(fs, final) as sink:
+        input_schema = parquet.schema_arrow
+        names = list(input_schema.names)
+        names += [k for k in shard.partitions if k not in input_schema.names]
+        kept = [
+            c
+            for c in names
+            if _kept(c, options) or (options.keep_text and c == options.text_column)
+        ]
+        schema = _output_schema(input_schema, kept, shard.partitions, labels, options)
+        read = [c for c in dict.fromkeys([*kept, options.text_column]) if c in input_schema.names]
+        with pq.ParquetWriter(sink, schema) as writer:
+            batches = parquet.iter_batches(
+                batch_size=options.window_rows, row_groups=shard.row_groups, columns=read
+            )
+            for batch in batches:
+                table = _score_batch(classifier, batch, shard, kept, labels, schema, options, stats)
+                writer.write_table(table)
+                if on_progress:
+                    on_progress(batch.num_rows)
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -369,11 +366,29 @@ def _score_batch(classifier, batch, shard, kept, labels, schema, options, stats)
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def _commit(fs: fsspec.AbstractFileSystem, tmp: str, final: str) -> None:
-    if is_local(fs):
-        os.replace(tmp, final)  # atomic on one filesystem
-    else:  # object stores: copy to the final key, then drop the temporary one
-        fs.mv(tmp, final)
+@contextlib.contextmanager
+def _staged(fs: fsspec.AbstractFileSystem, final: str) -> Iterator[str]:
+    """A local path to write a shard to; it appears at `final` only once complete.
+
+    On disk: a hidden `.tmp` file in the output directory, renamed over `final`. On object
+    stores (no rename): a local temporary file, then one upload to `final`; S3 makes an
+    object visible only when its upload completes, so a killed run leaves nothing partial.
+    Either way the manifest entry, written after, is what marks the shard done.
+    """
+    local = is_local(fs)
+    directory = os.path.dirname(final) if local else None
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(final)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        if local:
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; these files are for readers
+            os.replace(tmp, final)  # atomic on one filesystem
+        else:
+            fs.put_file(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 # -- the output directory and its manifest ---------------------------------------------------
@@ -384,21 +399,27 @@ class OutputManifest:
 
     def __init__(self, output_dir: str):
         self.output_dir = output_dir
-        self.fs, self.root = fsspec.core.url_to_fs(output_dir)
+        self.fs, self.root = url_to_fs(output_dir)
         self.path = f"{self.root.rstrip('/')}/{MANIFEST}"
         self.data: dict = {}
+        self.token: str | None = None  # S3: the ETag of the manifest we last read or wrote
 
     def load(self) -> dict:
-        if self.fs.exists(self.path):
-            with self.fs.open(self.path, "rb") as f:
-                self.data = json.load(f)
+        content, self.token = read_for_update(self.fs, self.path)
+        self.data = json.loads(content) if content else {}
         return self.data
 
     def save(self) -> None:
-        """Write atomically (see `storage.write_atomic`)."""
-        write_atomic(
-            self.fs, self.path, (json.dumps(self.data, indent=2, sort_keys=True) + "\n").encode()
-        )
+        """Write atomically (see `storage.write_atomic`). On S3 the write is conditional:
+        a manifest another run changed since we read it is never overwritten."""
+        content = (json.dumps(self.data, indent=2, sort_keys=True) + "\n").encode()
+        try:
+            self.token = write_if_unchanged(self.fs, self.path, content, self.token)
+        except WriteConflict:
+            raise InputError(
+                f"output {self.output_dir}: another run changed {MANIFEST} while this one was "
+                "writing; two runs must not write to one output at once"
+            ) from None
 
 
 def prepare_output(
@@ -411,7 +432,10 @@ def prepare_output(
     fs, root = manifest.fs, manifest.root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
     existing = manifest.load()
-    files = [PurePosixPath(p).name for p in fs.ls(root, detail=False)]
+    try:
+        files = [PurePosixPath(p).name for p in fs.ls(root, detail=False)]
+    except FileNotFoundError:  # object stores have no empty directories
+        files = []
     strays = [
         f for f in files if f != MANIFEST and not f.endswith(".parquet") and not f.endswith(".tmp")
     ]
@@ -439,7 +463,7 @@ def prepare_output(
     if problems or overwrite:
         for f in files:
             fs.rm(f"{root}/{f}", recursive=True)
-        existing = {}
+        existing, manifest.token = {}, None
     for f in files:  # temporaries of a killed run
         if f.endswith(".tmp") and fs.exists(f"{root}/{f}"):
             fs.rm(f"{root}/{f}")
@@ -500,8 +524,12 @@ def finalize(manifest: OutputManifest, seconds: float) -> dict:
 
 @contextlib.contextmanager
 def output_lock(output_dir: str) -> Iterator[None]:
-    """Refuse a second run writing to the same local output directory at the same time."""
-    fs, root = fsspec.core.url_to_fs(output_dir)
+    """Refuse a second run writing to the same local output directory at the same time.
+
+    Object stores have no lock; there the manifest's conditional writes stop a run as soon
+    as another one changed the manifest under it (see `OutputManifest.save`).
+    """
+    fs, root = url_to_fs(output_dir)
     if not is_local(fs):
         yield
         return

@@ -9,6 +9,12 @@ import tempfile
 import fsspec
 
 
+def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of a local path or fsspec URI. Other processes write to the
+    same store (workers, concurrent runs), so cached directory listings are never used."""
+    return fsspec.core.url_to_fs(uri, use_listings_cache=False)
+
+
 def protocol(fs: fsspec.AbstractFileSystem) -> str:
     """The filesystem's main protocol name (`file`, `s3`, `memory`, ...)."""
     return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -39,3 +45,49 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+class WriteConflict(Exception):
+    """Another writer changed the object after we read it; read again and retry."""
+
+
+def read_for_update(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes | None, str | None]:
+    """The content of `path` (None if missing) and a token for `write_if_unchanged`: the
+    ETag on S3, None elsewhere (callers lock local files instead)."""
+    try:
+        if protocol(fs) != "s3":
+            return fs.cat_file(path), None
+        fs.invalidate_cache(path)
+        # ETag first: if the object changes before we read it, our write is refused.
+        etag = fs.info(path)["ETag"]
+        return fs.cat_file(path), etag
+    except FileNotFoundError:
+        return None, None
+
+
+def write_if_unchanged(
+    fs: fsspec.AbstractFileSystem, path: str, data: bytes, token: str | None
+) -> str | None:
+    """Write `path` unless it changed since `read_for_update` gave `token`; return the token
+    of what we wrote.
+
+    On S3 a conditional PUT (If-Match the ETag, or If-None-Match for a new object) raises
+    WriteConflict when another writer got there first. Elsewhere it is `write_atomic`, and
+    the caller holds a lock.
+    """
+    if protocol(fs) != "s3":
+        write_atomic(fs, path, data)
+        return None
+    try:
+        if token is None:
+            response = fs.pipe_file(path, data, mode="create")
+        else:
+            response = fs.pipe_file(path, data, IfMatch=token)
+    except FileExistsError as e:
+        raise WriteConflict(path) from e
+    except OSError as e:
+        if "pre-condition" in str(e) or "ConditionalRequestConflict" in str(e):
+            raise WriteConflict(path) from e
+        raise
+    fs.invalidate_cache(path)
+    return response.get("ETag") if isinstance(response, dict) else None

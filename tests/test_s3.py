@@ -1,0 +1,186 @@
+"""The registry, scoring inputs and outputs on S3: a real S3-compatible server (moto's server
+mode) on loopback, reached through the usual AWS environment variables."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import distilq
+from distilq.config import QuantizeConfig, ScoreConfig
+from distilq.errors import InputError, IntegrityError
+from distilq.registry import Registry
+from distilq.scoring import OutputManifest
+from distilq.storage import WriteConflict, read_for_update, url_to_fs, write_if_unchanged
+from tests.conftest import make_texts, stage_tiny_version
+from tests.procs import VENV_BIN, free_port, http_ok, running, wait_until
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "distilq-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """`moto_server` on a free loopback port, a bucket, and the AWS env pointing at it."""
+    import s3fs
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    cmd = [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with running(cmd, log) as server, pytest.MonkeyPatch.context() as mp:
+        wait_until(http_ok(f"{env['AWS_ENDPOINT_URL']}/moto-api/"), 60, "moto", server, log)
+        for name, value in env.items():
+            mp.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs, _ = url_to_fs(f"s3://{BUCKET}")
+        fs.mkdir(BUCKET)
+        yield fs
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def keys(fs, prefix: str) -> list[str]:
+    return sorted(p.removeprefix(f"{BUCKET}/") for p in fs.find(f"{BUCKET}/{prefix}"))
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_quantize_score_and_load_on_s3(s3, tiny_checkpoint, tiny_validation, tmp_path):
+    from flows.quantize_and_promote import quantize_and_promote
+    from flows.score_parquet import score_parquet
+
+    registry_uri = f"s3://{BUCKET}/registry"
+    result = quantize_and_promote(
+        QuantizeConfig(
+            source=str(tiny_checkpoint),
+            validation=str(tiny_validation),
+            registry=registry_uri,
+            recipe="dynamic-int8-pc",
+            min_agreement=0.9,
+            max_accuracy_drop=1.0,
+        )
+    )
+    assert result.promoted
+    version = result.version
+    registry = Registry(registry_uri)
+    assert registry.alias() == version and registry.versions() == [version]
+    assert f"registry/versions/{version}/manifest.json" in keys(s3, "registry")
+    assert [e["to"] for e in registry.history()] == [version]
+
+    # Loading `production` from S3 checks every file against the manifest's sha256.
+    classifier = distilq.load(registry_uri, cache_dir=tmp_path / "cache")
+    assert classifier.version == version
+    assert [p["label"] for p in classifier.predict(["good fun", "awful dull"])]
+
+    local = tmp_path / "data"
+    local.mkdir()
+    for i in range(2):
+        table = pa.table({"id": list(range(50)), "text": make_texts(50, seed=60 + i)})
+        pq.write_table(table, local / f"part-{i}.parquet")
+        s3.put_file(str(local / f"part-{i}.parquet"), f"{BUCKET}/data/part-{i}.parquet")
+
+    def score(inputs: str, output: str) -> dict:
+        config = ScoreConfig(inputs=[inputs], output=output, registry=registry_uri)
+        return score_parquet(config).summary
+
+    summary = score(f"s3://{BUCKET}/data/", f"s3://{BUCKET}/scored")
+    assert summary["files"] == 2 and summary["rows_written"] == 100 and not summary["failed"]
+    assert keys(s3, "scored") == [
+        "scored/_manifest.json",
+        "scored/part-0.parquet",
+        "scored/part-1.parquet",
+    ]
+    manifest = json.loads(s3.cat_file(f"{BUCKET}/scored/_manifest.json"))
+    assert manifest["model_version"] == version
+    for entry in manifest["shards"].values():  # inputs are recognised by their ETag
+        assert entry["identity"]["version"] == s3.info(entry["input"])["ETag"]
+
+    # Same files as scoring local copies into a local directory.
+    score(str(local), str(tmp_path / "scored"))
+    for name in ("part-0.parquet", "part-1.parquet"):
+        assert s3.cat_file(f"{BUCKET}/scored/{name}") == (tmp_path / "scored" / name).read_bytes()
+
+    # A re-run resumes: nothing left to do, nothing rewritten.
+    before = {k: s3.info(f"{BUCKET}/{k}")["ETag"] for k in keys(s3, "scored") if "part" in k}
+    assert score(f"s3://{BUCKET}/data/", f"s3://{BUCKET}/scored")["rows_written"] == 100
+    assert before == {k: s3.info(f"{BUCKET}/{k}")["ETag"] for k in before}
+
+    # A weight file changed on the store is refused at load, however it got there.
+    weights = next(
+        k for k in keys(s3, f"registry/versions/{version}") if k.endswith(".safetensors")
+    )
+    s3.pipe_file(f"{BUCKET}/{weights}", b"not the weights")
+    with pytest.raises(IntegrityError, match="sha256"):
+        distilq.load(registry_uri, cache_dir=tmp_path / "fresh-cache")
+
+
+def test_conditional_writes_refuse_a_stale_writer(s3):
+    path = f"{BUCKET}/cas/pointer.json"
+    _, token = read_for_update(s3, path)
+    assert token is None
+    first = write_if_unchanged(s3, path, b"1", token)
+    with pytest.raises(WriteConflict):  # it exists now: a create is refused
+        write_if_unchanged(s3, path, b"2", None)
+    write_if_unchanged(s3, path, b"3", first)
+    with pytest.raises(WriteConflict):  # `first` is stale
+        write_if_unchanged(s3, path, b"4", first)
+    assert s3.cat_file(path) == b"3"
+
+
+def test_racing_promotions_on_s3_keep_a_consistent_alias_and_history(
+    s3, tiny_checkpoint, tiny_validation, tmp_path
+):
+    registry = Registry(f"s3://{BUCKET}/race")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    staged = stage_tiny_version(staging, tiny_checkpoint, tiny_validation)
+    versions = []
+    for i in range(6):  # the same files as six versions, each created after the last
+        manifest = staged | {
+            "version": f"2026010{i}T000000000Z-race",
+            "created_at": f"2026-01-0{i + 1}",
+        }
+        versions.append(registry.publish(staging, manifest))
+
+    errors = []
+
+    def promote(version: str) -> None:
+        try:
+            Registry(registry.uri).promote(version, "race", newer_only=True)
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in reversed(versions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert registry.alias() == versions[-1]  # automatic promotion never moves backwards
+    history = registry.history()
+    assert history[0]["from"] is None and history[-1]["to"] == versions[-1]
+    for before, after in zip(history, history[1:], strict=False):
+        assert after["from"] == before["to"]  # no move was lost or based on a stale read
+
+
+def test_a_second_writer_of_an_s3_output_is_stopped(s3):
+    output = f"s3://{BUCKET}/shared-output"
+    first, second = OutputManifest(output), OutputManifest(output)
+    first.load()
+    first.data = {"model_version": "a"}
+    first.save()
+    second.load()
+    second.data["model_version"] = "b"
+    second.save()
+    with pytest.raises(InputError, match="another run changed _manifest.json"):
+        first.save()
+    assert json.loads(s3.cat_file(f"{BUCKET}/shared-output/_manifest.json"))["model_version"] == "b"
