@@ -7,7 +7,8 @@
   sentences (full-size shape);
 - agreement of distilq INT8 labels (through `distilq score`) with the FP32 pipeline's labels,
   real model, SST-2 dev and the IMDB sample;
-- peak RSS of `distilq score` on 10k vs 40k rows; the fixed cost of a run on one row.
+- peak RSS of `distilq score` on 10k vs 40k rows; the fixed cost of a run on one row;
+- scale-out: a dask scheduler with 1 and 2 worker processes vs the local runner.
 
 Writes its tables between markers in bench/RESULTS.md. Usage: python bench/bench_score.py
 """
@@ -277,12 +278,67 @@ def section_startup(tmp, env, full, reg_full, reg_real, sst2_dev, imdb) -> list[
     ]
 
 
+def score_rate(inputs: Path, output: Path, registry: Path, env: dict, *flags: str) -> float:
+    """rows/s of one `distilq score` run, over the flow's own wall time (no imports or
+    API start-up: a deployment or a long-lived worker does not pay those per run)."""
+    cmd = [DISTILQ, "score", "--input", str(inputs), "--output", str(output)]
+    _, _, out = run_measured([*cmd, "--registry", str(registry), "--json", *flags], env)
+    summary = json.loads(out)
+    return summary["rows_written"] / summary["seconds"]
+
+
+def section_dask(tmp, env, full, reg_full, reg_real, sst2_dev, imdb) -> list[str]:
+    """Scale-out: a real dask scheduler with 1, then 2 worker processes (1 thread each), vs
+    the local runner with 2 threads, on the same 8 files."""
+    from distributed import Client
+
+    data = tmp / "dask-data"
+    data.mkdir()
+    train = read_sst2("train.tsv")
+    files, per_file = 8, 500
+    for i in range(files):
+        write_texts(data / f"part-{i}.parquet", train[i * per_file : (i + 1) * per_file])
+    dask = str(Path(sys.executable).parent / "dask")
+    address = "tcp://127.0.0.1:8786"
+    loopback = ["--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"]
+    worker = [dask, "worker", address, "--nthreads", "1", *loopback]
+    procs = [subprocess.Popen([dask, "scheduler", "--port", "8786", *loopback], env=env)]
+    rates = {}
+    try:
+        rates["local runner, 1 process x 2 threads"] = score_rate(
+            data, tmp / "dask-local", reg_real, env, "--threads", "2"
+        )
+        for n in (1, 2):
+            procs.append(subprocess.Popen(worker, env=env))
+            with Client(address, timeout=60) as client:
+                client.wait_for_workers(n, timeout=120)
+            rates[f"dask, {n} worker process(es) x 1 thread"] = score_rate(
+                data, tmp / f"dask-{n}", reg_real, env, "--runner", "dask", "--dask-address",
+                address, "--workers", str(n), "--threads", str(n),
+            )  # fmt: skip
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait()
+    base = rates["local runner, 1 process x 2 threads"]
+    lines = [
+        f"**Scale-out, real model, {files} files x {per_file} SST-2 train sentences** "
+        "(rows/s over the flow's wall time, model loading per worker included)",
+        "",
+        "| runner | rows/s | vs local 2 threads |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {rate:.1f} | {rate / base:.2f}x |" for name, rate in rates.items()]
+    return lines
+
+
 SECTIONS = {
     "speed": section_speed,
     "whole": section_whole,
     "agreement": section_agreement,
     "memory": section_memory,
     "startup": section_startup,
+    "dask": section_dask,
 }
 
 

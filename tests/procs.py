@@ -7,13 +7,14 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
+VENV_BIN = Path(sys.executable).parent  # the venv's bin: prefect, dask, moto_server
 
 
 def free_port() -> int:
