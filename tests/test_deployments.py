@@ -113,6 +113,13 @@ def run_logs(flow_run_id) -> str:
     return call(read)
 
 
+def run(deployment: str, parameters: dict | None = None):
+    """Run a deployment and wait for the flow run to end."""
+    from prefect.deployments import run_deployment
+
+    return run_deployment(deployment, parameters=parameters, timeout=600, poll_interval=1)
+
+
 def check_scored(directory: Path, version: str, dataset: dict[str, list]) -> dict[str, pa.Table]:
     """Every input file scored by `version`, rows in order."""
     tables = {p.name: pq.read_table(p) for p in sorted(directory.glob("*.parquet"))}
@@ -127,8 +134,6 @@ def check_scored(directory: Path, version: str, dataset: dict[str, list]) -> dic
 def test_deploy_quantize_trigger_rescore_on_a_server_and_worker(
     prefect_server, tmp_path, tiny_validation
 ):
-    from prefect.deployments import run_deployment
-
     env = prefect_server
     work = tmp_path / "work"  # the worker's DISTILQ_WORKDIR: relative paths resolve here
     (work / "data" / "to-score").mkdir(parents=True)
@@ -154,7 +159,8 @@ def test_deploy_quantize_trigger_rescore_on_a_server_and_worker(
             "registry": "./registry",
         }
     }
-    worker_env = {**env, "DISTILQ_WORKDIR": str(work)}
+    # Poll for runs every second (default 10 s): the test waits for six of them.
+    worker_env = {**env, "DISTILQ_WORKDIR": str(work), "PREFECT_WORKER_QUERY_SECONDS": "1"}
     worker_cmd = [PREFECT, "worker", "start", "--pool", "distilq", "--limit", "2"]
     with running(worker_cmd, tmp_path / "worker.log", worker_env, cwd=tmp_path) as worker, api(env):
         weekly = call(lambda c: c.read_deployment_by_name("quantize_and_promote/weekly"))
@@ -163,7 +169,7 @@ def test_deploy_quantize_trigger_rescore_on_a_server_and_worker(
         assert [a.trigger.expect for a in automations] == [{"distilq.model.promoted"}]
 
         # A new checkpoint: quantized, validated, promoted; the event re-scores the dataset.
-        first = run_deployment("quantize_and_promote/weekly", parameters=quantize, timeout=600)
+        first = run("quantize_and_promote/weekly", quantize)
         assert first.state.is_completed(), (first.state, (tmp_path / "worker.log").read_text())
         registry = Registry(work / "registry")
         v1 = registry.alias()
@@ -172,14 +178,14 @@ def test_deploy_quantize_trigger_rescore_on_a_server_and_worker(
         check_scored(work / "scored" / v1, v1, dataset)
 
         # Same revision, recipe and validation set: no work, and the run says so.
-        again = run_deployment("quantize_and_promote/weekly", parameters=quantize, timeout=600)
+        again = run("quantize_and_promote/weekly", quantize)
         assert again.state.is_completed()
         assert registry.versions() == [v1]
         assert f"unchanged inputs: {v1} already holds this result" in run_logs(again.id)
 
         # The upstream checkpoint moves: a new version, promoted, re-scored into its own dir.
         make_checkpoint(checkpoint, seed=5)
-        moved = run_deployment("quantize_and_promote/weekly", parameters=quantize, timeout=600)
+        moved = run("quantize_and_promote/weekly", quantize)
         assert moved.state.is_completed()
         v2 = registry.alias()
         assert registry.versions() == [v1, v2]
@@ -187,7 +193,7 @@ def test_deploy_quantize_trigger_rescore_on_a_server_and_worker(
         by_trigger = check_scored(work / "scored" / v2, v2, dataset)
 
         # The rescore deployment run by hand, with its default parameters (production).
-        direct = run_deployment("score_parquet/rescore", timeout=600)
+        direct = run("score_parquet/rescore")
         assert direct.state.is_completed()
         assert check_scored(work / "scored" / "production", v2, dataset) == by_trigger
         assert len(score_runs()) == 3  # one per promotion, and the one by hand
@@ -197,8 +203,6 @@ def test_deploy_quantize_trigger_rescore_on_a_server_and_worker(
 def test_serve_runs_the_same_deployments_without_a_work_pool(
     prefect_server, tmp_path, tiny_checkpoint, tiny_validation
 ):
-    from prefect.deployments import run_deployment
-
     env = prefect_server
     work = tmp_path / "work"
     (work / "data" / "to-score").mkdir(parents=True)
@@ -214,7 +218,7 @@ def test_serve_runs_the_same_deployments_without_a_work_pool(
     registry.promote(version, "test")
 
     serve_cmd = [str(VENV_BIN / "python"), str(ROOT / "deployments" / "serve.py")]
-    serve_env = {**env, "DISTILQ_WORKDIR": str(work)}
+    serve_env = {**env, "DISTILQ_WORKDIR": str(work), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     with api(env):  # start from no deployments (an earlier test deployed the same names)
         for deployment in call(lambda c: c.read_deployments()):
             call(lambda c, d=deployment: c.delete_deployment(d.id))
@@ -227,6 +231,6 @@ def test_serve_runs_the_same_deployments_without_a_work_pool(
         wait_until(served_deployments, 120, "serve.py", served, tmp_path / "serve.log")
         weekly = call(lambda c: c.read_deployment_by_name("quantize_and_promote/weekly"))
         assert [s.schedule.cron for s in weekly.schedules] == ["0 3 * * 1"]
-        run = run_deployment("score_parquet/rescore", timeout=600)
-        assert run.state.is_completed(), (run.state, (tmp_path / "serve.log").read_text())
+        scored = run("score_parquet/rescore")
+        assert scored.state.is_completed(), (scored.state, (tmp_path / "serve.log").read_text())
         check_scored(work / "scored" / "production", version, {"part-0.parquet": ids})

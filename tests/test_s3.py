@@ -59,9 +59,10 @@ def test_quantize_score_and_load_on_s3(s3, tiny_checkpoint, tiny_validation, tmp
     from flows.score_parquet import score_parquet
 
     registry_uri = f"s3://{BUCKET}/registry"
+    s3.put(str(tiny_checkpoint), f"{BUCKET}/checkpoints/tiny", recursive=True)
     result = quantize_and_promote(
         QuantizeConfig(
-            source=str(tiny_checkpoint),
+            source=f"s3://{BUCKET}/checkpoints/tiny",
             validation=str(tiny_validation),
             registry=registry_uri,
             recipe="dynamic-int8-pc",
@@ -71,6 +72,8 @@ def test_quantize_score_and_load_on_s3(s3, tiny_checkpoint, tiny_validation, tmp
     )
     assert result.promoted
     version = result.version
+    source = result.manifest["source"]
+    assert source["id"] == f"s3://{BUCKET}/checkpoints/tiny" and len(source["sha256"]) == 64
     registry = Registry(registry_uri)
     assert registry.alias() == version and registry.versions() == [version]
     assert f"registry/versions/{version}/manifest.json" in keys(s3, "registry")
