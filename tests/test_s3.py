@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import distilq
+from distilq.checkpoint import sha256_file
 from distilq.config import QuantizeConfig, ScoreConfig
 from distilq.errors import InputError, IntegrityError
 from distilq.registry import Registry
@@ -73,7 +74,9 @@ def test_quantize_score_and_load_on_s3(s3, tiny_checkpoint, tiny_validation, tmp
     assert result.promoted
     version = result.version
     source = result.manifest["source"]
-    assert source["id"] == f"s3://{BUCKET}/checkpoints/tiny" and len(source["sha256"]) == 64
+    assert source["id"] == f"s3://{BUCKET}/checkpoints/tiny"
+    weights = tiny_checkpoint / "model.safetensors"  # identified by its bytes, wherever it is
+    assert source["sha256"] == {"model.safetensors": sha256_file(weights)}
     registry = Registry(registry_uri)
     assert registry.alias() == version and registry.versions() == [version]
     assert f"registry/versions/{version}/manifest.json" in keys(s3, "registry")
@@ -118,10 +121,8 @@ def test_quantize_score_and_load_on_s3(s3, tiny_checkpoint, tiny_validation, tmp
     assert before == {k: s3.info(f"{BUCKET}/{k}")["ETag"] for k in before}
 
     # A weight file changed on the store is refused at load, however it got there.
-    weights = next(
-        k for k in keys(s3, f"registry/versions/{version}") if k.endswith(".safetensors")
-    )
-    s3.pipe_file(f"{BUCKET}/{weights}", b"not the weights")
+    stored = next(k for k in keys(s3, f"registry/versions/{version}") if k.endswith(".safetensors"))
+    s3.pipe_file(f"{BUCKET}/{stored}", b"not the weights")
     with pytest.raises(IntegrityError, match="sha256"):
         distilq.load(registry_uri, cache_dir=tmp_path / "fresh-cache")
 
@@ -170,6 +171,7 @@ def test_racing_promotions_on_s3_keep_a_consistent_alias_and_history(
     assert not errors
     assert registry.alias() == versions[-1]  # automatic promotion never moves backwards
     history = registry.history()
+    assert [e["seq"] for e in history] == list(range(1, len(history) + 1))
     assert history[0]["from"] is None and history[-1]["to"] == versions[-1]
     for before, after in zip(history, history[1:], strict=False):
         assert after["from"] == before["to"]  # no move was lost or based on a stale read

@@ -115,12 +115,13 @@ class Registry:
         return None
 
     def history(self) -> list[dict]:
-        """Every alias move, oldest first."""
+        """Every alias move, oldest first (by move number; entries without one come first)."""
         try:
-            with self.fs.open(self._path("aliases", "history.jsonl"), "rb") as f:
-                return [json.loads(line) for line in f.read().decode().splitlines() if line]
+            data = self.fs.cat_file(self._path("aliases", "history.jsonl"))
         except FileNotFoundError:
             return []
+        entries = [json.loads(line) for line in data.decode().splitlines() if line]
+        return sorted(entries, key=lambda e: e.get("seq", 0))
 
     def fetch(
         self, ref: str = PRODUCTION, cache_dir: str | Path | None = None
@@ -168,10 +169,10 @@ class Registry:
                 time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
         raise DistilqError(f"registry {self.uri}: the alias kept changing; try again")
 
-    def _read_alias(self) -> tuple[str | None, str | None]:
-        """The production version and the token its conditional rewrite needs."""
+    def _read_alias(self) -> tuple[dict, str | None]:
+        """The production pointer ({} if none) and the token its conditional rewrite needs."""
         data, token = read_for_update(self.fs, self._path("aliases", f"{PRODUCTION}.json"))
-        return (json.loads(data)["version"] if data else None), token
+        return (json.loads(data) if data else {}), token
 
     def publish(self, staging: str | Path, manifest: dict) -> str:
         """Copy a staged version (files listed in the manifest) in; the manifest goes last.
@@ -214,15 +215,19 @@ class Registry:
         action: str,
         reason: str,
         command: str,
-        previous: str | None,
+        current: dict,
         token: str | None,
     ) -> dict:
         at = utc_now()
+        # Each move is numbered: on object stores two movers' history appends may land in
+        # either order, and `history()` sorts by this number.
+        seq = current.get("seq", 0) + 1
         pointer = {
             "alias": PRODUCTION,
             "version": version,
             "updated_at": at,
             "id": uuid.uuid4().hex,
+            "seq": seq,
         }
         path = self._path("aliases", f"{PRODUCTION}.json")
         write_if_unchanged(self.fs, path, manifest_bytes(pointer), token)
@@ -230,10 +235,11 @@ class Registry:
             "at": at,
             "alias": PRODUCTION,
             "action": action,
-            "from": previous,
+            "from": current.get("version"),
             "to": version,
             "reason": reason,
             "command": command,
+            "seq": seq,
         }
         self._append_history(entry)
         return entry
@@ -265,10 +271,10 @@ class Registry:
 
         def step() -> dict | None:
             current, token = self._read_alias()
-            if current == version:
+            if current.get("version") == version:
                 return None
-            if newer_only and current is not None:
-                if self.manifest(current)["created_at"] > manifest["created_at"]:
+            if newer_only and current:
+                if self.manifest(current["version"])["created_at"] > manifest["created_at"]:
                     return None
             return self._move(version, "promote", reason, command, current, token)
 
