@@ -181,7 +181,8 @@ def test_deploy_quantize_trigger_rescore_on_a_server_and_worker(
         again = run("quantize_and_promote/weekly", quantize)
         assert again.state.is_completed()
         assert registry.versions() == [v1]
-        assert f"unchanged inputs: {v1} already holds this result" in run_logs(again.id)
+        said = f"unchanged inputs: {v1} already holds this result"  # logs ship in batches
+        wait_until(lambda: said in run_logs(again.id), 60, "the log line saying so")
 
         # The upstream checkpoint moves: a new version, promoted, re-scored into its own dir.
         make_checkpoint(checkpoint, seed=5)
