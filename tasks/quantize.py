@@ -16,6 +16,8 @@ from distilq.config import QuantizeConfig
 from distilq.errors import SourceUnavailable
 from distilq.registry import Registry
 
+PROMOTED_EVENT = "distilq.model.promoted"
+
 
 def _retry_unreachable(task, task_run, state) -> bool:
     """Retry only what may pass on a second try: an unreachable source or store."""
@@ -137,9 +139,6 @@ def promote(version: str, config: QuantizeConfig) -> dict | None:
         logger.info("production: %s -> %s", entry["from"], entry["to"])
         emit_promoted(version, config.registry, entry)
     return entry
-
-
-PROMOTED_EVENT = "distilq.model.promoted"
 
 
 def emit_promoted(version: str, registry: str, entry: dict) -> None:

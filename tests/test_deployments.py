@@ -87,18 +87,17 @@ def score_runs() -> list:
     return call(read)
 
 
-def wait_for_rescore(version: str, timeout: float = 300):
-    """The flow run the promotion of `version` triggered, once it is completed."""
+def wait_for_rescore(version: str, count: int = 1, timeout: float = 300) -> None:
+    """Wait until `count` re-scores with `version` (one per promotion of it) completed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for run in score_runs():
-            if run.parameters["config"]["model"] != version:
-                continue
-            if run.state.is_completed():
-                return run
-            assert not run.state.is_final(), f"re-score of {version}: {run.state}"
+        runs = [r for r in score_runs() if r.parameters["config"]["model"] == version]
+        for run in runs:
+            assert not run.state.is_final() or run.state.is_completed(), run.state
+        if sum(r.state.is_completed() for r in runs) >= count:
+            return
         time.sleep(2)
-    raise AssertionError(f"no completed re-score of {version} after {timeout:.0f} s")
+    raise AssertionError(f"no {count} completed re-score(s) of {version} after {timeout:.0f} s")
 
 
 def run_logs(flow_run_id) -> str:
@@ -197,7 +196,17 @@ def test_deploy_quantize_trigger_rescore_on_a_server_and_worker(
         direct = run("score_parquet/rescore")
         assert direct.state.is_completed()
         assert check_scored(work / "scored" / "production", v2, dataset) == by_trigger
-        assert len(score_runs()) == 3  # one per promotion, and the one by hand
+
+        # A promotion by hand announces itself too, and re-scores (here: resumes, as
+        # scored/<v1> is complete).
+        promote = [str(VENV_BIN / "distilq"), "models", "promote", v1, "--registry", "registry"]
+        done = subprocess.run(
+            promote, env={**os.environ, **env}, cwd=work, capture_output=True, text=True
+        )
+        assert done.returncode == 0 and "sent distilq.model.promoted" in done.stderr, done.stderr
+        wait_for_rescore(v1, count=2)
+        check_scored(work / "scored" / v1, v1, dataset)
+        assert len(score_runs()) == 4  # one per promotion, and the one by hand
         assert worker.poll() is None
 
 

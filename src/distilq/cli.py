@@ -322,15 +322,28 @@ def cmd_models(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.action == "promote":
         entry = registry.promote(args.version, args.reason, force=args.force)
-        print(
-            f"production already is {args.version}"
-            if entry is None
-            else f"production: {entry['from']} -> {entry['to']}"
-        )
+        if entry is None:
+            print(f"production already is {args.version}")
+        else:
+            print(f"production: {entry['from']} -> {entry['to']}")
+            _announce_promotion(args.version, args.registry, entry)
         return EXIT_OK
     entry = registry.rollback(args.reason)
     print(f"production: {entry['from']} -> {entry['to']} (rolled back)")
     return EXIT_OK
+
+
+def _announce_promotion(version: str, registry: str, entry: dict) -> None:
+    """Send `distilq.model.promoted` to the Prefect server in PREFECT_API_URL, so deployment
+    triggers re-score as after an automatic promotion. Without a server nobody listens."""
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        return
+    import flows  # noqa: F401  (distilq's Prefect defaults, before prefect is imported)
+    from tasks.quantize import PROMOTED_EVENT, emit_promoted
+
+    emit_promoted(version, registry, entry)  # delivered before this process exits
+    print(f"sent {PROMOTED_EVENT} to {api}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

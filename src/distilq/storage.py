@@ -90,4 +90,6 @@ def write_if_unchanged(
             raise WriteConflict(path) from e
         raise
     fs.invalidate_cache(path)
-    return response.get("ETag") if isinstance(response, dict) else None
+    if isinstance(response, dict) and response.get("ETag"):  # a single PUT says it
+        return response["ETag"]
+    return fs.info(path)["ETag"]
