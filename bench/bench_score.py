@@ -82,6 +82,12 @@ def quantize_into(registry: Path, source: Path, *extra: str, env: dict) -> str:
     return json.loads(out)["version"]
 
 
+def score_cmd(inputs: Path, output: Path, registry: Path, *flags: str) -> list[str]:
+    """The `distilq score` command line for one bench run."""
+    args = ["score", "--input", str(inputs), "--output", str(output), "--registry", str(registry)]
+    return [DISTILQ, *args, *flags]
+
+
 def in_process_rates(model_dir: Path, registry: Path, texts: dict[str, list[str]]) -> dict:
     """rows/s in one process: pipeline at batch 1/8/32, distilq FP32 and INT8 (policy)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
@@ -167,19 +173,7 @@ def section_whole(tmp, env, full, reg_full, reg_real, sst2_dev, imdb) -> list[st
     pipe_s, pipe_rss, _ = run_measured(
         [*script, str(full), str(five_k), str(tmp / "p.parquet"), "8"], env
     )
-    ours_s, ours_rss, _ = run_measured(
-        [
-            DISTILQ,
-            "score",
-            "--input",
-            str(five_k),
-            "--output",
-            str(tmp / "o5k"),
-            "--registry",
-            str(reg_full),
-        ],
-        env,
-    )
+    ours_s, ours_rss, _ = run_measured(score_cmd(five_k, tmp / "o5k", reg_full), env)
     return [
         "**Whole process, 5,000 SST-2 train sentences, full-size shape** (start-up included)",
         "",
@@ -205,19 +199,7 @@ def section_agreement(tmp, env, full, reg_full, reg_real, sst2_dev, imdb) -> lis
         theirs_path, ours_dir = tmp / f"pa-{len(rows)}.parquet", tmp / f"oa-{len(rows)}"
         script = [sys.executable, str(ROOT / "bench" / "pipeline_script.py")]
         run_measured([*script, str(SHARED_MODEL), str(src), str(theirs_path), "8"], env)
-        run_measured(
-            [
-                DISTILQ,
-                "score",
-                "--input",
-                str(src),
-                "--output",
-                str(ours_dir),
-                "--registry",
-                str(reg_real),
-            ],
-            env,
-        )
+        run_measured(score_cmd(src, ours_dir, reg_real), env)
         theirs = pq.read_table(theirs_path).column("label").to_pylist()
         ours = pq.read_table(ours_dir / src.name).column("label").to_pylist()
         agreement = sum(a == b for a, b in zip(theirs, ours, strict=True)) / len(rows)
@@ -236,19 +218,7 @@ def section_memory(tmp, env, full, reg_full, reg_real, sst2_dev, imdb) -> list[s
     peaks = {}
     for n in (10_000, 40_000):
         src = write_texts(tmp / f"mem-{n}.parquet", (short * (n // len(short) + 1))[:n])
-        seconds, rss, _ = run_measured(
-            [
-                DISTILQ,
-                "score",
-                "--input",
-                str(src),
-                "--output",
-                str(tmp / f"om-{n}"),
-                "--registry",
-                str(reg_real),
-            ],
-            env,
-        )
+        seconds, rss, _ = run_measured(score_cmd(src, tmp / f"om-{n}", reg_real), env)
         peaks[n] = rss
         lines.append(f"| {n:,} | {seconds:.1f} | {rss:.0f} |")
     return lines + [
@@ -259,19 +229,7 @@ def section_memory(tmp, env, full, reg_full, reg_real, sst2_dev, imdb) -> list[s
 
 def section_startup(tmp, env, full, reg_full, reg_real, sst2_dev, imdb) -> list[str]:
     one = write_texts(tmp / "one.parquet", ["a fine film"])
-    seconds, _, _ = run_measured(
-        [
-            DISTILQ,
-            "score",
-            "--input",
-            str(one),
-            "--output",
-            str(tmp / "o1"),
-            "--registry",
-            str(reg_full),
-        ],
-        env,
-    )
+    seconds, _, _ = run_measured(score_cmd(one, tmp / "o1", reg_full), env)
     return [
         "Fixed cost of a `distilq score` run (one row, full-size model, ephemeral Prefect API, "
         f"warm disk cache): **{seconds:.1f} s**."
@@ -281,8 +239,7 @@ def section_startup(tmp, env, full, reg_full, reg_real, sst2_dev, imdb) -> list[
 def score_rate(inputs: Path, output: Path, registry: Path, env: dict, *flags: str) -> float:
     """rows/s of one `distilq score` run, over the flow's own wall time (no imports or
     API start-up: a deployment or a long-lived worker does not pay those per run)."""
-    cmd = [DISTILQ, "score", "--input", str(inputs), "--output", str(output)]
-    _, _, out = run_measured([*cmd, "--registry", str(registry), "--json", *flags], env)
+    _, _, out = run_measured(score_cmd(inputs, output, registry, "--json", *flags), env)
     summary = json.loads(out)
     return summary["rows_written"] / summary["seconds"]
 
