@@ -162,12 +162,16 @@ class Registry:
         if self.is_local:
             with self._alias_lock():
                 return step()
+        return self._retry_on_conflict(step, "the alias")
+
+    def _retry_on_conflict(self, step: Callable[[], T], what: str) -> T:
+        """Run `step` until its conditional write is not beaten by another writer."""
         for attempt in range(CONFLICT_RETRIES):
             try:
                 return step()
             except WriteConflict:
                 time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
-        raise DistilqError(f"registry {self.uri}: the alias kept changing; try again")
+        raise DistilqError(f"registry {self.uri}: {what} kept changing; try again")
 
     def _read_alias(self) -> tuple[dict, str | None]:
         """The production pointer ({} if none) and the token its conditional rewrite needs."""
@@ -200,14 +204,12 @@ class Registry:
                 f.flush()
                 os.fsync(f.fileno())
             return
-        for attempt in range(CONFLICT_RETRIES):  # object stores cannot append: rewrite it
+
+        def append() -> None:  # object stores cannot append: rewrite it
             old, token = read_for_update(self.fs, path)
-            try:
-                write_if_unchanged(self.fs, path, (old or b"") + line, token)
-                return
-            except WriteConflict:
-                time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
-        raise DistilqError(f"registry {self.uri}: could not append to {path}; try again")
+            write_if_unchanged(self.fs, path, (old or b"") + line, token)
+
+        self._retry_on_conflict(append, path)
 
     def _move(
         self,

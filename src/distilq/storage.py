@@ -53,11 +53,11 @@ class WriteConflict(Exception):
 
 def read_for_update(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes | None, str | None]:
     """The content of `path` (None if missing) and a token for `write_if_unchanged`: the
-    ETag on S3, None elsewhere (callers lock local files instead)."""
+    ETag on S3, None elsewhere (callers lock local files instead). `fs` comes from
+    `url_to_fs`, so `info` asks the store itself, not a cached listing."""
     try:
         if protocol(fs) != "s3":
             return fs.cat_file(path), None
-        fs.invalidate_cache(path)
         # ETag first: if the object changes before we read it, our write is refused.
         etag = fs.info(path)["ETag"]
         return fs.cat_file(path), etag
@@ -89,7 +89,6 @@ def write_if_unchanged(
         if "pre-condition" in str(e) or "ConditionalRequestConflict" in str(e):
             raise WriteConflict(path) from e
         raise
-    fs.invalidate_cache(path)
     if isinstance(response, dict) and response.get("ETag"):  # a single PUT says it
         return response["ETag"]
     return fs.info(path)["ETag"]
