@@ -54,14 +54,17 @@ def load_fp32(found: checkpoint.Checkpoint):
 def load_validation(
     config: QuantizeConfig, found: checkpoint.Checkpoint
 ) -> validation.ValidationSet:
-    """The validation set the gate measures agreement on, labels mapped to the model's ids."""
+    """The validation sets the gate measures agreement on, labels mapped to the model's ids."""
     label2id = checkpoint.read_label2id(found.path)
-    data = validation.load_validation(
-        config.validation, config.text_column, config.label_column, label2id
-    )
-    labelled = "with labels" if data.labels is not None else "without labels"
-    get_run_logger().info("validation %s: %d examples %s", data.name, len(data.texts), labelled)
-    return data
+    sets = [
+        validation.load_validation(spec, config.text_column, config.label_column, label2id)
+        for spec in config.validation
+    ]
+    logger = get_run_logger()
+    for data in sets:
+        labelled = "with labels" if data.labels is not None else "without labels"
+        logger.info("validation %s: %d examples %s", data.name, len(data.texts), labelled)
+    return validation.combine(sets)
 
 
 @task(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from distilq.autoquant import quantize_for_gate
 from distilq.checkpoint import load_checkpoint
 from distilq.config import BatchingPolicy
 from distilq.quantization import linear_names
-from distilq.validation import load_validation, predict
+from distilq.validation import combine, load_validation, predict, set_agreements
 from tests.conftest import SENSITIVE_LAYER
 
 
@@ -56,3 +58,21 @@ def test_static_recipes_never_fall_back(sensitive_checkpoint, tiny_validation, r
     )
     assert candidate.fp32_layers == [] and len(candidate.attempts) == 1
     assert candidate.reached_target is None and "auto" not in candidate.recipe_record(policy)
+
+
+def test_auto_aims_every_validation_set_at_the_target(sensitive_checkpoint, tiny_validation):
+    model, tokenizer = load_checkpoint(sensitive_checkpoint)
+    whole = load_validation(str(tiny_validation), label2id=model.config.label2id)
+    # The same rows as two sets of 150 and 50: the target holds for each, not just overall.
+    head = dataclasses.replace(
+        whole, name="head", texts=whole.texts[:150], labels=whole.labels[:150]
+    )
+    tail = dataclasses.replace(
+        whole, name="tail", texts=whole.texts[150:], labels=whole.labels[150:]
+    )
+    data, policy = combine([head, tail]), BatchingPolicy()
+    fp32 = predict(model, tokenizer, data.texts, policy)
+    candidate = quantize_for_gate(model, tokenizer, "auto", data, fp32, policy, 0.97)
+    per_set = set_agreements(fp32, candidate.predictions, data)
+    assert candidate.reached_target and min(per_set) >= 0.97
+    assert candidate.attempts[-1].agreement == min(per_set)

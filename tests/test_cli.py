@@ -75,13 +75,20 @@ def test_version_and_help():
 def test_first_run_on_an_empty_prefect_home_promotes(tmp_path, tiny_checkpoint, tiny_validation):
     home = tmp_path / "prefect-home"  # does not exist yet: a fresh machine
     registry = tmp_path / "reg"
-    extra = ["--recipe", "dynamic-int8-pc", "--min-agreement", "0.9", "--max-accuracy-drop", "1"]
-    done = run(
-        *quantize(tiny_checkpoint, tiny_validation, registry, *extra, "--json"), prefect_home=home
+    reviews = tmp_path / "reviews.jsonl"  # a second set, gated on its own
+    reviews.write_text(
+        "".join(json.dumps({"text": f"good film {i}", "label": 1}) + "\n" for i in range(5))
     )
+    extra = ["--recipe", "dynamic-int8-pc", "--min-agreement", "0.9", "--max-accuracy-drop", "1"]
+    extra += ["--validation", str(reviews), "--json"]
+    done = run(*quantize(tiny_checkpoint, tiny_validation, registry, *extra), prefect_home=home)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads(done.stdout)  # stdout holds the manifest and nothing else
     assert manifest["decision"]["approved"] is True
+    sets = [(s["name"], s["n_examples"]) for s in manifest["metrics"]["sets"]]
+    assert sets == [(str(tiny_validation), 200), (str(reviews), 5)]
+    assert [s["name"] for s in manifest["validation"]["sets"]] == [n for n, _ in sets]
+    assert manifest["decision"]["reasons"][-2].startswith(f"{reviews}: agreement")
     assert Registry(registry).alias() == manifest["version"]
     assert home.is_dir()
 
@@ -89,6 +96,7 @@ def test_first_run_on_an_empty_prefect_home_promotes(tmp_path, tiny_checkpoint, 
     assert shown.returncode == 0 and json.loads(shown.stdout)["version"] == manifest["version"]
     report = run("models", "show", manifest["version"], "--registry", str(registry))
     assert "**Gate: APPROVED**" in report.stdout
+    assert "The gate checks each validation set on its own" in report.stdout
 
 
 @pytest.mark.slow

@@ -79,3 +79,18 @@ def test_dry_run_publishes_nothing(tiny_checkpoint, tiny_validation, tmp_path):
     assert Registry(tmp_path / "reg").versions() == []
     assert (tmp_path / "reg").exists() is False
     assert "report.md" in result.manifest["files"]
+
+
+def test_validation_parameter_takes_one_spec_or_several():
+    """Deployments made before sets could repeat pass one string: the schema must accept it."""
+    import jsonschema
+    from prefect.utilities.callables import parameter_schema
+
+    assert QuantizeConfig(validation="a.tsv").validation == ["a.tsv"]
+    assert QuantizeConfig(validation=["a.tsv", "b.csv"]).validation == ["a.tsv", "b.csv"]
+    schema = parameter_schema(quantize_and_promote).model_dump()
+    field = schema["definitions"]["QuantizeConfig"]["properties"]["validation"]
+    jsonschema.validate("a.tsv", field)
+    jsonschema.validate(["a.tsv", "b.csv"], field)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([], field)

@@ -6,7 +6,7 @@ import numpy as np
 
 from distilq.config import GateThresholds
 from distilq.gate import decide
-from distilq.validation import Predictions, ValidationSet, compare
+from distilq.validation import Predictions, ValidationSet, combine, compare
 
 ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}
 
@@ -55,3 +55,21 @@ def test_flips_are_listed_with_both_labels_and_scores():
     )
     assert abs(flip.fp32_score - 0.8) < 1e-6 and abs(flip.int8_score - 0.7) < 1e-6
     assert abs(metrics.max_abs_prob_change - 0.5) < 1e-6
+
+
+def test_every_validation_set_must_pass_on_its_own():
+    """300 short sentences agree fully, 100 long reviews do not: 99.0% overall, yet rejected."""
+    short = ValidationSet("short", [f"s{i}" for i in range(300)], [1] * 300, "a")
+    long = ValidationSet("long", [f"l{i}" for i in range(100)], [1] * 100, "b")
+    data = combine([short, long])
+    fp32 = np.tile([[0.2, 0.8]], (400, 1)).astype(np.float32)
+    int8 = fp32.copy()
+    int8[300:304] = [0.7, 0.3]  # 4 flips, all in the long set
+    metrics = compare(Predictions(fp32, 1.0, 1), Predictions(int8, 1.0, 1), data, ID2LABEL)
+    assert metrics.agreement == 0.99 and [s.agreement for s in metrics.sets] == [1.0, 0.96]
+    assert [s.name for s in metrics.sets] == ["short", "long"]
+    decision = decide(metrics, GateThresholds(min_agreement=0.99, max_accuracy_drop=0.05))
+    assert not decision.approved
+    assert "long: agreement 0.9600 < 0.9900 (4 of 100 flipped)" in decision.reasons
+    assert "short: agreement 1.0000 >= 0.9900 (0 of 300 flipped)" in decision.reasons
+    assert metrics.flipped[0].index == 300  # indices are into the combined set

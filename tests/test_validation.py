@@ -15,6 +15,7 @@ from distilq.errors import InputError
 from distilq.validation import (
     PACKAGED_VALIDATION,
     batch_order,
+    combine,
     load_validation,
     predict,
     token_lengths,
@@ -98,3 +99,29 @@ def test_prediction_is_deterministic_and_in_input_order(tiny_checkpoint):
     assert np.array_equal(first.probs, again.probs)
     one_by_one = np.concatenate([predict(model, tokenizer, [t], policy).probs for t in texts[:5]])
     assert np.allclose(first.probs[:5], one_by_one, atol=1e-5)
+
+
+def test_several_sets_combine_in_order_each_kept_as_a_part(tmp_path):
+    first, second = tmp_path / "a.tsv", tmp_path / "b.jsonl"
+    first.write_text("text\tlabel\ngood\t1\nbad\t0\n")
+    second.write_text('{"text": "a long review", "label": "positive"}\n')
+    a, b = (load_validation(str(p), label2id=LABEL2ID) for p in (first, second))
+    data = combine([a, b])
+    assert data.texts == ["good", "bad", "a long review"] and data.labels == [1, 0, 1]
+    assert [(p.name, p.start, p.stop) for p in data.slices()] == [
+        (str(first), 0, 2),
+        (str(second), 2, 3),
+    ]
+    assert combine([b, a]).sha256 != data.sha256  # order is part of the run's identity
+    assert combine([a]) is a and a.slices()[0].stop == 2
+
+
+def test_combining_refuses_labels_in_some_sets_only_and_a_set_given_twice(tmp_path):
+    labelled, bare = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    labelled.write_text("text\tlabel\ngood\t1\n")
+    bare.write_text("text\nfine\n")
+    a, b = (load_validation(str(p), label2id=LABEL2ID) for p in (labelled, bare))
+    with pytest.raises(InputError, match="labels in every set or in none"):
+        combine([a, b])
+    with pytest.raises(InputError, match="given twice"):
+        combine([a, a])

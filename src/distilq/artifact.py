@@ -86,6 +86,10 @@ def stage_version(
             "name": validation.name,
             "sha256": validation.sha256,
             "labels": validation.labels is not None,
+            "sets": [
+                {"name": p.name, "n_examples": p.stop - p.start, "sha256": p.sha256}
+                for p in validation.slices()
+            ],
         },
         "metrics": {
             **metrics.model_dump(),

@@ -17,7 +17,7 @@ from torch import nn
 
 from distilq.config import BatchingPolicy
 from distilq.quantization import Recipe, get_recipe, linear_names, quantize
-from distilq.validation import Predictions, ValidationSet, predict
+from distilq.validation import Predictions, ValidationSet, predict, set_agreements
 
 log = logging.getLogger("distilq")
 
@@ -34,7 +34,7 @@ class Attempt(BaseModel):
     """One candidate tried by `auto`: which layers stayed FP32 and what it reached."""
 
     fp32_layers: list[str]
-    agreement: float
+    agreement: float  # on the weakest validation set
     rows_per_second: float
 
 
@@ -77,14 +77,13 @@ class Candidate:
         return record
 
 
-def _agreement(fp32: Predictions, int8: Predictions) -> float:
-    return float((fp32.labels == int8.labels).mean())
-
-
-def _attempt(fp32_layers: list[str], fp32: Predictions, pred: Predictions) -> Attempt:
+def _attempt(
+    fp32_layers: list[str], fp32: Predictions, pred: Predictions, validation: ValidationSet
+) -> Attempt:
+    # The gate checks every validation set, so the weakest one decides.
     return Attempt(
         fp32_layers=list(fp32_layers),
-        agreement=_agreement(fp32, pred),
+        agreement=min(set_agreements(fp32, pred, validation)),
         rows_per_second=len(pred.probs) / pred.seconds,
     )
 
@@ -145,7 +144,7 @@ def quantize_for_gate(
         recipe_name,
         recipe,
         pred,
-        attempts=[_attempt([], fp32, pred)],
+        attempts=[_attempt([], fp32, pred, validation)],
         target_agreement=target_agreement if is_auto else None,
     )
     if not is_auto or candidate.reached_target:
@@ -165,7 +164,7 @@ def quantize_for_gate(
         keep = ranked[:k]
         qmodel = quantize(model, recipe, keep_fp32=keep)
         pred = predict(qmodel, tokenizer, texts, policy, progress=f"auto, {k} FP32")
-        candidate.attempts.append(_attempt(keep, fp32, pred))
+        candidate.attempts.append(_attempt(keep, fp32, pred, validation))
         candidate.model, candidate.predictions, candidate.fp32_layers = qmodel, pred, keep
         log.info("auto: %d layer(s) FP32 -> agreement %.4f", k, candidate.attempts[-1].agreement)
         if candidate.reached_target:

@@ -70,7 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
         description=QUANTIZE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    defaults = QuantizeConfig.model_fields
     q.add_argument(
         "--source",
         default=os.environ.get("DISTILQ_SOURCE", DEFAULT_SOURCE),
@@ -80,9 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", default="auto", choices=["auto", "dynamic-int8", "dynamic-int8-pc"])
     q.add_argument(
         "--validation",
-        default=defaults["validation"].default,
-        help="TSV/CSV/Parquet/JSONL file or URI, or a datasets spec NAME[:CONFIG][@SPLIT] "
-        "(default: GLUE SST-2 validation, shipped with distilq)",
+        action="append",
+        metavar="SPEC",
+        help="TSV/CSV/Parquet/JSONL file or URI, or a datasets spec NAME[:CONFIG][@SPLIT]; "
+        "repeat to gate on several sets (say short sentences and long reviews): each must "
+        "pass on its own (default: GLUE SST-2 validation, shipped with distilq)",
     )
     q.add_argument("--text-column", default="text", help="default %(default)s")
     q.add_argument("--label-column", help="default: `label` when the data has one")
@@ -197,7 +198,9 @@ def _print_json(data) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Run the flow; map its outcome to an exit code."""
     # Every flag of `quantize` is named after a QuantizeConfig field.
-    fields = {k: v for k, v in vars(args).items() if k in QuantizeConfig.model_fields}
+    fields = {
+        k: v for k, v in vars(args).items() if k in QuantizeConfig.model_fields and v is not None
+    }
     try:
         config = QuantizeConfig(**fields)
     except ValueError as e:
@@ -230,6 +233,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"  agreement {m['agreement']:.4f}, {m['size_bytes_int8'] / 2**20:.1f} MiB on disk "
             f"({m['size_bytes_int8'] / m['size_bytes_fp32']:.1%} of FP32)"
         )
+        if len(m["sets"]) > 1:
+            for part in m["sets"]:
+                print(f"    {part['name']}: agreement {part['agreement']:.4f}")
         print(f"  artifact: {result.location}/model")
         print(f"  report:   {result.location}/report.md")
     if result.dry_run and not result.approved:

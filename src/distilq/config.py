@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_SOURCE = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
 DEFAULT_REGISTRY = "./registry"
@@ -39,6 +46,21 @@ def _env_default(name: str, fallback: str):
     return lambda: os.environ.get(name) or fallback
 
 
+# One validation spec or several: deployments made before sets could repeat, and Prefect's
+# parameter forms, pass a single string; it is read as a list of one.
+ValidationSpecs = Annotated[
+    list[str],
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            ]
+        }
+    ),
+]
+
+
 class QuantizeConfig(BaseModel):
     """Parameters of `quantize_and_promote` (a form in the Prefect UI, flags in the CLI)."""
 
@@ -50,9 +72,11 @@ class QuantizeConfig(BaseModel):
     )
     revision: str | None = Field(None, description="Hub revision (default main); hub sources only")
     recipe: Literal["auto", "dynamic-int8", "dynamic-int8-pc"] = "auto"
-    validation: str = Field(
-        "builtin:sst2-validation",
-        description="TSV/CSV/Parquet/JSONL file or URI, or a datasets spec NAME[:CONFIG][@SPLIT]",
+    validation: ValidationSpecs = Field(
+        ["builtin:sst2-validation"],
+        min_length=1,
+        description="Validation sets, each a TSV/CSV/Parquet/JSONL file or URI, or a datasets "
+        "spec NAME[:CONFIG][@SPLIT]; the gate holds each set to the thresholds",
     )
     text_column: str = "text"
     label_column: str | None = Field(None, description="Default: `label` when present")
@@ -64,6 +88,11 @@ class QuantizeConfig(BaseModel):
     )
     registry: str = Field(default_factory=_env_default("DISTILQ_REGISTRY", DEFAULT_REGISTRY))
     dry_run: bool = Field(False, description="Validate and report; publish nothing")
+
+    @field_validator("validation", mode="before")
+    @classmethod
+    def _one_or_more(cls, value):
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _target_reachable(self) -> QuantizeConfig:

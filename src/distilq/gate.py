@@ -20,22 +20,26 @@ class Decision(BaseModel):
 
 
 def decide(metrics: Metrics, thresholds: GateThresholds) -> Decision:
-    """Approve when agreement >= min_agreement and, with labels, the accuracy drop is at most
-    max_accuracy_drop."""
-    reasons = []
-    ok_agreement = metrics.agreement + _EPS >= thresholds.min_agreement
-    reasons.append(
-        f"agreement {metrics.agreement:.4f} {'>=' if ok_agreement else '<'} "
-        f"{thresholds.min_agreement:.4f} ({metrics.flips} of {metrics.n_examples} flipped)"
-    )
-    ok_accuracy = True
-    if metrics.accuracy_drop is None:
-        reasons.append("no labels: accuracy drop not checked")
-    else:
-        ok_accuracy = metrics.accuracy_drop <= thresholds.max_accuracy_drop + _EPS
+    """Approve when, on every validation set, agreement >= min_agreement and, with labels,
+    the accuracy drop is at most max_accuracy_drop."""
+    reasons, approved = [], True
+    several = len(metrics.sets) > 1
+    for m in metrics.sets:
+        prefix = f"{m.name}: " if several else ""
+        ok_agreement = m.agreement + _EPS >= thresholds.min_agreement
         reasons.append(
-            f"accuracy drop {metrics.accuracy_drop:+.4f} "
-            f"({metrics.accuracy_fp32:.4f} -> {metrics.accuracy_int8:.4f}) "
-            f"{'<=' if ok_accuracy else '>'} {thresholds.max_accuracy_drop:.4f}"
+            f"{prefix}agreement {m.agreement:.4f} {'>=' if ok_agreement else '<'} "
+            f"{thresholds.min_agreement:.4f} ({m.flips} of {m.n_examples} flipped)"
         )
-    return Decision(approved=ok_agreement and ok_accuracy, reasons=reasons, thresholds=thresholds)
+        ok_accuracy = True
+        if m.accuracy_drop is None:
+            reasons.append(f"{prefix}no labels: accuracy drop not checked")
+        else:
+            ok_accuracy = m.accuracy_drop <= thresholds.max_accuracy_drop + _EPS
+            reasons.append(
+                f"{prefix}accuracy drop {m.accuracy_drop:+.4f} "
+                f"({m.accuracy_fp32:.4f} -> {m.accuracy_int8:.4f}) "
+                f"{'<=' if ok_accuracy else '>'} {thresholds.max_accuracy_drop:.4f}"
+            )
+        approved = approved and ok_agreement and ok_accuracy
+    return Decision(approved=approved, reasons=reasons, thresholds=thresholds)

@@ -48,6 +48,25 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _sets_section(sets: list[dict]) -> list[str]:
+    """Per validation set figures, when the gate checked more than one."""
+    if len(sets) < 2:
+        return []
+    rows = [["validation set", "examples", "agreement", "flips", "accuracy FP32", "INT8"]]
+    rows += [
+        [
+            f"`{s['name']}`",
+            str(s["n_examples"]),
+            _pct(s["agreement"]),
+            str(s["flips"]),
+            _pct(s["accuracy_fp32"]),
+            _pct(s["accuracy_int8"]),
+        ]
+        for s in sets
+    ]
+    return ["The gate checks each validation set on its own:", "", _table(rows), ""]
+
+
 def render_report(manifest: dict) -> str:
     """The Markdown report of one candidate version."""
     m, d, r = manifest["metrics"], manifest["decision"], manifest["recipe"]
@@ -66,6 +85,7 @@ def render_report(manifest: dict) -> str:
         "",
         _table(metrics_table(manifest)),
         "",
+        *_sets_section(m.get("sets", [])),
         f"Agreement {_pct(m['agreement'])} ({m['flips']} flips); probability of the FP32 label "
         f"changed by {m['mean_abs_prob_change']:.4f} on average, {m['max_abs_prob_change']:.4f} "
         "at most. Sizes are bytes on disk of the weight files.",

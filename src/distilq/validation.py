@@ -23,13 +23,33 @@ PACKAGED_VALIDATION = "builtin:sst2-validation"
 
 
 @dataclass(frozen=True)
+class Part:
+    """One named validation set inside a combined one: rows `start` to `stop`."""
+
+    name: str
+    start: int
+    stop: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class ValidationSet:
-    """Texts with optional integer labels (ids of the model's classes)."""
+    """Texts with optional integer labels (ids of the model's classes).
+
+    A combined set (several `--validation` sets) lists them in `parts`; the gate holds each
+    part to the thresholds on its own, so a small set of long reviews is not outvoted by
+    many short sentences.
+    """
 
     name: str
     texts: list[str]
     labels: list[int] | None
     sha256: str  # of the texts and labels as used, so a re-run can be recognised
+    parts: tuple[Part, ...] = ()
+
+    def slices(self) -> list[Part]:
+        """The named parts; a set loaded from one source is its own single part."""
+        return list(self.parts) or [Part(self.name, 0, len(self.texts), self.sha256)]
 
 
 def _packaged_path() -> Path:
@@ -140,6 +160,33 @@ def load_validation(
     return ValidationSet(spec, texts, labels, digest)
 
 
+def combine(sets: list[ValidationSet]) -> ValidationSet:
+    """One validation set made of several, each kept as a `Part` the gate checks alone."""
+    if len(sets) == 1:
+        return sets[0]
+    labelled = [s.name for s in sets if s.labels is not None]
+    if labelled and len(labelled) != len(sets):
+        unlabelled = [s.name for s in sets if s.labels is None]
+        raise InputError(
+            f"validation sets {labelled} have labels but {unlabelled} have none: the accuracy "
+            "check needs labels in every set or in none (see --label-column)"
+        )
+    names = [s.name for s in sets]
+    if len(set(names)) != len(names):
+        raise InputError(f"validation set given twice: {names}")
+    parts, start = [], 0
+    for s in sets:
+        parts.append(Part(s.name, start, start + len(s.texts), s.sha256))
+        start += len(s.texts)
+    return ValidationSet(
+        name=" + ".join(names),
+        texts=[t for s in sets for t in s.texts],
+        labels=[x for s in sets for x in s.labels] if labelled else None,
+        sha256=hashlib.sha256(" ".join(s.sha256 for s in sets).encode()).hexdigest(),
+        parts=tuple(parts),
+    )
+
+
 def _labels(spec: str, values: list, label2id: dict[str, int]) -> list[int]:
     by_name = {k.lower(): v for k, v in label2id.items()}
     n_classes = len(label2id) or None
@@ -239,8 +286,24 @@ class Flip(BaseModel):
     int8_score: float
 
 
+class SetMetrics(BaseModel):
+    """Agreement and accuracy on one validation set (one `Part`)."""
+
+    name: str
+    n_examples: int
+    agreement: float
+    flips: int
+    accuracy_fp32: float | None
+    accuracy_int8: float | None
+    accuracy_drop: float | None
+
+
 class Metrics(BaseModel):
-    """How the INT8 model compares with FP32 on the same examples and batches."""
+    """How the INT8 model compares with FP32 on the same examples and batches.
+
+    The top-level figures are over every example; `sets` has them per validation set, and
+    the gate checks each set.
+    """
 
     n_examples: int
     agreement: float
@@ -255,6 +318,32 @@ class Metrics(BaseModel):
     latency_ms_per_batch_int8: float
     rows_per_second_fp32: float
     rows_per_second_int8: float
+    sets: list[SetMetrics]
+
+
+def _set_metrics(name: str, a: np.ndarray, b: np.ndarray, truth: np.ndarray | None) -> SetMetrics:
+    """Agreement and accuracies of FP32 labels `a` and INT8 labels `b` against `truth`."""
+    n = len(a)
+    accuracy_fp32 = accuracy_int8 = drop = None
+    if truth is not None:
+        correct_fp32, correct_int8 = int((a == truth).sum()), int((b == truth).sum())
+        accuracy_fp32, accuracy_int8 = correct_fp32 / n, correct_int8 / n
+        drop = (correct_fp32 - correct_int8) / n  # from counts, so 0.01 is exactly 0.01
+    return SetMetrics(
+        name=name,
+        n_examples=n,
+        agreement=float((a == b).mean()),
+        flips=int((a != b).sum()),
+        accuracy_fp32=accuracy_fp32,
+        accuracy_int8=accuracy_int8,
+        accuracy_drop=drop,
+    )
+
+
+def set_agreements(fp32: Predictions, int8: Predictions, validation: ValidationSet) -> list[float]:
+    """Agreement of the two models' labels on each validation set."""
+    a, b = fp32.labels, int8.labels
+    return [float((a[p.start : p.stop] == b[p.start : p.stop]).mean()) for p in validation.slices()]
 
 
 def compare(
@@ -277,24 +366,25 @@ def compare(
         )
         for i in np.flatnonzero(a != b)
     ]
-    accuracy_fp32 = accuracy_int8 = drop = None
-    if validation.labels is not None:
-        truth = np.asarray(validation.labels)
-        correct_fp32, correct_int8 = int((a == truth).sum()), int((b == truth).sum())
-        accuracy_fp32, accuracy_int8 = correct_fp32 / n, correct_int8 / n
-        drop = (correct_fp32 - correct_int8) / n  # from counts, so 0.01 is exactly 0.01
+    truth = None if validation.labels is None else np.asarray(validation.labels)
+    overall = _set_metrics(validation.name, a, b, truth)
+    sets = [
+        _set_metrics(
+            p.name,
+            a[p.start : p.stop],
+            b[p.start : p.stop],
+            None if truth is None else truth[p.start : p.stop],
+        )
+        for p in validation.slices()
+    ]
     return Metrics(
-        n_examples=n,
-        agreement=float((a == b).mean()),
-        flips=len(flipped),
+        **overall.model_dump(exclude={"name"}),
         flipped=flipped,
-        accuracy_fp32=accuracy_fp32,
-        accuracy_int8=accuracy_int8,
-        accuracy_drop=drop,
         mean_abs_prob_change=float(change.mean()),
         max_abs_prob_change=float(change.max()),
         latency_ms_per_batch_fp32=1000 * fp32.seconds / fp32.n_batches,
         latency_ms_per_batch_int8=1000 * int8.seconds / int8.n_batches,
         rows_per_second_fp32=n / fp32.seconds,
         rows_per_second_int8=n / int8.seconds,
+        sets=sets,
     )
