@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 
 from distilq import __version__
 from distilq.config import DEFAULT_REGISTRY, DEFAULT_SOURCE, QuantizeConfig
@@ -205,8 +206,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         config = QuantizeConfig(**fields)
     except ValueError as e:
         raise InputError(str(e)) from e
+    api_start = _start_prefect_api_early()
     from flows.quantize_and_promote import quantize_and_promote
 
+    _wait(api_start)
     try:
         result = quantize_and_promote(config)
     except GateRejected as e:
@@ -256,9 +259,16 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise InputError(str(e)) from e
     from distilq.scoring import preflight
 
-    preflight(config)  # seconds, instead of after the Prefect API has started
+    version = preflight(config)  # seconds, instead of after the Prefect API has started
+    api_start = _start_prefect_api_early()
     from flows.score_parquet import ScoringFailed, score_parquet
 
+    if api_start is not None and config.runner == "local":
+        # Its tasks run in this process: load the model while the API starts.
+        from tasks.score import classifier_for
+
+        classifier_for(config.registry, version)
+    _wait(api_start)
     try:
         summary = score_parquet(config).summary
         code = EXIT_OK
@@ -350,6 +360,41 @@ def _announce_promotion(version: str, registry: str, entry: dict) -> None:
 
     emit_promoted(version, registry, entry)  # delivered before this process exits
     print(f"sent {PROMOTED_EVENT} to {api}", file=sys.stderr)
+
+
+def _start_prefect_api_early() -> threading.Thread | None:
+    """Start the ephemeral Prefect API in the background, when the flow will need one.
+
+    Prefect starts it (a server subprocess, 10 s or more) only when the flow begins, after
+    torch and Prefect are imported; started now, the two overlap. The flow then finds the
+    same server running (Prefect keeps one per process) and starts nothing twice.
+    """
+    from distilq.runtime import set_prefect_defaults
+
+    set_prefect_defaults()  # before prefect is imported
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return None  # a running server is named: use it
+
+    def start() -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        try:
+            SubprocessASGIServer().start()
+        except Exception:  # noqa: BLE001  the flow's own start then reports it
+            pass
+
+    thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait(api_start: threading.Thread | None) -> None:
+    """Wait for the early API start: until it is done, the server may not answer yet."""
+    if api_start is not None:
+        api_start.join()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -563,10 +563,14 @@ def options_for(config, batching: dict) -> ScoreOptions:
     )
 
 
-def preflight(config) -> None:
-    """Fail fast, before starting any engine: unknown model, missing paths or columns."""
+def preflight(config) -> str:
+    """Fail fast, before starting any engine: unknown model, missing paths or columns.
+    Returns the model version `config.model` names now."""
     from distilq.registry import Registry
 
     registry = Registry(config.registry)
-    batching = registry.manifest(registry.resolve(config.model))["recipe"]["batching"]
-    plan_shards(config.inputs, options_for(config, batching))
+    version = registry.resolve(config.model)
+    plan_shards(
+        config.inputs, options_for(config, registry.manifest(version)["recipe"]["batching"])
+    )
+    return version
