@@ -236,8 +236,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"  agreement {m['agreement']:.4f}, {m['size_bytes_int8'] / 2**20:.1f} MiB on disk "
             f"({m['size_bytes_int8'] / m['size_bytes_fp32']:.1%} of FP32)"
         )
-        if len(m["sets"]) > 1:
-            for part in m["sets"]:
+        sets = m.get("sets", [])  # versions made before per-set gating have none
+        if len(sets) > 1:
+            for part in sets:
                 print(f"    {part['name']}: agreement {part['agreement']:.4f}")
         print(f"  artifact: {result.location}/model")
         print(f"  report:   {result.location}/report.md")
