@@ -34,7 +34,10 @@ def test_recipes_on_the_real_model(tmp_path):
         results[name] = (metrics, size / found.weight_bytes)
     seed, seed_ratio = results["dynamic-int8"]
     pc, pc_ratio = results["dynamic-int8-pc"]
+    # INT8 figures move with the CPU's kernels (97.94% agreement on an AVX2-only Zen 1,
+    # 97.71% on an AVX-512 VNNI Sapphire Rapids): assert orderings, and bounds with room.
     assert seed.accuracy_fp32 == pytest.approx(0.8865, abs=5e-5)  # the model card's dev accuracy
     assert 0.95 <= seed.agreement < pc.agreement  # the seed's ~96%, improved per-channel
-    assert pc.agreement >= 0.97 and pc.accuracy_drop <= 0.01
+    assert pc.mean_abs_prob_change < seed.mean_abs_prob_change
+    assert pc.agreement >= 0.96 and abs(pc.accuracy_drop) <= 0.02
     assert pc_ratio < 0.30 < seed_ratio < 0.70  # bytes on disk, INT8 / FP32
