@@ -41,9 +41,8 @@ def make_checkpoint(path: Path, seed: int = 0, sensitive: bool = False) -> Path:
     )
 
     path.mkdir(parents=True, exist_ok=True)
-    vocab = path / "vocab.txt"
-    vocab.write_text("\n".join(SPECIAL + WORDS) + "\n")
-    tokenizer = DistilBertTokenizer(vocab_file=str(vocab))
+    # transformers 5 ignores `vocab_file` here (every word became [UNK]): pass the vocabulary.
+    tokenizer = DistilBertTokenizer(vocab={w: i for i, w in enumerate(SPECIAL + WORDS)})
     torch.manual_seed(seed)
     config = DistilBertConfig(
         vocab_size=len(SPECIAL) + len(WORDS),

@@ -111,7 +111,7 @@ def test_unusable_checkpoints_are_refused_with_a_reason(
         config["architectures"] = ["DistilBertForMaskedLM"]
     elif breakage == "no_tokenizer":
         for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
-            (ckpt / name).unlink()
+            (ckpt / name).unlink(missing_ok=True)
     elif breakage == "corrupt_weights":
         (ckpt / "model.safetensors").write_bytes(b"\x00" * 64)
     elif breakage == "no_weights":
