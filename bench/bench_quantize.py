@@ -22,23 +22,19 @@ from distilq.autoquant import quantize_for_gate
 from distilq.checkpoint import load_checkpoint, resolve_checkpoint
 from distilq.config import BatchingPolicy
 from distilq.quantization import RECIPES, save_int8
-from distilq.validation import PACKAGED_VALIDATION, compare, load_validation, predict
+from distilq.validation import (
+    PACKAGED_VALIDATION,
+    best_rows_per_second,
+    compare,
+    load_validation,
+    predict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODEL = ROOT.parent / "shared" / "models" / "distilbert-sst2-minilm"
 RESULTS = ROOT / "bench" / "RESULTS.md"
 MIB = 2**20
 POLICY = BatchingPolicy()  # batch 32, sorted by token length: the default policy
-
-
-def best_rows_per_second(models: dict, tokenizer, texts: list[str], rounds: int = 2) -> dict:
-    """Best of `rounds` interleaved timed passes per model, so machine noise hits all alike."""
-    best = {name: 0.0 for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            pred = predict(model, tokenizer, texts, POLICY)
-            best[name] = max(best[name], len(texts) / pred.seconds)
-    return best
 
 
 def real_model(tmp: Path) -> list[str]:
@@ -56,7 +52,7 @@ def real_model(tmp: Path) -> list[str]:
         size = save_int8(candidate.model, candidate.recipe, tmp / name).stat().st_size
         rows[name] = (metrics, size, len(candidate.fp32_layers), seconds)
         models[name] = candidate.model
-    speed = best_rows_per_second(models, tokenizer, data.texts)
+    speed = best_rows_per_second(models, tokenizer, data.texts, POLICY, passes=2)
     fp32_bytes = found.weight_bytes
     lines = [
         f"Real model `distilbert-sst2-minilm` (6 layers, dim 384), GLUE SST-2 dev "
@@ -100,7 +96,7 @@ def full_size(tmp: Path) -> list[str]:
         models[name] = quantize(model, name)
         model.config.save_pretrained(tmp / f"full-{name}")
         sizes[name] = save_int8(models[name], RECIPES[name], tmp / f"full-{name}").stat().st_size
-    speed = best_rows_per_second(models, tokenizer, texts)
+    speed = best_rows_per_second(models, tokenizer, texts, POLICY, passes=2)
     lines = [
         "Full-size `DistilBertConfig()` (the hub model's shape: 6 layers, dim 768, 66.9 M "
         "parameters), random weights, SST-2 dev sentences.",

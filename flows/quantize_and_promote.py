@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
+from distilq import gate
 from distilq.artifact import run_key
 from distilq.config import QuantizeConfig
 from distilq.errors import GateRejected
@@ -37,28 +40,43 @@ def quantize_and_promote(config: QuantizeConfig | None = None) -> QuantizeResult
         get_run_logger().info(
             "unchanged inputs: %s already holds this result, nothing to do", existing["version"]
         )
-        return _result(existing, config, _location(config, existing), reused=True, promoted=False)
+        # Exit as the first run did, and finish what it left: a run killed after publishing
+        # an approved version had not promoted it yet.
+        decision = gate.decide_manifest(existing)
+        _raise_if_rejected(existing, decision, config)
+        entry = None if config.dry_run else t.promote(existing["version"], config)
+        location = _location(config, existing)
+        return _result(existing, config, location, decision, True, entry is not None)
 
     model, tokenizer = t.load_fp32(found)
     fp32 = t.predict_fp32(model, tokenizer, data, config)
     candidate = t.quantize(model, tokenizer, data, fp32, config)
-    metrics = t.measure(fp32, candidate, data, model.config.id2label)
+    metrics = t.measure(model, tokenizer, fp32, candidate, data, config)
     decision = t.decide(metrics, config)
     staging, manifest = t.stage(candidate, tokenizer, found, data, metrics, decision, config, key)
     t.publish_artifacts(manifest)
     if config.dry_run:
-        return _result(manifest, config, str(staging), reused=False, promoted=False)
+        return _result(manifest, config, str(staging), decision, False, False)
 
-    version = t.publish(staging, manifest, config)
-    if not decision.approved:
-        raise GateRejected(
-            f"gate rejected {version}: {'; '.join(decision.reasons)}. It is kept in "
-            f"{config.registry} with its report; production is unchanged.",
-            manifest,
-        )
-    entry = t.promote(version, config)
+    try:
+        t.publish(staging, manifest, config)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # published, or failed for good
+    _raise_if_rejected(manifest, decision, config)
+    entry = t.promote(manifest["version"], config)
     return _result(
-        manifest, config, _location(config, manifest), reused=False, promoted=entry is not None
+        manifest, config, _location(config, manifest), decision, False, entry is not None
+    )
+
+
+def _raise_if_rejected(manifest: dict, decision: gate.Decision, config: QuantizeConfig) -> None:
+    """A published candidate the gate rejected fails the run (CLI exit 3)."""
+    if config.dry_run or decision.approved:
+        return
+    raise GateRejected(
+        f"gate rejected {manifest['version']}: {'; '.join(decision.reasons)}. It is kept in "
+        f"{config.registry} with its report; production is unchanged.",
+        manifest,
     )
 
 
@@ -67,11 +85,16 @@ def _location(config: QuantizeConfig, manifest: dict) -> str:
 
 
 def _result(
-    manifest: dict, config: QuantizeConfig, location: str, reused: bool, promoted: bool
+    manifest: dict,
+    config: QuantizeConfig,
+    location: str,
+    decision: gate.Decision,
+    reused: bool,
+    promoted: bool,
 ) -> QuantizeResult:
     return QuantizeResult(
         version=manifest["version"],
-        approved=manifest["decision"]["approved"],
+        approved=decision.approved,
         promoted=promoted,
         reused=reused,
         dry_run=config.dry_run,

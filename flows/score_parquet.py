@@ -78,8 +78,7 @@ def score_parquet(config: ScoreConfig) -> ScoreResult:
     scored by the same model from the same inputs are skipped. Fails, listing them, if any
     input file could not be scored."""
     start = time.perf_counter()
-    version, batching = t.resolve_model(config)
-    options = scoring.options_for(config, batching)
+    version, options = t.resolve_model(config)
     found = t.plan(config, options)
     with scoring.output_lock(config.output):
         todo = t.prepare(config, found, version, options)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -93,10 +91,18 @@ def quantize(model, tokenizer, data, fp32, config: QuantizeConfig) -> autoquant.
 
 
 @task(cache_policy=NO_CACHE)
-def measure(fp32, candidate, data, id2label: dict[int, str]) -> validation.Metrics:
-    """FP32-vs-INT8 metrics on the validation set."""
-    metrics = validation.compare(fp32, candidate.predictions, data, id2label)
-    get_run_logger().info("agreement %.4f, %d flips", metrics.agreement, metrics.flips)
+def measure(model, tokenizer, fp32, candidate, data, config: QuantizeConfig) -> validation.Metrics:
+    """FP32-vs-INT8 metrics on the validation set, and both models' warm speed."""
+    speed = validation.measure_speed(model, candidate.model, tokenizer, data.texts, config.batching)
+    metrics = validation.compare(fp32, candidate.predictions, data, model.config.id2label, speed)
+    get_run_logger().info(
+        "agreement %.4f, %d flips; rows/s FP32 %.1f, INT8 %.1f (%s)",
+        metrics.agreement,
+        metrics.flips,
+        speed.rows_per_second_fp32,
+        speed.rows_per_second_int8,
+        speed.cpu,
+    )
     return metrics
 
 
@@ -113,7 +119,7 @@ def decide(metrics: validation.Metrics, config: QuantizeConfig) -> gate.Decision
 @task(cache_policy=NO_CACHE)
 def stage(candidate, tokenizer, found, data, metrics, decision, config: QuantizeConfig, key: str):
     """Write the version's files to a staging directory; return it and the manifest."""
-    staging = Path(tempfile.mkdtemp(prefix="distilq-stage-"))
+    staging = artifact.staging_dir(config.dry_run)
     manifest = artifact.stage_version(
         staging, candidate, tokenizer, found, data, metrics, decision, config.batching, key
     )
@@ -124,9 +130,8 @@ def stage(candidate, tokenizer, found, data, metrics, decision, config: Quantize
     retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_unreachable, cache_policy=NO_CACHE
 )
 def publish(staging: Path, manifest: dict, config: QuantizeConfig) -> str:
-    """Publish the staged version (immutable; manifest written last), then drop the staging copy."""
+    """Publish the staged version (immutable; manifest written last)."""
     version = Registry(config.registry).publish(staging, manifest)
-    shutil.rmtree(staging, ignore_errors=True)
     get_run_logger().info("published %s to %s", version, config.registry)
     return version
 

@@ -25,19 +25,20 @@ def classifier_for(registry: str, version: str):
 
 
 @task(cache_policy=NO_CACHE)
-def resolve_model(config: ScoreConfig) -> tuple[str, dict]:
-    """The version behind `config.model` and its batching policy; fails early if unknown."""
+def resolve_model(config: ScoreConfig) -> tuple[str, scoring.ScoreOptions]:
+    """The version behind `config.model` and the options to score with (its batching
+    policy); fails early if the model is unknown or cannot take `max_length`."""
     registry = Registry(config.registry)
     version = registry.resolve(config.model)
-    batching = registry.manifest(version)["recipe"]["batching"]
+    options = scoring.options_for(config, registry, version)
     get_run_logger().info("model %s (%s) from %s", version, config.model, config.registry)
-    return version, batching
+    return version, options
 
 
 @task(cache_policy=NO_CACHE)
 def plan(config: ScoreConfig, options: scoring.ScoreOptions) -> scoring.Plan:
-    """Shards to score, after every input's schema was checked."""
-    found = scoring.plan_shards(config.inputs, options)
+    """Shards to score, after every input's schema and the output's place were checked."""
+    found = scoring.plan_shards(config.inputs, options, config.output)
     rows = sum(s.rows for s in found.shards)
     get_run_logger().info(
         "%d shard(s), %d rows; %d unreadable file(s)",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 
 import pytest
 
@@ -21,11 +23,16 @@ def _setup(checkpoint, validation):
     return model, tokenizer, data, policy, predict(model, tokenizer, data.texts, policy)
 
 
-def test_auto_keeps_the_sensitive_layer_fp32(sensitive_checkpoint, tiny_validation):
+def test_auto_keeps_the_sensitive_layer_fp32(sensitive_checkpoint, tiny_validation, caplog, capsys):
     model, tokenizer, data, policy, fp32 = _setup(sensitive_checkpoint, tiny_validation)
-    candidate = quantize_for_gate(
-        model, tokenizer, "auto", data, fp32, policy, target_agreement=0.95
-    )
+    with caplog.at_level(logging.INFO, logger="distilq"):
+        candidate = quantize_for_gate(
+            model, tokenizer, "auto", data, fp32, policy, target_agreement=0.95
+        )
+    # The long phase says what it does, in the logs and with a progress bar on stderr.
+    n = len(linear_names(model))
+    assert f"measuring the sensitivity of {n} Linear layers" in caplog.text
+    assert re.search(rf"sensitivity: .*\d+/{n} .*layers/s", capsys.readouterr().err)
     start = candidate.attempts[0]
     assert start.fp32_layers == [] and start.agreement < 0.8  # per-channel alone fails badly
     assert candidate.sensitivity[0].layer == SENSITIVE_LAYER

@@ -13,6 +13,7 @@ import pytest
 
 import distilq
 from distilq.errors import InputError, IntegrityError
+from distilq.gate import decide_manifest
 from distilq.registry import Registry
 from tests.conftest import make_texts, stage_tiny_version
 
@@ -25,11 +26,18 @@ def staged(tmp_path_factory, tiny_checkpoint, tiny_validation):
 
 
 def _variant(staged, version: str, created_at: str, approved: bool = True):
-    """The staged version under another name and time (same files)."""
+    """The staged version under another name and time (same files); rejected by the gate
+    if not `approved` (its metrics say so, and the decision follows from them)."""
     staging, manifest = staged
     manifest = copy.deepcopy(manifest)
     manifest.update(version=version, created_at=created_at)
-    manifest["decision"]["approved"] = approved
+    if not approved:
+        manifest["decision"]["thresholds"]["min_agreement"] = 0.5
+        manifest["metrics"]["agreement"] = 0.0
+        for part in manifest["metrics"]["sets"]:
+            part["agreement"] = 0.0
+    manifest["decision"] = decide_manifest(manifest).model_dump()
+    assert manifest["decision"]["approved"] is approved
     return staging, manifest
 
 
@@ -42,9 +50,9 @@ def test_publish_then_load_production(staged, tmp_path):
     classifier = distilq.load(tmp_path / "reg")
     assert classifier.version == version
     results = classifier.predict(make_texts(3, seed=1))
-    assert [set(r) for r in results] == [{"label", "score", "probabilities"}] * 3
+    assert [set(r) for r in results] == [{"label", "score", "probabilities", "error"}] * 3
     for r in results:
-        assert r["label"] in ("NEGATIVE", "POSITIVE")
+        assert r["label"] in ("NEGATIVE", "POSITIVE") and r["error"] is None
         assert r["score"] == max(r["probabilities"].values())
         assert abs(sum(r["probabilities"].values()) - 1) < 1e-5
     with pytest.raises(TypeError, match="sequence of texts"):

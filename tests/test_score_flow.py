@@ -148,7 +148,7 @@ def test_cli_scores_then_resumes_byte_identical(registry, dataset, tmp_path):
     ]
     again = run(*args, "--json", "--id-column", "review_id", prefect_home=tmp_path / "home")
     assert again.returncode == 0 and outputs(tmp_path / "out") == before
-    changed = run(*args, "--max-length", "64", prefect_home=tmp_path / "home")
+    changed = run(*args, "--max-length", "32", prefect_home=tmp_path / "home")
     assert changed.returncode == 2 and "other settings" in changed.stderr
 
 

@@ -201,7 +201,8 @@ def test_resume_skips_done_shards_and_refuses_foreign_outputs(classifier, tmp_pa
     with pytest.raises(InputError, match="other settings"):
         prepare_output(str(tmp_path / "out"), plan, classifier.version, changed, False)
     manifest, todo = prepare_output(str(tmp_path / "out"), other, "v2", options.model_dump(), True)
-    assert [s.output for s in todo] == ["b.parquet"] and list((tmp_path / "out").iterdir()) == []
+    assert [s.output for s in todo] == ["b.parquet"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [MANIFEST]  # old results gone
     json.dumps(manifest.data)
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,9 +14,39 @@ from distilq.autoquant import Candidate
 from distilq.checkpoint import Checkpoint, sha256_file
 from distilq.config import BatchingPolicy, GateThresholds
 from distilq.gate import Decision
+from distilq.metrics import Metrics
 from distilq.quantization import save_int8
 from distilq.report import render_report
-from distilq.validation import Metrics, ValidationSet
+from distilq.validation import ValidationSet
+
+STAGING_PREFIX = "distilq-stage-"
+
+
+def staging_dir(dry_run: bool = False) -> Path:
+    """A new temporary directory to stage a version in, named after this process so that a
+    later run can tell it was left by a run that died (`remove_stale_staging`). A dry run's
+    is kept: it is where the user reads the report."""
+    remove_stale_staging()
+    prefix = "distilq-dry-run-" if dry_run else f"{STAGING_PREFIX}{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def remove_stale_staging() -> None:
+    """Remove staging directories whose process is gone (a run killed before publishing)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*"):
+        pid = path.name.removeprefix(STAGING_PREFIX).split("-")[0]
+        if not (pid.isdigit() and _running(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def run_key(

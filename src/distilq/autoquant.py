@@ -17,7 +17,13 @@ from torch import nn
 
 from distilq.config import BatchingPolicy
 from distilq.quantization import Recipe, get_recipe, linear_names, quantize
-from distilq.validation import Predictions, ValidationSet, predict, set_agreements
+from distilq.validation import (
+    Predictions,
+    ValidationSet,
+    predict,
+    progress_bar,
+    set_agreements,
+)
 
 log = logging.getLogger("distilq")
 
@@ -109,7 +115,11 @@ def layer_sensitivity(
     reference = fp32.labels
     rows = np.arange(len(texts))
     table = []
-    for name in linear_names(model):
+    names = linear_names(model)
+    log.info(
+        "auto: measuring the sensitivity of %d Linear layers on %d examples", len(names), len(texts)
+    )
+    for name in progress_bar(names, "sensitivity", unit="layers"):
         pred = predict(quantize(model, recipe, only=[name]), tokenizer, texts, policy)
         change = np.abs(pred.probs[rows, reference] - fp32.probs[rows, reference])
         flips = int((pred.labels != reference).sum())

@@ -6,9 +6,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from distilq.config import DEFAULT_REGISTRY, BatchingPolicy
 from distilq.registry import PRODUCTION, Registry
-from distilq.validation import predict
+from distilq.validation import predict, screen_texts
 
 
 class Classifier:
@@ -22,22 +24,47 @@ class Classifier:
         self.batching = BatchingPolicy(**manifest["recipe"]["batching"])
         self.id2label = {int(k): v for k, v in model.config.id2label.items()}
 
+    def score(
+        self, values: Sequence, batching: BatchingPolicy | None = None
+    ) -> tuple[np.ndarray, list[str | None], list[int]]:
+        """Class probabilities [n, n_classes] (NaN rows for values that cannot be scored),
+        why each value cannot be scored (None where it can), and the token lengths of those
+        that can. Batched as validated unless told otherwise."""
+        errors, lengths = screen_texts(self.tokenizer, list(values))
+        valid = [i for i, e in enumerate(errors) if e is None]
+        probs = np.full((len(errors), len(self.id2label)), np.nan, dtype=np.float32)
+        if valid:
+            texts = [values[i] for i in valid]
+            policy = batching or self.batching
+            probs[valid] = predict(self.model, self.tokenizer, texts, policy, lengths=lengths).probs
+        return probs, errors, lengths
+
     def predict_proba(self, texts: Sequence[str], batching: BatchingPolicy | None = None):
-        """Class probabilities [n, n_classes], batched as validated unless told otherwise."""
+        """Class probabilities [n, n_classes]; NaN rows for texts that cannot be scored."""
         if isinstance(texts, str):
             raise TypeError("predict takes a sequence of texts; wrap a single text in a list")
-        return predict(self.model, self.tokenizer, list(texts), batching or self.batching).probs
+        return self.score(texts, batching)[0]
 
     def predict(self, texts: Sequence[str], batching: BatchingPolicy | None = None) -> list[dict]:
-        """Per text: `label`, `score` (its probability) and `probabilities` of every class."""
+        """Per text: `label`, `score` (its probability), `probabilities` of every class and
+        `error`; a text that cannot be scored (empty, no tokens) gets None and the reason."""
+        if isinstance(texts, str):
+            raise TypeError("predict takes a sequence of texts; wrap a single text in a list")
+        probs, errors, _ = self.score(texts, batching)
         results = []
-        for row in self.predict_proba(texts, batching):
+        for row, error in zip(probs, errors, strict=True):
+            if error is not None:
+                results.append(
+                    {"label": None, "score": None, "probabilities": None, "error": error}
+                )
+                continue
             best = int(row.argmax())
             results.append(
                 {
                     "label": self.id2label[best],
                     "score": float(row[best]),
                     "probabilities": {self.id2label[i]: float(p) for i, p in enumerate(row)},
+                    "error": None,
                 }
             )
         return results

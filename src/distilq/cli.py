@@ -7,10 +7,13 @@ Exit codes: 0 success (promoted, or a dry run that passed), 1 any other failure,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
 
 from distilq import __version__
 from distilq.config import DEFAULT_REGISTRY, DEFAULT_SOURCE, QuantizeConfig
@@ -53,6 +56,15 @@ def _registry_arg(parser: argparse.ArgumentParser) -> None:
         "--registry",
         default=os.environ.get("DISTILQ_REGISTRY", DEFAULT_REGISTRY),
         help="registry directory or fsspec URI (env DISTILQ_REGISTRY; default %(default)s)",
+    )
+
+
+def _verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the tracebacks of failed steps here too (they are always in the run's "
+        "Prefect logs)",
     )
 
 
@@ -112,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     _registry_arg(q)
     q.add_argument("--dry-run", action="store_true", help="validate and report; publish nothing")
     q.add_argument("--json", action="store_true", help="print only the manifest JSON on stdout")
+    _verbose_arg(q)
 
     s = commands.add_parser(
         "score",
@@ -145,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     _registry_arg(s)
     s.add_argument("--batch-size", type=int, help="default: the batching policy the gate validated")
     s.add_argument(
-        "--max-length", type=int, default=512, help="tokens; longer texts are truncated and counted"
+        "--max-length",
+        type=int,
+        help="tokens; longer texts are truncated and counted (default: the model's policy, "
+        "512, or fewer if the model has fewer positions; more than it has is refused)",
     )
     s.add_argument(
         "--runner",
@@ -166,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an output holding other results"
     )
     s.add_argument("--json", action="store_true", help="print only the summary JSON on stdout")
+    _verbose_arg(s)
 
     models = commands.add_parser("models", help="list, show, promote and roll back versions")
     actions = models.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -209,13 +226,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     api_start = _start_prefect_api_early()
     from flows.quantize_and_promote import quantize_and_promote
 
-    _wait(api_start)
-    try:
-        result = quantize_and_promote(config)
-    except GateRejected as e:
+    _console_tracebacks(args.verbose)
+    with _ephemeral_api(api_start):
+        try:
+            result, rejected = quantize_and_promote(config), None
+        except GateRejected as e:
+            result, rejected = None, e
+    if rejected is not None:
         if args.json:
-            _print_json(e.manifest)
-        print(f"distilq: {e}", file=sys.stderr)
+            _print_json(rejected.manifest)
+        print(f"distilq: {rejected}", file=sys.stderr)
         return EXIT_REJECTED
     manifest = result.manifest
     if args.json:
@@ -264,18 +284,22 @@ def cmd_score(args: argparse.Namespace) -> int:
     api_start = _start_prefect_api_early()
     from flows.score_parquet import ScoringFailed, score_parquet
 
+    _console_tracebacks(args.verbose)
+
     if api_start is not None and config.runner == "local":
         # Its tasks run in this process: load the model while the API starts.
         from tasks.score import classifier_for
 
         classifier_for(config.registry, version)
-    _wait(api_start)
-    try:
-        summary = score_parquet(config).summary
-        code = EXIT_OK
-    except ScoringFailed as e:
-        print(f"distilq: {e}", file=sys.stderr)
-        summary, code = e.summary, EXIT_FAILED
+    with _ephemeral_api(api_start):
+        try:
+            summary, failed = score_parquet(config).summary, None
+        except ScoringFailed as e:
+            summary, failed = e.summary, e
+    code = EXIT_OK
+    if failed is not None:
+        print(f"distilq: {failed}", file=sys.stderr)
+        code = EXIT_FAILED
     if args.json:
         _print_json(summary)
     else:
@@ -297,36 +321,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     from distilq.registry import Registry
 
     registry = Registry(args.registry)
+    if not registry.exists():
+        raise InputError(f"registry {args.registry} does not exist")
     if args.action == "list":
-        production = registry.alias()
-        rows = []
-        for version in reversed(registry.versions()):
-            m = registry.manifest(version)
-            rows.append(
-                {
-                    "version": version,
-                    "production": version == production,
-                    "approved": m["decision"]["approved"],
-                    "recipe": m["recipe"]["name"],
-                    "agreement": m["metrics"]["agreement"],
-                    "size_bytes_int8": m["metrics"]["size_bytes_int8"],
-                    "source": m["source"]["id"],
-                }
-            )
+        rows = _list_rows(registry)
         if args.json:
             _print_json(rows)
         elif not rows:
             print(f"no versions in {args.registry}")
         else:
-            print(
-                f"{'':2}{'version':28}{'gate':10}{'recipe':17}{'agreement':>10}{'MiB':>8}  source"
-            )
-            for r in rows:
-                print(
-                    f"{'*' if r['production'] else ' ':2}{r['version']:28}"
-                    f"{'approved' if r['approved'] else 'rejected':10}{r['recipe']:17}"
-                    f"{r['agreement']:>10.4f}{r['size_bytes_int8'] / 2**20:>8.1f}  {r['source']}"
-                )
+            print(_columns(rows))
         return EXIT_OK
     if args.action == "show":
         manifest = registry.manifest(registry.resolve(args.ref))
@@ -350,6 +354,69 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _list_rows(registry) -> list[dict]:
+    """One row a version, newest first; a version whose manifest fails its check is listed
+    with the reason instead of its figures."""
+    from distilq.errors import IntegrityError
+    from distilq.gate import decide_manifest
+
+    try:
+        production = registry.alias()
+    except IntegrityError as e:
+        print(f"distilq: {e}", file=sys.stderr)
+        production = None
+    rows = []
+    for version in reversed(registry.versions()):
+        row = {"version": version, "production": version == production}
+        try:
+            m = registry.manifest(version)
+        except IntegrityError as e:
+            rows.append({**row, "error": str(e)})
+            continue
+        rows.append(
+            {
+                **row,
+                "approved": decide_manifest(m).approved,
+                "recipe": m["recipe"]["name"],
+                "agreement": m["metrics"]["agreement"],
+                "size_bytes_int8": m["metrics"]["size_bytes_int8"],
+                "source": m["source"]["id"],
+            }
+        )
+    return rows
+
+
+def _columns(rows: list[dict]) -> str:
+    """`models list` as aligned columns; numbers right-aligned."""
+    header = ["version", "gate", "recipe", "agreement", "MiB", "source"]
+    table, marks = [header], [""]
+    for r in rows:
+        marks.append("*" if r["production"] else "")
+        if "error" in r:
+            table.append([r["version"], "DAMAGED", "", "", "", r["error"]])
+            continue
+        table.append(
+            [
+                r["version"],
+                "approved" if r["approved"] else "rejected",
+                r["recipe"],
+                f"{r['agreement']:.4f}",
+                f"{r['size_bytes_int8'] / 2**20:.1f}",
+                r["source"],
+            ]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    right = {3, 4}
+    lines = []
+    for mark, row in zip(marks, table, strict=True):
+        cells = [
+            cell.rjust(w) if i in right else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=False))
+        ]
+        lines.append(f"{mark:2}" + "  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
 def _announce_promotion(version: str, registry: str, entry: dict) -> None:
     """Send `distilq.model.promoted` to the Prefect server in PREFECT_API_URL, so deployment
     triggers re-score as after an automatic promotion. Without a server nobody listens."""
@@ -363,12 +430,44 @@ def _announce_promotion(version: str, registry: str, entry: dict) -> None:
     print(f"sent {PROMOTED_EVENT} to {api}", file=sys.stderr)
 
 
+class _WithoutTraceback(logging.Formatter):
+    """Formats a record as `inner` does, leaving out its traceback."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not record.exc_info:
+            return self.inner.format(record)
+        saved = record.exc_info, record.exc_text
+        record.exc_info = record.exc_text = None
+        try:
+            return self.inner.format(record) + " (traceback: run logs, or --verbose)"
+        finally:
+            record.exc_info, record.exc_text = saved
+
+
+def _console_tracebacks(show: bool) -> None:
+    """Prefect prints a failed step's traceback on the console, ahead of distilq's one-line
+    message. Keep it in the run's logs (sent to the API by another handler) and, unless
+    --verbose, off the console."""
+    if show:
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.setFormatter(_WithoutTraceback(handler.formatter))
+
+
 def _start_prefect_api_early() -> threading.Thread | None:
     """Start the ephemeral Prefect API in the background, when the flow will need one.
 
     Prefect starts it (a server subprocess, 10 s or more) only when the flow begins, after
     torch and Prefect are imported; started now, the two overlap. The flow then finds the
-    same server running (Prefect keeps one per process) and starts nothing twice.
+    same server running (Prefect keeps one per process) and starts nothing twice. A reaper
+    stops the server if this process dies without stopping it (SIGKILL).
     """
     from distilq.runtime import set_prefect_defaults
 
@@ -379,11 +478,22 @@ def _start_prefect_api_early() -> threading.Thread | None:
     if settings.api.url or not settings.server.ephemeral.enabled:
         return None  # a running server is named: use it
 
+    from distilq.reaper import Reaper
+
+    reaper = Reaper()
+
     def start() -> None:
         from prefect.server.api.server import SubprocessASGIServer
 
+        class GuardedServer(SubprocessASGIServer):
+            # Prefect's one launch point of the uvicorn process (also on a port retry).
+            def _run_uvicorn_command(self):
+                process = super()._run_uvicorn_command()
+                reaper.guard(process.pid, "prefect.server.api.server:create_app")
+                return process
+
         try:
-            SubprocessASGIServer().start()
+            GuardedServer().start()
         except Exception:  # noqa: BLE001  the flow's own start then reports it
             pass
 
@@ -392,10 +502,27 @@ def _start_prefect_api_early() -> threading.Thread | None:
     return thread
 
 
-def _wait(api_start: threading.Thread | None) -> None:
-    """Wait for the early API start: until it is done, the server may not answer yet."""
-    if api_start is not None:
-        api_start.join()
+@contextlib.contextmanager
+def _ephemeral_api(api_start: threading.Thread | None) -> Iterator[None]:
+    """Around a flow run: wait for the early API start (until it is done, the server may
+    not answer), and stop the server after the run, so that its closing log line comes
+    before distilq's own last line rather than after it."""
+    if api_start is None:
+        yield
+        return
+    api_start.join()
+    try:
+        yield
+    finally:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+        from prefect.server.api.server import SubprocessASGIServer
+
+        # What Prefect does at exit, done now: deliver the run's last logs and events,
+        # then stop the server it keeps for this process.
+        APILogWorker.drain_all(timeout=30)
+        EventsWorker.drain_all(timeout=30)
+        SubprocessASGIServer().stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,6 +540,11 @@ def main(argv: list[str] | None = None) -> int:
     except DistilqError as e:
         print(f"distilq: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader stopped (`| head`): not an error. Point stdout at /dev/null so the
+        # interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

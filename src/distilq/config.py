@@ -140,7 +140,9 @@ class ScoreConfig(BaseModel):
     model: str = Field("production", description="Registry version or alias")
     registry: str = Field(default_factory=_env_default("DISTILQ_REGISTRY", DEFAULT_REGISTRY))
     batch_size: int | None = Field(None, ge=1, le=4096, description="Default: the model's policy")
-    max_length: int = Field(512, ge=8, le=4096)
+    max_length: int | None = Field(
+        None, ge=8, le=4096, description="Tokens; default: the model's policy (512) or its limit"
+    )
     runner: Literal["local", "process", "dask"] = "local"
     workers: int = Field(1, ge=1, le=256)
     threads: int = Field(default_factory=available_cores, ge=1, le=1024)

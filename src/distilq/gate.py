@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from distilq.config import GateThresholds
-from distilq.validation import Metrics
+from distilq.metrics import Metrics, SetMetrics, set_metrics_of
 
 # Agreement and accuracy drop are ratios of counts; this absorbs float rounding at the edge.
 _EPS = 1e-12
@@ -22,9 +22,21 @@ class Decision(BaseModel):
 def decide(metrics: Metrics, thresholds: GateThresholds) -> Decision:
     """Approve when, on every validation set, agreement >= min_agreement and, with labels,
     the accuracy drop is at most max_accuracy_drop."""
+    return decide_sets(metrics.sets, thresholds)
+
+
+def decide_manifest(manifest: dict) -> Decision:
+    """The gate's decision re-derived from a version's recorded metrics and thresholds,
+    rather than trusting its stored `decision.approved`."""
+    thresholds = GateThresholds(**manifest["decision"]["thresholds"])
+    return decide_sets(set_metrics_of(manifest["metrics"]), thresholds)
+
+
+def decide_sets(sets: list[SetMetrics], thresholds: GateThresholds) -> Decision:
+    """The decision over per-set figures (see `decide`)."""
     reasons, approved = [], True
-    several = len(metrics.sets) > 1
-    for m in metrics.sets:
+    several = len(sets) > 1
+    for m in sets:
         prefix = f"{m.name}: " if several else ""
         ok_agreement = m.agreement + _EPS >= thresholds.min_agreement
         reasons.append(

@@ -4,6 +4,7 @@ Layout under the registry root (a directory or an fsspec URI)::
 
     versions/<version>/model/          config, tokenizer files, INT8 weights
     versions/<version>/report.md
+    versions/<version>/manifest.sha256 the manifest's sha256, checked on every read
     versions/<version>/manifest.json   written last: a version exists once it is there
     aliases/production.json
     aliases/history.jsonl              every alias move: when, from, to, why, by which command
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
 import json
+import logging
 import os
 import random
 import sys
@@ -32,6 +35,7 @@ from typing import TypeVar
 
 from distilq.checkpoint import sha256_file
 from distilq.errors import DistilqError, InputError, IntegrityError
+from distilq.gate import decide_manifest
 from distilq.storage import (
     WriteConflict,
     is_local,
@@ -43,8 +47,13 @@ from distilq.storage import (
 
 PRODUCTION = "production"
 MANIFEST = "manifest.json"
+# The manifest's sha256, written by `publish` just before the manifest and checked on every
+# read: a manifest edited after publishing is refused.
+MANIFEST_SHA256 = "manifest.sha256"
+HISTORY = "history.jsonl"
 CONFLICT_RETRIES = 20
 T = TypeVar("T")
+log = logging.getLogger("distilq")
 
 
 def utc_now() -> str:
@@ -79,21 +88,44 @@ class Registry:
         names = sorted(Path(e).name for e in entries)
         return [n for n in names if self.fs.exists(self._path("versions", n, MANIFEST))]
 
+    def exists(self) -> bool:
+        """Whether the registry's root is there at all."""
+        return self.fs.exists(self.root)
+
     def manifest(self, version: str) -> dict:
-        """The manifest of `version`."""
+        """The manifest of `version`, refused if it changed since it was published."""
+        base = self._path("versions", version)
         try:
-            with self.fs.open(self._path("versions", version, MANIFEST), "rb") as f:
-                return json.load(f)
+            data = self.fs.cat_file(f"{base}/{MANIFEST}")
         except FileNotFoundError:
             raise InputError(f"registry {self.uri}: no version {version!r}") from None
+        try:
+            recorded = self.fs.cat_file(f"{base}/{MANIFEST_SHA256}").decode().strip()
+        except FileNotFoundError:
+            recorded = None  # published before manifests were sealed: nothing to check
+        if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
+            raise IntegrityError(
+                f"{base}/{MANIFEST} was changed after it was published (its sha256 is not the "
+                f"one in {MANIFEST_SHA256}); refusing to trust version {version}"
+            )
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise IntegrityError(f"{base}/{MANIFEST} is not valid JSON: {e}") from e
+
+    def model_config(self, version: str) -> dict:
+        """The version's transformers config.json (checked against its manifest)."""
+        manifest = self.manifest(version)
+        rel = "model/config.json"
+        data = self.fs.cat_file(self._path("versions", version, rel))
+        if hashlib.sha256(data).hexdigest() != manifest["files"].get(rel):
+            raise IntegrityError(f"{self.uri}: {rel} of {version} does not match its manifest")
+        return json.loads(data)
 
     def alias(self, name: str = PRODUCTION) -> str | None:
         """The version an alias points to, or None."""
-        try:
-            with self.fs.open(self._path("aliases", f"{name}.json"), "rb") as f:
-                return json.load(f)["version"]
-        except FileNotFoundError:
-            return None
+        pointer, _ = self._read_alias(name)
+        return pointer.get("version")
 
     def resolve(self, ref: str = PRODUCTION) -> str:
         """A version name from a version or an alias."""
@@ -109,18 +141,42 @@ class Registry:
     def find_run(self, run_key: str) -> dict | None:
         """The newest manifest made from the same inputs (`run_key`), if any."""
         for version in reversed(self.versions()):
-            manifest = self.manifest(version)
+            try:
+                manifest = self.manifest(version)
+            except IntegrityError as e:
+                log.warning("skipping version %s: %s", version, e)
+                continue
             if manifest.get("run_key") == run_key:
                 return manifest
         return None
 
     def history(self) -> list[dict]:
-        """Every alias move, oldest first (by move number; entries without one come first)."""
+        """Every alias move, oldest first (by move number; entries without one come first).
+
+        A line a crash cut short cannot be read: it is skipped, with a warning.
+        """
+        path = self._path("aliases", HISTORY)
         try:
-            data = self.fs.cat_file(self._path("aliases", "history.jsonl"))
+            data = self.fs.cat_file(path)
         except FileNotFoundError:
             return []
-        entries = [json.loads(line) for line in data.decode().splitlines() if line]
+        entries = []
+        for number, line in enumerate(data.decode(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = None
+            if not isinstance(entry, dict) or "to" not in entry:
+                log.warning(
+                    "%s line %d is damaged (cut off by a crash?); skipped: %.80s",
+                    path,
+                    number,
+                    line,
+                )
+                continue
+            entries.append(entry)
         return sorted(entries, key=lambda e: e.get("seq", 0))
 
     def fetch(
@@ -148,6 +204,8 @@ class Registry:
     def _alias_lock(self) -> Iterator[None]:
         import fcntl
 
+        if not self.exists():
+            raise InputError(f"registry {self.uri} does not exist")
         os.makedirs(self._path("aliases"), exist_ok=True)
         with open(self._path("aliases", ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -173,10 +231,29 @@ class Registry:
                 time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
         raise DistilqError(f"registry {self.uri}: {what} kept changing; try again")
 
-    def _read_alias(self) -> tuple[dict, str | None]:
-        """The production pointer ({} if none) and the token its conditional rewrite needs."""
-        data, token = read_for_update(self.fs, self._path("aliases", f"{PRODUCTION}.json"))
-        return (json.loads(data) if data else {}), token
+    def _read_alias(self, name: str = PRODUCTION, repair: bool = False) -> tuple[dict, str | None]:
+        """The alias pointer ({} if none) and the token its conditional rewrite needs.
+
+        A damaged pointer is an error naming the file, or with `repair` (an explicit promote
+        or rollback, which rewrites it) read as no pointer.
+        """
+        path = self._path("aliases", f"{name}.json")
+        data, token = read_for_update(self.fs, path)
+        if data is None:
+            return {}, token
+        try:
+            pointer = json.loads(data)
+        except ValueError:
+            pointer = None
+        if isinstance(pointer, dict) and isinstance(pointer.get("version"), str):
+            return pointer, token
+        if repair:
+            log.warning("%s is damaged; rewriting it", path)
+            return {}, token
+        raise IntegrityError(
+            f"{path} is damaged (not a pointer to a version); repair it with `distilq models "
+            f"promote VERSION` or `distilq models rollback`"
+        )
 
     def publish(self, staging: str | Path, manifest: dict) -> str:
         """Copy a staged version (files listed in the manifest) in; the manifest goes last.
@@ -192,14 +269,21 @@ class Registry:
             target = self._path("versions", version, rel)
             self.fs.makedirs(os.path.dirname(target), exist_ok=True)
             self.fs.put_file(str(staging / rel), target)
-        write_atomic(self.fs, self._path("versions", version, MANIFEST), manifest_bytes(manifest))
+        data = manifest_bytes(manifest)
+        seal = (hashlib.sha256(data).hexdigest() + "\n").encode()
+        write_atomic(self.fs, self._path("versions", version, MANIFEST_SHA256), seal)
+        write_atomic(self.fs, self._path("versions", version, MANIFEST), data)
         return version
 
     def _append_history(self, entry: dict) -> None:
+        """Append one line; a line a crash cut short is ended first, so no entry is glued
+        onto it."""
         line = (json.dumps(entry, sort_keys=True) + "\n").encode()
-        path = self._path("aliases", "history.jsonl")
+        path = self._path("aliases", HISTORY)
         if self.is_local:  # the alias lock is held
-            with open(path, "ab") as f:
+            with open(path, "a+b") as f:
+                if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                    f.write(b"\n")
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
@@ -207,7 +291,10 @@ class Registry:
 
         def append() -> None:  # object stores cannot append: rewrite it
             old, token = read_for_update(self.fs, path)
-            write_if_unchanged(self.fs, path, (old or b"") + line, token)
+            old = old or b""
+            if old and not old.endswith(b"\n"):
+                old += b"\n"
+            write_if_unchanged(self.fs, path, old + line, token)
 
         self._retry_on_conflict(append, path)
 
@@ -223,7 +310,7 @@ class Registry:
         at = utc_now()
         # Each move is numbered: on object stores two movers' history appends may land in
         # either order, and `history()` sorts by this number.
-        seq = current.get("seq", 0) + 1
+        seq = max(current.get("seq", 0), *(e.get("seq", 0) for e in self.history()), 0) + 1
         pointer = {
             "alias": PRODUCTION,
             "version": version,
@@ -256,23 +343,25 @@ class Registry:
     ) -> dict | None:
         """Point `production` at `version`; return the history entry (None if nothing moved).
 
-        A version the gate rejected is refused unless `force` (recorded in the history).
+        A version the gate rejects is refused unless `force` (recorded in the history); the
+        decision is derived again from the version's metrics, not read from its manifest.
         `newer_only` (automatic promotion) never moves production to an older version, so
-        two publishes racing leave it on the newer one.
+        two publishes racing leave it on the newer one. An explicit promotion rewrites a
+        damaged pointer.
         """
         manifest = self.manifest(version)
-        approved = manifest["decision"]["approved"]
-        if not approved and not force:
+        decision = decide_manifest(manifest)
+        if not decision.approved and not force:
             raise InputError(
                 f"version {version} was rejected by the gate "
-                f"({'; '.join(manifest['decision']['reasons'])}); use --force to promote it anyway"
+                f"({'; '.join(decision.reasons)}); use --force to promote it anyway"
             )
-        if not approved:
+        if not decision.approved:
             reason = f"{reason} (forced over a rejected gate)"
         command = command or command_line()
 
         def step() -> dict | None:
-            current, token = self._read_alias()
+            current, token = self._read_alias(repair=not newer_only)
             if current.get("version") == version:
                 return None
             if newer_only and current:
@@ -283,26 +372,29 @@ class Registry:
         return self._alias_step(step)
 
     def rollback(self, reason: str = "rollback", command: str | None = None) -> dict:
-        """Point `production` back at the version it had before the current one."""
+        """Point `production` back at the version it had before the current one (found in
+        the history, so a damaged pointer is rewritten)."""
         command = command or command_line()
+        self._rollback_target()  # refused before anything is written (or locked)
 
         def step() -> dict:
-            current, token = self._read_alias()
-            stack: list[str] = []
-            for entry in self.history():
-                if entry["alias"] != PRODUCTION:
-                    continue
-                if entry["action"] == "promote":
-                    stack.append(entry["to"])
-                elif entry["action"] == "rollback" and stack:
-                    stack.pop()
-            if len(stack) < 2:
-                raise InputError(
-                    f"registry {self.uri}: no earlier production version to roll back to"
-                )
-            return self._move(stack[-2], "rollback", reason, command, current, token)
+            current, token = self._read_alias(repair=True)
+            return self._move(self._rollback_target(), "rollback", reason, command, current, token)
 
         return self._alias_step(step)
+
+    def _rollback_target(self) -> str:
+        stack: list[str] = []
+        for entry in self.history():
+            if entry.get("alias", PRODUCTION) != PRODUCTION:
+                continue
+            if entry.get("action") == "promote":
+                stack.append(entry["to"])
+            elif entry.get("action") == "rollback" and stack:
+                stack.pop()
+        if len(stack) < 2:
+            raise InputError(f"registry {self.uri}: no earlier production version to roll back to")
+        return stack[-2]
 
 
 def manifest_bytes(data: dict) -> bytes:

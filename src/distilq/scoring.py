@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import fsspec
 import numpy as np
@@ -35,7 +35,6 @@ from distilq.storage import (
     url_to_fs,
     write_if_unchanged,
 )
-from distilq.validation import predict, token_lengths
 
 MANIFEST = "_manifest.json"
 OUTPUT_COLUMNS = ("label", "score", "model_version", "error")
@@ -116,10 +115,12 @@ def _identity(info: dict) -> dict:
     return ident
 
 
-def discover_inputs(inputs: list[str]) -> list[tuple[str, str, dict]]:
+def discover_inputs(inputs: list[str]) -> tuple[list[tuple[str, str, dict]], list[str]]:
     """Every Parquet file named by `inputs` (files, directories, globs, fsspec URIs), with
-    the name relative to what the user gave and the file's identity. Missing inputs fail."""
+    the name relative to what the user gave and the file's identity; and the directories
+    the inputs walk (given directories, roots of `**` globs). Missing inputs fail."""
     found: list[tuple[str, str, dict]] = []
+    walked: list[str] = []
     for spec in inputs:
         fs, path = url_to_fs(spec)
         if globlib.has_magic(path):
@@ -127,6 +128,8 @@ def discover_inputs(inputs: list[str]) -> list[tuple[str, str, dict]]:
             paths = sorted(p for p in fs.glob(path) if fs.isfile(p))
             if not paths:
                 raise InputError(f"--input {spec!r} matches no file")
+            if "**" in path:
+                walked.append(_uri(fs, root))
         elif fs.isdir(path):
             root = path.rstrip("/")
             paths = sorted(
@@ -137,6 +140,7 @@ def discover_inputs(inputs: list[str]) -> list[tuple[str, str, dict]]:
             )
             if not paths:
                 raise InputError(f"--input {spec!r} is a directory with no *.parquet file")
+            walked.append(_uri(fs, root))
         elif fs.isfile(path):
             root, paths = path.rsplit("/", 1)[0] if "/" in path else "", [path]
         else:
@@ -148,7 +152,48 @@ def discover_inputs(inputs: list[str]) -> list[tuple[str, str, dict]]:
     duplicates = {u for u in uris if uris.count(u) > 1}
     if duplicates:
         raise InputError(f"inputs name these files more than once: {', '.join(sorted(duplicates))}")
-    return found
+    return found, walked
+
+
+def _canonical(uri: str) -> str:
+    """One spelling per place: local paths with links resolved, URIs as protocol://path."""
+    fs, path = url_to_fs(uri)
+    if is_local(fs):
+        return os.path.realpath(path)
+    return f"{protocol(fs)}://{path.strip('/')}"
+
+
+def _within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def check_output(output: str, input_dirs: list[str], input_files: list[str]) -> None:
+    """Refuse an output distilq cannot or must not write to, before anything is touched:
+    an existing file, a path under a file, an unwritable place, or one that overlaps the
+    inputs (equal to, inside or around an input directory or file, links resolved)."""
+    fs, path = url_to_fs(output)
+    if is_local(fs):
+        target = Path(path)
+        if target.exists() and not target.is_dir():
+            raise InputError(f"--output {output!r} is an existing file, not a directory")
+        existing = next(p for p in [target, *target.parents] if p.exists())
+        if not existing.is_dir():
+            raise InputError(f"--output {output!r} cannot be created: {existing} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise InputError(f"--output {output!r} cannot be created: {existing} is not writable")
+    out = _canonical(output)
+    for directory in map(_canonical, input_dirs):
+        if _within(out, directory) or _within(directory, out):
+            raise InputError(
+                f"--output {output!r} overlaps the input directory {directory}: distilq never "
+                "writes where it reads; choose an --output outside the inputs"
+            )
+    for file in map(_canonical, input_files):
+        if _within(file, out):
+            raise InputError(
+                f"--output {output!r} holds the input file {file}: distilq never writes where "
+                "it reads; choose an --output outside the inputs"
+            )
 
 
 def _partitions(relative: str) -> dict[str, str]:
@@ -163,8 +208,9 @@ def _open_parquet(uri: str) -> Iterator[pq.ParquetFile]:
         yield pq.ParquetFile(f)
 
 
-def plan_shards(inputs: list[str], options: ScoreOptions) -> Plan:
-    """Shards for every input file, after checking each schema has the needed columns.
+def plan_shards(inputs: list[str], options: ScoreOptions, output: str | None = None) -> Plan:
+    """Shards for every input file, after checking each schema has the needed columns and,
+    given the `output`, that it lies apart from the inputs (`check_output`).
 
     A file whose footer cannot be read is recorded as unreadable (the others still run);
     a missing text or id column is a usage error for the whole run.
@@ -173,7 +219,10 @@ def plan_shards(inputs: list[str], options: ScoreOptions) -> Plan:
     unreadable: dict[str, str] = {}
     names: Counter[str] = Counter()
     entries = []
-    for uri, relative, identity in discover_inputs(inputs):
+    files, walked = discover_inputs(inputs)
+    if output is not None:
+        check_output(output, walked, [uri for uri, _, _ in files])
+    for uri, relative, identity in files:
         try:
             with _open_parquet(uri) as parquet:
                 meta = parquet.metadata
@@ -236,17 +285,6 @@ def _group_runs(meta: pq.FileMetaData, shard_rows: int) -> list[tuple[int, ...]]
 # -- scoring ---------------------------------------------------------------------------------
 
 
-def text_error(value) -> str | None:
-    """Why a value cannot be scored, or None when it is a text."""
-    if value is None:
-        return "text is null"
-    if not isinstance(value, str):
-        return f"text is {type(value).__name__}, not a string"
-    if not value.strip():
-        return "text is empty" if not value else "text is only whitespace"
-    return None
-
-
 def _output_schema(
     input_schema: pa.Schema, kept: list[str], partitions: dict, labels: list[str], options
 ) -> pa.Schema:
@@ -263,16 +301,9 @@ def _output_schema(
 
 def score_window(
     classifier, values: list, options: ScoreOptions
-) -> tuple[np.ndarray | None, list, int]:
-    """Probabilities for the scorable values (rows sorted by length inside the window), the
-    error of every row, and how many texts were truncated."""
-    errors = [text_error(v) for v in values]
-    valid = [i for i, e in enumerate(errors) if e is None]
-    if not valid:
-        return None, errors, 0
-    texts = [values[i] for i in valid]
-    lengths = token_lengths(classifier.tokenizer, texts)
-    truncated = sum(n > options.max_length for n in lengths)
+) -> tuple[np.ndarray, list[str | None], int]:
+    """Probabilities for the values (NaN rows where a value cannot be scored; rows sorted by
+    length inside the window), the error of every row, and how many texts were truncated."""
     policy = classifier.batching.model_copy(
         update={
             "batch_size": options.batch_size,
@@ -280,11 +311,8 @@ def score_window(
             "sort_by_length": options.sort_by_length,
         }
     )
-    probs = np.full((len(values), len(classifier.id2label)), np.nan, dtype=np.float32)
-    probs[valid] = predict(
-        classifier.model, classifier.tokenizer, texts, policy, lengths=lengths
-    ).probs
-    return probs, errors, truncated
+    probs, errors, lengths = classifier.score(values, policy)
+    return probs, errors, sum(n > options.max_length for n in lengths)
 
 
 def score_shard(
@@ -339,12 +367,8 @@ def _score_batch(classifier, batch, shard, kept, labels, schema, options, stats)
             columns[name] = batch.column(name)
         else:  # a hive partition value
             columns[name] = pa.array([shard.partitions[name]] * n, pa.string())
-    if probs is None:
-        best = np.zeros(n, dtype=int)
-        score = np.full(n, np.nan, dtype=np.float32)
-    else:
-        best = np.nan_to_num(probs, nan=-1).argmax(axis=1)
-        score = probs[np.arange(n), best]
+    best = np.nan_to_num(probs, nan=-1).argmax(axis=1)
+    score = probs[np.arange(n), best]
     ok = np.array([e is None for e in errors])
     columns["label"] = pa.array(
         [labels[b] if o else None for b, o in zip(best, ok, strict=True)], pa.string()
@@ -352,8 +376,7 @@ def _score_batch(classifier, batch, shard, kept, labels, schema, options, stats)
     columns["score"] = pa.array(score, pa.float32(), mask=~ok)
     if options.probabilities:
         for j, label in enumerate(labels):
-            values_j = probs[:, j] if probs is not None else np.zeros(n, dtype=np.float32)
-            columns[f"prob_{label}"] = pa.array(values_j, pa.float32(), mask=~ok)
+            columns[f"prob_{label}"] = pa.array(probs[:, j], pa.float32(), mask=~ok)
     columns["model_version"] = pa.array([classifier.version] * n, pa.string())
     columns["error"] = pa.array(errors, pa.string())
     stats.rows_read += n
@@ -406,7 +429,15 @@ class OutputManifest:
 
     def load(self) -> dict:
         content, self.token = read_for_update(self.fs, self.path)
-        self.data = json.loads(content) if content else {}
+        try:
+            self.data = json.loads(content) if content else {}
+        except ValueError:
+            self.data = None
+        if not isinstance(self.data, dict):
+            raise InputError(
+                f"{self.output_dir}/{MANIFEST} is not a distilq output manifest (damaged or "
+                "foreign); distilq will not write there. Choose another --output"
+            )
         return self.data
 
     def save(self) -> None:
@@ -422,24 +453,39 @@ class OutputManifest:
             ) from None
 
 
+def _is_temporary(name: str) -> bool:
+    """A shard file a killed run left half-written (see `_staged`)."""
+    return name.startswith(".") and ".parquet." in name and name.endswith(".tmp")
+
+
 def prepare_output(
     output_dir: str, plan: Plan, model_version: str, settings: dict, overwrite: bool
 ) -> tuple[OutputManifest, list[Shard]]:
     """Check the output directory against this run and return the manifest and the shards
-    still to score. Refuses results of another model version, other inputs or other
-    settings unless `overwrite` (which clears them)."""
+    still to score.
+
+    Refuses results of another model version, other inputs or other settings unless
+    `overwrite`, which removes them. Files distilq did not write there (not in
+    `_manifest.json`) are never removed: an output holding any is refused, overwrite or not.
+    """
     manifest = OutputManifest(output_dir)
     fs, root = manifest.fs, manifest.root.rstrip("/")
-    fs.makedirs(root, exist_ok=True)
     existing = manifest.load()
     try:
         files = [PurePosixPath(p).name for p in fs.ls(root, detail=False)]
-    except FileNotFoundError:  # object stores have no empty directories
+    except FileNotFoundError:  # not made yet; object stores have no empty directories
         files = []
-    strays = [
-        f for f in files if f != MANIFEST and not f.endswith(".parquet") and not f.endswith(".tmp")
-    ]
     wanted = {s.output: s for s in plan.shards}
+    # A distilq output's own files: recorded shards, and shards of this plan that a killed
+    # run finished but had not recorded yet.
+    ours = set(existing.get("shards", {})) | (set(wanted) if existing else set())
+    foreign = [f for f in files if f != MANIFEST and f not in ours and not _is_temporary(f)]
+    if foreign:
+        raise InputError(
+            f"output {output_dir} holds files distilq did not write there "
+            f"({', '.join(sorted(foreign)[:3])}{', ...' if len(foreign) > 3 else ''}); distilq "
+            "never removes them, not even with --overwrite. Choose another --output"
+        )
     problems = []
     if existing:
         if existing.get("model_version") != model_version:
@@ -451,23 +497,17 @@ def prepare_output(
             if shard is None or entry["input"] != shard.uri or entry["identity"] != shard.identity:
                 problems.append(f"{name} comes from another input ({entry['input']})")
                 break
-    elif any(f.endswith(".parquet") for f in files):
-        problems.append("it holds Parquet files but no distilq manifest")
-    if strays:
-        problems.append(f"it holds other files ({', '.join(strays[:3])})")
     if problems and not overwrite:
         raise InputError(
             f"output {output_dir}: {'; '.join(problems)}. Use another --output, or --overwrite "
-            "to replace its contents"
+            "to replace distilq's results there"
         )
-    if problems or overwrite:
-        for f in files:
-            fs.rm(f"{root}/{f}", recursive=True)
-        existing, manifest.token = {}, None
-    for f in files:  # temporaries of a killed run
-        if f.endswith(".tmp") and fs.exists(f"{root}/{f}"):
-            fs.rm(f"{root}/{f}")
-    done = existing.get("shards", {}) if existing else {}
+    fs.makedirs(root, exist_ok=True)
+    for f in files:
+        if _is_temporary(f) or ((problems or overwrite) and f != MANIFEST):
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(f"{root}/{f}")
+    done = {} if problems or overwrite else existing.get("shards", {})
     manifest.data = {
         "model_version": model_version,
         "settings": settings,
@@ -550,27 +590,38 @@ def output_lock(output_dir: str) -> Iterator[None]:
         os.close(fd)
 
 
-def options_for(config, batching: dict) -> ScoreOptions:
-    """Scoring options from a ScoreConfig and the model's validated batching policy."""
+def options_for(config, registry, version: str) -> ScoreOptions:
+    """Scoring options from a ScoreConfig and the model's validated batching policy.
+
+    `--max-length` defaults to the policy's (at most the model's positions); a longer one
+    than the model has positions for is refused here, before any file is scored.
+    """
+    batching = registry.manifest(version)["recipe"]["batching"]
+    positions = registry.model_config(version).get("max_position_embeddings")
+    limit = min(batching["max_length"], positions or batching["max_length"])
+    if config.max_length is not None and positions and config.max_length > positions:
+        raise InputError(
+            f"--max-length {config.max_length} exceeds the {positions} token positions of model "
+            f"{version}; use at most {positions} (longer texts are truncated and counted)"
+        )
     return ScoreOptions(
         text_column=config.text_column,
         id_columns=config.id_columns,
         keep_text=config.keep_text,
         probabilities=config.probabilities,
-        max_length=config.max_length,
+        max_length=config.max_length or limit,
         batch_size=config.batch_size or batching["batch_size"],
         sort_by_length=batching["sort_by_length"],
     )
 
 
 def preflight(config) -> str:
-    """Fail fast, before starting any engine: unknown model, missing paths or columns.
+    """Fail fast, before starting any engine: unknown model, a --max-length the model cannot
+    take, missing paths or columns, an output that overlaps the inputs or cannot be made.
     Returns the model version `config.model` names now."""
     from distilq.registry import Registry
 
     registry = Registry(config.registry)
     version = registry.resolve(config.model)
-    plan_shards(
-        config.inputs, options_for(config, registry.manifest(version)["recipe"]["batching"])
-    )
+    plan_shards(config.inputs, options_for(config, registry, version), config.output)
     return version

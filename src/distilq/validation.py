@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel
 
 from distilq.config import BatchingPolicy
 from distilq.errors import InputError
+from distilq.metrics import Flip, Metrics, SetMetrics, Speed
 
 # GLUE SST-2 validation (872 rows), shipped in the package.
 PACKAGED_VALIDATION = "builtin:sst2-validation"
@@ -218,6 +218,39 @@ class Predictions:
         return self.probs.argmax(axis=1)
 
 
+NO_TOKENS = "text has no tokens but special ones (only control, invisible or unknown characters)"
+
+
+def text_error(value) -> str | None:
+    """Why a value is not a text to score, or None when it is one."""
+    if value is None:
+        return "text is null"
+    if not isinstance(value, str):
+        return f"text is {type(value).__name__}, not a string"
+    if not value.strip():
+        return "text is empty" if not value else "text is only whitespace"
+    return None
+
+
+def screen_texts(tokenizer, values: list) -> tuple[list[str | None], list[int]]:
+    """Why each value cannot be scored (None where it can), and the token lengths of those
+    that can. A text the tokenizer reduces to special tokens alone (a NUL, zero-width
+    spaces) would get a confident label from nothing: it cannot be scored either."""
+    errors = [text_error(v) for v in values]
+    valid = [i for i, e in enumerate(errors) if e is None]
+    encoded = (
+        tokenizer([values[i] for i in valid], truncation=False, verbose=False) if valid else {}
+    )
+    special = set(tokenizer.all_special_ids)
+    lengths = []
+    for i, ids in zip(valid, encoded.get("input_ids", []), strict=True):
+        if all(t in special for t in ids):
+            errors[i] = NO_TOKENS
+        else:
+            lengths.append(len(ids))
+    return errors, lengths
+
+
 def token_lengths(tokenizer, texts: list[str]) -> list[int]:
     """Token counts with special tokens and without truncation."""
     return [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
@@ -248,7 +281,7 @@ def predict(
     batches = batch_order(lengths or token_lengths(tokenizer, texts), policy)
     n_classes = model.config.num_labels
     probs = np.zeros((len(texts), n_classes), dtype=np.float32)
-    bar = _progress(len(texts), progress)
+    bar = _progress_total(len(texts), progress)
     start = time.perf_counter()
     with torch.inference_mode():
         for idx in batches:
@@ -266,7 +299,7 @@ def predict(
     return Predictions(probs, time.perf_counter() - start, len(batches))
 
 
-def _progress(total: int, desc: str | None):
+def _progress_total(total: int, desc: str | None):
     from tqdm.auto import tqdm
 
     return tqdm(
@@ -274,51 +307,45 @@ def _progress(total: int, desc: str | None):
     )
 
 
-class Flip(BaseModel):
-    """An example whose predicted label differs between FP32 and INT8."""
+def progress_bar(items: list, desc: str, unit: str):
+    """`items`, with a progress bar on stderr (long phases; logs get their own lines)."""
+    from tqdm.auto import tqdm
 
-    index: int
-    text: str
-    label: str | None  # the true label, when the validation set has labels
-    fp32_label: str
-    fp32_score: float
-    int8_label: str
-    int8_score: float
+    return tqdm(items, desc=desc, unit=unit, file=sys.stderr, leave=False)
 
 
-class SetMetrics(BaseModel):
-    """Agreement and accuracy on one validation set (one `Part`)."""
+def best_rows_per_second(
+    models: dict, tokenizer, texts: list[str], policy: BatchingPolicy, passes: int = 3
+) -> dict[str, float]:
+    """Best of `passes` interleaved timed passes per model, so machine noise hits all alike
+    and the first, cold pass does not count."""
+    lengths = token_lengths(tokenizer, texts)
+    best = dict.fromkeys(models, 0.0)
+    for _ in range(passes):
+        for name, model in models.items():
+            pred = predict(model, tokenizer, texts, policy, lengths=lengths)
+            best[name] = max(best[name], len(texts) / pred.seconds)
+    return best
 
-    name: str
-    n_examples: int
-    agreement: float
-    flips: int
-    accuracy_fp32: float | None
-    accuracy_int8: float | None
-    accuracy_drop: float | None
 
+def measure_speed(
+    fp32_model, int8_model, tokenizer, texts: list[str], policy: BatchingPolicy, rows: int = 256
+) -> Speed:
+    """Warm rows/s of both models on an even sample of `texts` (every set represented)."""
+    from distilq.hardware import describe_cpu
 
-class Metrics(BaseModel):
-    """How the INT8 model compares with FP32 on the same examples and batches.
-
-    The top-level figures are over every example; `sets` has them per validation set, and
-    the gate checks each set.
-    """
-
-    n_examples: int
-    agreement: float
-    flips: int
-    flipped: list[Flip]
-    accuracy_fp32: float | None
-    accuracy_int8: float | None
-    accuracy_drop: float | None
-    mean_abs_prob_change: float  # of the probability of FP32's predicted class
-    max_abs_prob_change: float
-    latency_ms_per_batch_fp32: float
-    latency_ms_per_batch_int8: float
-    rows_per_second_fp32: float
-    rows_per_second_int8: float
-    sets: list[SetMetrics]
+    sample = texts[:: max(1, len(texts) // rows)][:rows]
+    passes = 3
+    best = best_rows_per_second(
+        {"fp32": fp32_model, "int8": int8_model}, tokenizer, sample, policy, passes
+    )
+    return Speed(
+        rows=len(sample),
+        passes=passes,
+        cpu=describe_cpu(),
+        rows_per_second_fp32=best["fp32"],
+        rows_per_second_int8=best["int8"],
+    )
 
 
 def _set_metrics(name: str, a: np.ndarray, b: np.ndarray, truth: np.ndarray | None) -> SetMetrics:
@@ -347,9 +374,16 @@ def set_agreements(fp32: Predictions, int8: Predictions, validation: ValidationS
 
 
 def compare(
-    fp32: Predictions, int8: Predictions, validation: ValidationSet, id2label: dict[int, str]
+    fp32: Predictions,
+    int8: Predictions,
+    validation: ValidationSet,
+    id2label: dict[int, str],
+    speed: Speed | None = None,
 ) -> Metrics:
-    """Agreement, accuracies, probability changes and flipped examples of INT8 vs FP32."""
+    """Agreement, accuracies, probability changes and flipped examples of INT8 vs FP32.
+
+    Speed figures come from `speed` (see `measure_speed`) when given, else from the two
+    prediction passes themselves (one cold pass each: noisy)."""
     n = len(validation.texts)
     a, b = fp32.labels, int8.labels
     rows = np.arange(n)
@@ -384,7 +418,8 @@ def compare(
         max_abs_prob_change=float(change.max()),
         latency_ms_per_batch_fp32=1000 * fp32.seconds / fp32.n_batches,
         latency_ms_per_batch_int8=1000 * int8.seconds / int8.n_batches,
-        rows_per_second_fp32=n / fp32.seconds,
-        rows_per_second_int8=n / int8.seconds,
+        rows_per_second_fp32=speed.rows_per_second_fp32 if speed else n / fp32.seconds,
+        rows_per_second_int8=speed.rows_per_second_int8 if speed else n / int8.seconds,
         sets=sets,
+        speed=speed,
     )

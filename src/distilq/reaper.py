@@ -1,0 +1,72 @@
+"""Stop helper processes when the process that started them dies, however it dies.
+
+`distilq quantize` and `distilq score` start Prefect's ephemeral API server, a `uvicorn`
+subprocess that Prefect stops at a normal exit. A run killed with SIGKILL (or SIGTERM,
+which skips exit handlers) leaves it running, holding a port and ~200 MiB. The reaper is
+a small process of its own session that reads a pipe only the run writes to: when the run
+ends, by any means, the kernel closes the pipe, and the reaper stops what it was told to
+guard. Linux only (it reads /proc); elsewhere it does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+class Reaper:
+    """A reaper process watching this one; `guard` hands it a process to stop after us."""
+
+    def __init__(self) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "distilq.reaper"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C to the run's process group does not reach it
+        )
+
+    def guard(self, pid: int, marker: str) -> None:
+        """Stop `pid` once this process has ended, if its command line still has `marker`
+        (so a process id reused since is never touched)."""
+        assert self._process.stdin is not None
+        self._process.stdin.write(f"{pid} {marker}\n".encode())
+        self._process.stdin.flush()
+
+
+def _command_line(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+
+
+def stop(pid: int, marker: str, grace: float = 5.0) -> None:
+    """SIGTERM `pid` if it still runs the command marked by `marker`; SIGKILL after `grace`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if marker not in (_command_line(pid) or ""):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and marker in (_command_line(pid) or ""):
+            time.sleep(0.1)
+
+
+def main() -> None:
+    """Read `PID MARKER` lines until the watched process closes the pipe, then stop them."""
+    guarded = []
+    for line in sys.stdin.buffer:  # ends when every writer is gone
+        pid, _, marker = line.decode().strip().partition(" ")
+        guarded.append((int(pid), marker))
+    for pid, marker in guarded:
+        stop(pid, marker)
+
+
+if __name__ == "__main__":
+    main()
