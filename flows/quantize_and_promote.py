@@ -34,6 +34,7 @@ def quantize_and_promote(config: QuantizeConfig | None = None) -> QuantizeResult
     config = config or QuantizeConfig()
     found = t.resolve_checkpoint(config)
     data = t.load_validation(config, found)
+    tuning, confirmation = t.split_validation(data, config)
     key = run_key(found, config.recipe, data, config.thresholds, config.margin, config.batching)
     existing = t.find_existing(config, key)
     if existing is not None:
@@ -49,11 +50,14 @@ def quantize_and_promote(config: QuantizeConfig | None = None) -> QuantizeResult
         return _result(existing, config, location, decision, True, entry is not None)
 
     model, tokenizer = t.load_fp32(found)
-    fp32 = t.predict_fp32(model, tokenizer, data, config)
-    candidate = t.quantize(model, tokenizer, data, fp32, config)
-    metrics = t.measure(model, tokenizer, fp32, candidate, data, config)
+    fp32_tuning = t.predict_fp32(model, tokenizer, tuning, config)
+    fp32_confirmation = t.predict_fp32(model, tokenizer, confirmation, config)
+    candidate = t.quantize(model, tokenizer, tuning, fp32_tuning, confirmation, config)
+    metrics = t.measure(model, tokenizer, fp32_confirmation, candidate, confirmation, config)
     decision = t.decide(metrics, config)
-    staging, manifest = t.stage(candidate, tokenizer, found, data, metrics, decision, config, key)
+    staging, manifest = t.stage(
+        candidate, tokenizer, found, data, confirmation, metrics, decision, config, key
+    )
     t.publish_artifacts(manifest)
     if config.dry_run:
         return _result(manifest, config, str(staging), decision, False, False)

@@ -65,6 +65,23 @@ def load_validation(
     return validation.combine(sets)
 
 
+@task(cache_policy=NO_CACHE)
+def split_validation(data: validation.ValidationSet, config: QuantizeConfig):
+    """Tuning and confirmation parts; refused here if a confirmation part is too small to
+    certify the gate even with no flip."""
+    tuning, confirmation = validation.split(data)
+    gate.check_certifiable(
+        {p.name: p.stop - p.start for p in confirmation.slices()}, config.thresholds
+    )
+    get_run_logger().info(
+        "split %s: %d examples to tune on, %d to confirm on",
+        validation.SPLIT_RULE,
+        len(tuning.texts),
+        len(confirmation.texts),
+    )
+    return tuning, confirmation
+
+
 @task(
     retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_unreachable, cache_policy=NO_CACHE
 )
@@ -80,10 +97,12 @@ def predict_fp32(model, tokenizer, data: validation.ValidationSet, config: Quant
 
 
 @task(cache_policy=NO_CACHE)
-def quantize(model, tokenizer, data, fp32, config: QuantizeConfig) -> autoquant.Candidate:
-    """Quantize by the recipe (auto: with FP32 fallback on the most sensitive layers)."""
+def quantize(model, tokenizer, tuning, fp32, confirmation, config: QuantizeConfig):
+    """Quantize by the recipe (auto: with FP32 fallback on the most sensitive layers, chosen
+    on the tuning part only)."""
+    target = autoquant.target_agreement(confirmation, config.thresholds, config.margin)
     candidate = autoquant.quantize_for_gate(
-        model, tokenizer, config.recipe, data, fp32, config.batching, config.target_agreement
+        model, tokenizer, config.recipe, tuning, fp32, config.batching, target
     )
     layers = ", ".join(candidate.fp32_layers) or "none"
     get_run_logger().info("recipe %s: FP32 layers: %s", config.recipe, layers)
@@ -91,13 +110,23 @@ def quantize(model, tokenizer, data, fp32, config: QuantizeConfig) -> autoquant.
 
 
 @task(cache_policy=NO_CACHE)
-def measure(model, tokenizer, fp32, candidate, data, config: QuantizeConfig) -> validation.Metrics:
-    """FP32-vs-INT8 metrics on the validation set, and both models' warm speed."""
-    speed = validation.measure_speed(model, candidate.model, tokenizer, data.texts, config.batching)
-    metrics = validation.compare(fp32, candidate.predictions, data, model.config.id2label, speed)
+def measure(
+    model, tokenizer, fp32, candidate, confirmation, config: QuantizeConfig
+) -> validation.Metrics:
+    """FP32-vs-INT8 metrics on the confirmation part, and both models' warm speed."""
+    int8 = validation.predict(
+        candidate.model, tokenizer, confirmation.texts, config.batching, progress="confirm INT8"
+    )
+    speed = validation.measure_speed(
+        model, candidate.model, tokenizer, confirmation.texts, config.batching
+    )
+    metrics = validation.compare(
+        fp32, int8, confirmation, model.config.id2label, speed, config.confidence
+    )
     get_run_logger().info(
-        "agreement %.4f, %d flips; rows/s FP32 %.1f, INT8 %.1f (%s)",
+        "agreement %.4f (lower bound %.4f), %d flips; rows/s FP32 %.1f, INT8 %.1f (%s)",
         metrics.agreement,
+        metrics.agreement_lower_bound,
         metrics.flips,
         speed.rows_per_second_fp32,
         speed.rows_per_second_int8,
@@ -117,11 +146,20 @@ def decide(metrics: validation.Metrics, config: QuantizeConfig) -> gate.Decision
 
 
 @task(cache_policy=NO_CACHE)
-def stage(candidate, tokenizer, found, data, metrics, decision, config: QuantizeConfig, key: str):
+def stage(candidate, tokenizer, found, data, confirmation, metrics, decision, config, key: str):
     """Write the version's files to a staging directory; return it and the manifest."""
     staging = artifact.staging_dir(config.dry_run)
     manifest = artifact.stage_version(
-        staging, candidate, tokenizer, found, data, metrics, decision, config.batching, key
+        staging,
+        candidate,
+        tokenizer,
+        found,
+        data,
+        confirmation,
+        metrics,
+        decision,
+        config.batching,
+        key,
     )
     return staging, manifest
 

@@ -112,7 +112,7 @@ def stage_tiny_version(
     from distilq.checkpoint import load_checkpoint, resolve_checkpoint
     from distilq.config import BatchingPolicy, GateThresholds
     from distilq.gate import decide
-    from distilq.validation import compare, load_validation, predict
+    from distilq.validation import compare, load_validation, predict, split
 
     found = resolve_checkpoint(str(checkpoint))
     model, tokenizer = load_checkpoint(found.path)
@@ -121,9 +121,12 @@ def stage_tiny_version(
         BatchingPolicy(),
         GateThresholds(min_agreement=min_agreement, max_accuracy_drop=1),
     )
-    fp32 = predict(model, tokenizer, data.texts, policy)
-    candidate = quantize_for_gate(model, tokenizer, "dynamic-int8-pc", data, fp32, policy, 0.0)
-    metrics = compare(fp32, candidate.predictions, data, model.config.id2label)
+    tuning, confirmation = split(data)
+    fp32 = predict(model, tokenizer, tuning.texts, policy)
+    candidate = quantize_for_gate(model, tokenizer, "dynamic-int8-pc", tuning, fp32, policy, 0.0)
+    fp32 = predict(model, tokenizer, confirmation.texts, policy)
+    int8 = predict(candidate.model, tokenizer, confirmation.texts, policy)
+    metrics = compare(fp32, int8, confirmation, model.config.id2label, None, thresholds.confidence)
     key = run_key(found, "dynamic-int8-pc", data, thresholds, 0.0, policy)
     return stage_version(
         staging,
@@ -131,11 +134,25 @@ def stage_tiny_version(
         tokenizer,
         found,
         data,
+        confirmation,
         metrics,
         decide(metrics, thresholds),
         policy,
         key,
     )
+
+
+@pytest.fixture(scope="session")
+def promoted_registry(tmp_path_factory, tiny_checkpoint, tiny_validation) -> Path:
+    """A registry with one approved tiny version in production. Shared: copy it to change it."""
+    from distilq.registry import Registry
+
+    root = tmp_path_factory.mktemp("promoted")
+    (root / "staging").mkdir()
+    registry = Registry(root / "reg")
+    manifest = stage_tiny_version(root / "staging", tiny_checkpoint, tiny_validation)
+    registry.promote(registry.publish(root / "staging", manifest), "test")
+    return root / "reg"
 
 
 @pytest.fixture(scope="session")

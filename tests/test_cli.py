@@ -77,7 +77,7 @@ def test_first_run_on_an_empty_prefect_home_promotes(tmp_path, tiny_checkpoint, 
     registry = tmp_path / "reg"
     reviews = tmp_path / "reviews.jsonl"  # a second set, gated on its own
     reviews.write_text(
-        "".join(json.dumps({"text": f"good film {i}", "label": 1}) + "\n" for i in range(5))
+        "".join(json.dumps({"text": f"good film {i}", "label": 1}) + "\n" for i in range(60))
     )
     extra = ["--recipe", "dynamic-int8-pc", "--min-agreement", "0.9", "--max-accuracy-drop", "1"]
     extra += ["--validation", str(reviews), "--json"]
@@ -85,10 +85,18 @@ def test_first_run_on_an_empty_prefect_home_promotes(tmp_path, tiny_checkpoint, 
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads(done.stdout)  # stdout holds the manifest and nothing else
     assert manifest["decision"]["approved"] is True
-    sets = [(s["name"], s["n_examples"]) for s in manifest["metrics"]["sets"]]
-    assert sets == [(str(tiny_validation), 200), (str(reviews), 5)]
-    assert [s["name"] for s in manifest["validation"]["sets"]] == [n for n, _ in sets]
-    assert manifest["decision"]["reasons"][-2].startswith(f"{reviews}: agreement")
+    given = [(s["name"], s["n_examples"]) for s in manifest["validation"]["sets"]]
+    assert given == [(str(tiny_validation), 200), (str(reviews), 60)]
+    # The gate judged each set's confirmation part, which auto's choices never saw.
+    judged = [(s["name"], s["n_examples"]) for s in manifest["metrics"]["sets"]]
+    assert judged == [(s["name"], s["n_confirmation"]) for s in manifest["validation"]["sets"]]
+    split = manifest["validation"]["split"]
+    assert split["tuning"] + split["confirmation"] == 260 and 0 < split["tuning"] < 130
+    assert all(
+        0 < s["agreement_lower_bound"] <= s["agreement"] for s in manifest["metrics"]["sets"]
+    )
+    assert manifest["metrics"]["confidence"] == 0.95
+    assert manifest["decision"]["reasons"][-2].startswith(f"{reviews}: agreement lower bound")
     assert Registry(registry).alias() == manifest["version"]
     assert home.is_dir()
 
@@ -104,7 +112,7 @@ def test_gate_rejection_exits_3_with_the_manifest(tmp_path, sensitive_checkpoint
     args = quantize(
         sensitive_checkpoint, tiny_validation, tmp_path / "reg", "--recipe", "dynamic-int8-pc"
     )
-    done = run(*args, "--json", prefect_home=tmp_path / "home")
+    done = run(*args, "--min-agreement", "0.95", "--json", prefect_home=tmp_path / "home")
     assert done.returncode == 3, done.stderr[-3000:]
     manifest = json.loads(done.stdout)
     assert manifest["decision"]["approved"] is False
@@ -115,9 +123,14 @@ def test_gate_rejection_exits_3_with_the_manifest(tmp_path, sensitive_checkpoint
 @pytest.mark.slow
 def test_bad_input_exits_2_naming_the_problem(tmp_path, tiny_checkpoint, tiny_validation):
     args = quantize(tiny_checkpoint, tiny_validation, tmp_path / "reg", "--text-column", "review")
-    done = run(*args, prefect_home=tmp_path / "home")
+    home = tmp_path / "home"
+    done = run(*args, prefect_home=home)
     assert done.returncode == 2
     assert "no text column 'review'; columns: text, label" in done.stderr
+    # 200 examples leave a confirmation part too small to certify 0.99 even with no flip.
+    done = run(*quantize(tiny_checkpoint, tiny_validation, tmp_path / "reg"), prefect_home=home)
+    assert done.returncode == 2 and "needs at least 299 examples" in done.stderr
+    assert not (tmp_path / "reg").exists()
 
 
 def test_bad_parameters_exit_2_before_any_work(tmp_path):

@@ -38,17 +38,9 @@ from tests.test_cli import DISTILQ, quantize, run
 from tests.test_scoring import write_parquet
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory, tiny_checkpoint, tiny_validation) -> Path:
-    """A registry with one approved version in production."""
-    root = tmp_path_factory.mktemp("hardening")
-    (root / "staging").mkdir()
-    reg = Registry(root / "reg")
-    version = reg.publish(
-        root / "staging", stage_tiny_version(root / "staging", tiny_checkpoint, tiny_validation)
-    )
-    reg.promote(version, "test")
-    return root / "reg"
+@pytest.fixture
+def registry(promoted_registry) -> Path:
+    return promoted_registry
 
 
 def _fresh_registry(tmp_path, staged_from: Path) -> tuple[Path, str]:
@@ -185,7 +177,7 @@ def test_reruns_promote_what_was_left_and_stay_rejected(
     assert again.reused and again.promoted and again.version == first.version
     assert Registry(tmp_path / "reg").alias() == first.version
 
-    rejected = _config(sensitive_checkpoint, tiny_validation, tmp_path / "reg", min_agreement=0.99)
+    rejected = _config(sensitive_checkpoint, tiny_validation, tmp_path / "reg", min_agreement=0.95)
     states = [quantize_and_promote(rejected, return_state=True) for _ in range(2)]
     assert [s.is_failed() for s in states] == [True, True]
     messages = []
@@ -225,6 +217,7 @@ def test_promote_derives_the_decision_from_the_metrics(registry, tmp_path):
     # A version published before manifests were sealed, rejected by its metrics, but whose
     # stored decision was edited to "approved".
     manifest["decision"]["thresholds"]["min_agreement"] = 1.0
+    del manifest["decision"]["thresholds"]["confidence"]  # gated before bounds
     manifest["metrics"]["sets"][0]["agreement"] = manifest["metrics"]["agreement"] = 0.9
     manifest["decision"]["approved"] = True
     (base / "manifest.json").write_text(json.dumps(manifest))
@@ -375,6 +368,7 @@ def test_a_failed_run_ends_with_one_clear_line(tmp_path, sensitive_checkpoint, t
     args = quantize(
         sensitive_checkpoint, tiny_validation, tmp_path / "reg", "--recipe", "dynamic-int8-pc"
     )
+    args += ["--min-agreement", "0.95"]
     done = run(*args, prefect_home=tmp_path / "home")
     assert done.returncode == 3
     assert "Traceback" not in done.stderr

@@ -35,7 +35,7 @@ def _variant(staged, version: str, created_at: str, approved: bool = True):
         manifest["decision"]["thresholds"]["min_agreement"] = 0.5
         manifest["metrics"]["agreement"] = 0.0
         for part in manifest["metrics"]["sets"]:
-            part["agreement"] = 0.0
+            part["agreement"], part["flips"] = 0.0, part["n_examples"]
     manifest["decision"] = decide_manifest(manifest).model_dump()
     assert manifest["decision"]["approved"] is approved
     return staging, manifest
@@ -207,6 +207,9 @@ def test_manifest_has_the_contracted_fields(staged):
     }
     assert set(m["decision"]) == {"approved", "reasons", "thresholds"}
     assert set(m["software"]) == {"torch", "transformers", "distilq"}
+    assert set(m["platform"]) >= {"key", "cpu", "features", "torch_cpu_capability", "torch"}
+    assert m["platform"]["key"].startswith(m["platform"]["architecture"])
+    assert set(m["metrics"]) >= {"confidence", "agreement_lower_bound"}
     model_files = [f for f in m["files"] if f.startswith("model/")]
     weights = [f for f in model_files if f.endswith((".safetensors", ".pt"))]
     assert weights == ["model/model.safetensors"]

@@ -14,25 +14,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from distilq.config import ScoreConfig
-from distilq.registry import Registry
 from flows.score_parquet import ScoringFailed, score_parquet
-from tests.conftest import make_texts, stage_tiny_version
+from tests.conftest import make_texts
 from tests.procs import VENV_BIN, free_port, running
 from tests.test_cli import DISTILQ, run
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory, tiny_checkpoint, tiny_validation) -> Path:
-    root = tmp_path_factory.mktemp("score-flow")
-    (root / "staging").mkdir()
-    reg = Registry(root / "reg")
-    version = reg.publish(
-        root / "staging", stage_tiny_version(root / "staging", tiny_checkpoint, tiny_validation)
-    )
-    reg.promote(version, "test")
-    return root / "reg"
+@pytest.fixture
+def registry(promoted_registry) -> Path:
+    return promoted_registry
 
 
 @pytest.fixture(scope="module")

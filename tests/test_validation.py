@@ -14,10 +14,12 @@ from distilq.config import BatchingPolicy
 from distilq.errors import InputError
 from distilq.validation import (
     PACKAGED_VALIDATION,
+    ValidationSet,
     batch_order,
     combine,
     load_validation,
     predict,
+    split,
     token_lengths,
 )
 from tests.conftest import make_texts
@@ -125,3 +127,17 @@ def test_combining_refuses_labels_in_some_sets_only_and_a_set_given_twice(tmp_pa
         combine([a, b])
     with pytest.raises(InputError, match="given twice"):
         combine([a, a])
+
+
+def test_tuning_and_confirmation_parts_are_disjoint_and_follow_each_text():
+    texts = [f"review number {i}" for i in range(1000)]
+    a = ValidationSet("a", texts[:600], [1] * 600, "sa")
+    b = ValidationSet("b", texts[600:] + texts[:50], [0] * 450, "sb")  # 50 texts of `a` again
+    tuning, confirmation = split(combine([a, b]))
+    assert not set(tuning.texts) & set(confirmation.texts)  # a text's copies share its side
+    assert sorted(tuning.texts + confirmation.texts) == sorted(a.texts + b.texts)
+    assert 0.25 < len(tuning.texts) / 1050 < 0.35  # SPLIT_RULE's 30%
+    assert [p.name for p in confirmation.slices()] == ["a", "b"]
+    part_b = confirmation.slices()[1]
+    assert set(confirmation.labels[part_b.start : part_b.stop]) == {0}  # labels follow texts
+    assert split(combine([a, b]))[1].texts == confirmation.texts  # deterministic

@@ -14,10 +14,11 @@ from distilq.autoquant import Candidate
 from distilq.checkpoint import Checkpoint, sha256_file
 from distilq.config import BatchingPolicy, GateThresholds
 from distilq.gate import Decision
+from distilq.hardware import platform_record
 from distilq.metrics import Metrics
 from distilq.quantization import save_int8
 from distilq.report import render_report
-from distilq.validation import ValidationSet
+from distilq.validation import SPLIT_RULE, ValidationSet
 
 STAGING_PREFIX = "distilq-stage-"
 
@@ -66,6 +67,7 @@ def run_key(
         "thresholds": thresholds.model_dump(),
         "margin": margin if recipe_name == "auto" else None,
         "batching": policy.model_dump(),
+        "split": SPLIT_RULE,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
@@ -90,12 +92,16 @@ def stage_version(
     tokenizer,
     checkpoint: Checkpoint,
     validation: ValidationSet,
+    confirmation: ValidationSet,
     metrics: Metrics,
     decision: Decision,
     policy: BatchingPolicy,
     key: str,
 ) -> dict:
-    """Write `model/` and `report.md` under `staging` and return the manifest describing them."""
+    """Write `model/` and `report.md` under `staging` and return the manifest describing them.
+
+    `metrics` are measured on `confirmation`, the part of `validation` (see `split`) that
+    `auto`'s choices never saw."""
     staging = Path(staging)
     model_dir = staging / "model"
     candidate.model.config.save_pretrained(model_dir)
@@ -120,9 +126,19 @@ def stage_version(
             "sha256": validation.sha256,
             "labels": validation.labels is not None,
             "sets": [
-                {"name": p.name, "n_examples": p.stop - p.start, "sha256": p.sha256}
-                for p in validation.slices()
+                {
+                    "name": p.name,
+                    "n_examples": p.stop - p.start,
+                    "n_confirmation": c.stop - c.start,
+                    "sha256": p.sha256,
+                }
+                for p, c in zip(validation.slices(), confirmation.slices(), strict=True)
             ],
+            "split": {
+                "rule": SPLIT_RULE,
+                "tuning": len(validation.texts) - len(confirmation.texts),
+                "confirmation": len(confirmation.texts),
+            },
         },
         "metrics": {
             **metrics.model_dump(),
@@ -131,6 +147,8 @@ def stage_version(
         },
         "decision": decision.model_dump(),
         "software": software_versions(),
+        # Where the gate measured: INT8 predictions differ between CPUs.
+        "platform": platform_record(candidate.recipe.engine),
     }
     (staging / "report.md").write_text(render_report(manifest))
     files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != "manifest.json")

@@ -15,8 +15,9 @@ import numpy as np
 from pydantic import BaseModel
 from torch import nn
 
-from distilq.config import BatchingPolicy
+from distilq.config import BatchingPolicy, GateThresholds
 from distilq.quantization import Recipe, get_recipe, linear_names, quantize
+from distilq.stats import agreement_needed
 from distilq.validation import (
     Predictions,
     ValidationSet,
@@ -92,6 +93,21 @@ def _attempt(
         agreement=min(set_agreements(fp32, pred, validation)),
         rows_per_second=len(pred.probs) / pred.seconds,
     )
+
+
+def target_agreement(
+    confirmation: ValidationSet, thresholds: GateThresholds, margin: float
+) -> float:
+    """What `auto` aims for on the tuning part: the agreement that would just certify
+    `min_agreement` on the smallest confirmation set, plus `margin`."""
+    if thresholds.confidence is None:
+        needed = thresholds.min_agreement
+    else:
+        needed = max(
+            agreement_needed(p.stop - p.start, thresholds.min_agreement, thresholds.confidence)
+            for p in confirmation.slices()
+        )
+    return min(1.0, needed + margin)
 
 
 def boundary_examples(fp32: Predictions, int8: Predictions, n: int) -> np.ndarray:

@@ -33,12 +33,18 @@ class BatchingPolicy(BaseModel):
 
 
 class GateThresholds(BaseModel):
-    """What an INT8 candidate must reach to be promoted."""
+    """What an INT8 candidate must reach to be promoted.
+
+    With `confidence`, a set passes agreement when the one-sided Clopper-Pearson lower
+    bound of its agreement reaches `min_agreement`; None (versions gated before bounds)
+    compares the measured agreement itself.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     min_agreement: float = Field(0.99, ge=0, le=1)
     max_accuracy_drop: float = Field(0.01, ge=0, le=1)
+    confidence: float | None = Field(0.95, gt=0, lt=1)
 
 
 def _env_default(name: str, fallback: str):
@@ -73,7 +79,7 @@ class QuantizeConfig(BaseModel):
     revision: str | None = Field(None, description="Hub revision (default main); hub sources only")
     recipe: Literal["auto", "dynamic-int8", "dynamic-int8-pc"] = "auto"
     validation: ValidationSpecs = Field(
-        ["builtin:sst2-validation"],
+        ["builtin:sst2-gate"],
         min_length=1,
         description="Validation sets, each a TSV/CSV/Parquet/JSONL file or URI, or a datasets "
         "spec NAME[:CONFIG][@SPLIT]; the gate holds each set to the thresholds",
@@ -82,7 +88,19 @@ class QuantizeConfig(BaseModel):
     label_column: str | None = Field(None, description="Default: `label` when present")
     min_agreement: float = Field(0.99, ge=0, le=1)
     max_accuracy_drop: float = Field(0.01, ge=0, le=1)
-    margin: float = Field(0.005, ge=0, le=0.5, description="auto: extra agreement to aim for")
+    confidence: float = Field(
+        0.95,
+        gt=0,
+        lt=1,
+        description="Agreement passes when its lower bound at this "
+        "confidence reaches min_agreement",
+    )
+    margin: float = Field(
+        0.003,
+        ge=0,
+        le=0.5,
+        description="auto: aims this far above the agreement that would just certify",
+    )
     batch_size: int = Field(
         32, ge=1, le=4096, description="Batching policy used to validate and score"
     )
@@ -96,6 +114,8 @@ class QuantizeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _target_reachable(self) -> QuantizeConfig:
+        if self.min_agreement >= 1:
+            raise ValueError("min_agreement 1 cannot be certified: a lower bound never reaches 1")
         if self.recipe == "auto" and self.min_agreement + self.margin > 1:
             raise ValueError(
                 f"min_agreement {self.min_agreement} + margin {self.margin} exceeds 1: "
@@ -106,16 +126,14 @@ class QuantizeConfig(BaseModel):
     @property
     def thresholds(self) -> GateThresholds:
         return GateThresholds(
-            min_agreement=self.min_agreement, max_accuracy_drop=self.max_accuracy_drop
+            min_agreement=self.min_agreement,
+            max_accuracy_drop=self.max_accuracy_drop,
+            confidence=self.confidence,
         )
 
     @property
     def batching(self) -> BatchingPolicy:
         return BatchingPolicy(batch_size=self.batch_size)
-
-    @property
-    def target_agreement(self) -> float:
-        return self.min_agreement + self.margin
 
 
 def available_cores() -> int:

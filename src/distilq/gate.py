@@ -5,7 +5,9 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from distilq.config import GateThresholds
+from distilq.errors import InputError
 from distilq.metrics import Metrics, SetMetrics, set_metrics_of
+from distilq.stats import agreement_lower_bound, examples_needed
 
 # Agreement and accuracy drop are ratios of counts; this absorbs float rounding at the edge.
 _EPS = 1e-12
@@ -20,16 +22,26 @@ class Decision(BaseModel):
 
 
 def decide(metrics: Metrics, thresholds: GateThresholds) -> Decision:
-    """Approve when, on every validation set, agreement >= min_agreement and, with labels,
-    the accuracy drop is at most max_accuracy_drop."""
+    """Approve when, on every validation set, agreement certifies min_agreement (its lower
+    bound at the thresholds' confidence reaches it) and, with labels, the accuracy drop is
+    at most max_accuracy_drop."""
     return decide_sets(metrics.sets, thresholds)
 
 
 def decide_manifest(manifest: dict) -> Decision:
     """The gate's decision re-derived from a version's recorded metrics and thresholds,
-    rather than trusting its stored `decision.approved`."""
-    thresholds = GateThresholds(**manifest["decision"]["thresholds"])
+    rather than trusting its stored `decision.approved`. Versions gated before bounds have
+    no confidence in their thresholds, and are judged on the measured agreement, as then."""
+    thresholds = GateThresholds(**{"confidence": None, **manifest["decision"]["thresholds"]})
     return decide_sets(set_metrics_of(manifest["metrics"]), thresholds)
+
+
+def certified_agreement(m: SetMetrics, thresholds: GateThresholds) -> float:
+    """The agreement the gate compares with min_agreement: the lower bound, recomputed from
+    the counts, or (no confidence) the measured agreement."""
+    if thresholds.confidence is None:
+        return m.agreement
+    return agreement_lower_bound(m.n_examples - m.flips, m.n_examples, thresholds.confidence)
 
 
 def decide_sets(sets: list[SetMetrics], thresholds: GateThresholds) -> Decision:
@@ -38,11 +50,20 @@ def decide_sets(sets: list[SetMetrics], thresholds: GateThresholds) -> Decision:
     several = len(sets) > 1
     for m in sets:
         prefix = f"{m.name}: " if several else ""
-        ok_agreement = m.agreement + _EPS >= thresholds.min_agreement
-        reasons.append(
-            f"{prefix}agreement {m.agreement:.4f} {'>=' if ok_agreement else '<'} "
-            f"{thresholds.min_agreement:.4f} ({m.flips} of {m.n_examples} flipped)"
-        )
+        certified = certified_agreement(m, thresholds)
+        ok_agreement = certified + _EPS >= thresholds.min_agreement
+        op = ">=" if ok_agreement else "<"
+        if thresholds.confidence is None:
+            reasons.append(
+                f"{prefix}agreement {m.agreement:.4f} {op} {thresholds.min_agreement:.4f} "
+                f"({m.flips} of {m.n_examples} flipped)"
+            )
+        else:
+            reasons.append(
+                f"{prefix}agreement lower bound {certified:.4f} {op} "
+                f"{thresholds.min_agreement:.4f} at {thresholds.confidence:.0%} confidence "
+                f"(measured {m.agreement:.4f}: {m.flips} of {m.n_examples} flipped)"
+            )
         ok_accuracy = True
         if m.accuracy_drop is None:
             reasons.append(f"{prefix}no labels: accuracy drop not checked")
@@ -55,3 +76,19 @@ def decide_sets(sets: list[SetMetrics], thresholds: GateThresholds) -> Decision:
             )
         approved = approved and ok_agreement and ok_accuracy
     return Decision(approved=approved, reasons=reasons, thresholds=thresholds)
+
+
+def check_certifiable(sizes: dict[str, int], thresholds: GateThresholds) -> None:
+    """Refuse, before any work, validation sets too small to pass even with no flip."""
+    if thresholds.confidence is None:
+        return
+    needed = examples_needed(thresholds.min_agreement, thresholds.confidence)
+    small = {name: n for name, n in sizes.items() if n < needed}
+    if small:
+        listed = ", ".join(f"{name} ({n})" for name, n in small.items())
+        raise InputError(
+            f"validation too small to certify agreement >= {thresholds.min_agreement} at "
+            f"{thresholds.confidence:.0%} confidence even with no flip: the confirmation part "
+            f"of {listed} needs at least {needed} examples. Give more --validation text "
+            "(labels are optional), or lower --min-agreement or --confidence"
+        )

@@ -41,3 +41,31 @@ def describe_cpu(threads: int | None = None) -> str:
     threads = threads or torch.get_num_threads()
     features = ", ".join(cpu_features()) or "none of " + "/".join(FEATURES)
     return f"{cpu_model()} ({features}); {threads} of {os.cpu_count()} threads"
+
+
+def platform_record(engine: str) -> dict:
+    """What INT8 and FP32 results depend on here, for the manifest: the CPU, its ISA
+    features, torch's kernel level (ATEN_CPU_CAPABILITY changes it), the quantized engine
+    and torch's version. `key` names the combination; machines with equal keys run the
+    same kernels."""
+    import hashlib
+
+    import torch
+
+    record = {
+        "architecture": platform.machine(),
+        "vendor": _cpuinfo().get("vendor_id", ""),
+        "cpu": cpu_model(),
+        "features": cpu_features(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "quantized_engine": engine,
+        "torch": torch.__version__,
+    }
+    kernels = [
+        record[k] for k in ("architecture", "torch_cpu_capability", "quantized_engine", "torch")
+    ]
+    digest = hashlib.sha256(" ".join([*kernels, *record["features"]]).encode()).hexdigest()
+    record["key"] = (
+        f"{record['architecture']}-{record['torch_cpu_capability'].lower()}-{digest[:8]}"
+    )
+    return record

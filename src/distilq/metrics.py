@@ -30,6 +30,9 @@ class SetMetrics(BaseModel):
     accuracy_fp32: float | None
     accuracy_int8: float | None
     accuracy_drop: float | None
+    # At `Metrics.confidence`: what the agreement certifies, and the drop's two-sided range.
+    agreement_lower_bound: float | None = None
+    accuracy_drop_interval: tuple[float, float] | None = None
 
 
 class Speed(BaseModel):
@@ -64,6 +67,8 @@ class Metrics(BaseModel):
     rows_per_second_fp32: float
     rows_per_second_int8: float
     sets: list[SetMetrics]
+    confidence: float | None = None  # of the bounds below and in `sets`
+    agreement_lower_bound: float | None = None  # the weakest set's
     speed: Speed | None = None  # where the rows/s figures came from; None: one cold pass
 
 

@@ -14,6 +14,20 @@ def _escape(text: str, limit: int = 120) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _interval(interval: list[float] | None) -> str:
+    return "n/a" if interval is None else f"{interval[0]:+.4f} to {interval[1]:+.4f}"
+
+
+def _split(manifest: dict, metrics: dict) -> str:
+    split = manifest["validation"].get("split")
+    if not split:
+        return f"{metrics['n_examples']} examples"
+    return (
+        f"{split['tuning']} examples to tune on, {split['confirmation']} to confirm on: "
+        f"{split['rule']}"
+    )
+
+
 def metrics_table(manifest: dict) -> list[list[str]]:
     """Rows (header first) comparing FP32 and INT8: the table shown in reports and artifacts."""
     m = manifest["metrics"]
@@ -60,23 +74,44 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _sets_section(sets: list[dict]) -> list[str]:
-    """Per validation set figures, when the gate checked more than one."""
-    if len(sets) < 2:
+def _sets_section(metrics: dict) -> list[str]:
+    """Per validation set: examples, measured agreement, what it certifies, accuracies."""
+    sets, confidence = metrics.get("sets", []), metrics.get("confidence")
+    if not sets or (len(sets) < 2 and confidence is None):
         return []
-    rows = [["validation set", "examples", "agreement", "flips", "accuracy FP32", "INT8"]]
+    bound = f"lower bound ({confidence:.0%})" if confidence else "lower bound"
+    rows = [
+        [
+            "validation set",
+            "examples",
+            "agreement",
+            bound,
+            "flips",
+            "accuracy FP32",
+            "INT8",
+            "drop interval",
+        ]
+    ]
     rows += [
         [
             f"`{s['name']}`",
             str(s["n_examples"]),
             _pct(s["agreement"]),
+            _pct(s.get("agreement_lower_bound")),
             str(s["flips"]),
             _pct(s["accuracy_fp32"]),
             _pct(s["accuracy_int8"]),
+            _interval(s.get("accuracy_drop_interval")),
         ]
         for s in sets
     ]
-    return ["The gate checks each validation set on its own:", "", _table(rows), ""]
+    intro = "The gate checks each validation set on its own"
+    if confidence:
+        intro += (
+            ", on its confirmation part: the lower bound is what the agreement certifies for "
+            "texts like these, with the stated confidence"
+        )
+    return [intro + ":", "", _table(rows), ""]
 
 
 def render_report(manifest: dict) -> str:
@@ -91,13 +126,13 @@ def render_report(manifest: dict) -> str:
         *[f"- {reason}" for reason in d["reasons"]],
         "",
         f"Source `{manifest['source']['id']}` at `{manifest['source']['revision']}`; "
-        f"validation `{manifest['validation']['name']}` ({m['n_examples']} examples).",
+        f"validation `{manifest['validation']['name']}` ({_split(manifest, m)}).",
         "",
         "## FP32 vs INT8",
         "",
         _table(metrics_table(manifest)),
         "",
-        *_sets_section(m.get("sets", [])),
+        *_sets_section(m),
         f"Agreement {_pct(m['agreement'])} ({m['flips']} flips); probability of the FP32 label "
         f"changed by {m['mean_abs_prob_change']:.4f} on average, {m['max_abs_prob_change']:.4f} "
         "at most. Sizes are bytes on disk of the weight files.",
@@ -164,9 +199,16 @@ def render_report(manifest: dict) -> str:
             ),
         ]
     sw = manifest["software"]
+    where = manifest.get("platform")
     out += [
         "",
-        f"torch {sw['torch']}, transformers {sw['transformers']}, distilq {sw['distilq']}.",
+        f"torch {sw['torch']}, transformers {sw['transformers']}, distilq {sw['distilq']}."
+        + (
+            f" Gated on platform `{where['key']}`: {where['cpu']} "
+            f"({', '.join(where['features'])}; torch kernels {where['torch_cpu_capability']})."
+            if where
+            else ""
+        ),
         "",
     ]
     return "\n".join(out)

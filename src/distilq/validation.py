@@ -17,9 +17,13 @@ import torch
 from distilq.config import BatchingPolicy
 from distilq.errors import InputError
 from distilq.metrics import Flip, Metrics, SetMetrics, Speed
+from distilq.stats import agreement_lower_bound, paired_difference_interval
 
-# GLUE SST-2 validation (872 rows), shipped in the package.
+# Shipped in the package (data/PROVENANCE.md says where each came from):
+# GLUE SST-2 validation (872 rows), and the gate's default: those 872 plus 3,006 whole
+# SST-2 sentences, enough for a confirmation part that can certify 0.99 at 95%.
 PACKAGED_VALIDATION = "builtin:sst2-validation"
+BUILTIN = {PACKAGED_VALIDATION: "sst2_validation.tsv", "builtin:sst2-gate": "sst2_gate.tsv"}
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,8 @@ class ValidationSet:
         return list(self.parts) or [Part(self.name, 0, len(self.texts), self.sha256)]
 
 
-def _packaged_path() -> Path:
-    return Path(str(resources.files("distilq") / "data" / "sst2_validation.tsv"))
+def _packaged_path(spec: str) -> Path:
+    return Path(str(resources.files("distilq") / "data" / BUILTIN[spec]))
 
 
 def _read_table(spec: str):
@@ -63,8 +67,8 @@ def _read_table(spec: str):
     suffix = Path(spec.split("?")[0]).suffix.lower()
     local = Path(spec).expanduser()
     is_file = "://" in spec or local.is_file()
-    if spec == PACKAGED_VALIDATION:
-        spec, suffix, is_file = str(_packaged_path()), ".tsv", True
+    if spec in BUILTIN:
+        spec, suffix, is_file = str(_packaged_path(spec)), ".tsv", True
     if not is_file:
         return _read_hub_dataset(spec)
     import fsspec
@@ -185,6 +189,41 @@ def combine(sets: list[ValidationSet]) -> ValidationSet:
         sha256=hashlib.sha256(" ".join(s.sha256 for s in sets).encode()).hexdigest(),
         parts=tuple(parts),
     )
+
+
+# `auto` chooses its FP32 layers on the tuning part; the gate judges on the confirmation
+# part, which no choice has seen. By a hash of the text: deterministic, and duplicates of a
+# text fall on the same side.
+TUNING_FRACTION = 0.3
+SPLIT_RULE = f"tuning if int(sha256(text)[:16], 16) / 2**64 < {TUNING_FRACTION}, else confirmation"
+
+
+def _is_tuning(text: str) -> bool:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16) / 2**64 < TUNING_FRACTION
+
+
+def split(data: ValidationSet) -> tuple[ValidationSet, ValidationSet]:
+    """The tuning and the confirmation part of every set in `data` (see SPLIT_RULE)."""
+    sides = {True: ([], [], []), False: ([], [], [])}  # texts, labels, parts
+    for part in data.slices():
+        for side, (texts, labels, parts) in sides.items():
+            start = len(texts)
+            for i in range(part.start, part.stop):
+                if _is_tuning(data.texts[i]) == side:
+                    texts.append(data.texts[i])
+                    labels.append(None if data.labels is None else data.labels[i])
+            parts.append(Part(part.name, start, len(texts), part.sha256))
+    tuning, confirmation = (
+        ValidationSet(
+            name=data.name,
+            texts=texts,
+            labels=None if data.labels is None else labels,
+            sha256=hashlib.sha256(f"{data.sha256} {side}".encode()).hexdigest(),
+            parts=tuple(parts),
+        )
+        for side, (texts, labels, parts) in sides.items()
+    )
+    return tuning, confirmation
 
 
 def _labels(spec: str, values: list, label2id: dict[str, int]) -> list[int]:
@@ -348,22 +387,31 @@ def measure_speed(
     )
 
 
-def _set_metrics(name: str, a: np.ndarray, b: np.ndarray, truth: np.ndarray | None) -> SetMetrics:
-    """Agreement and accuracies of FP32 labels `a` and INT8 labels `b` against `truth`."""
-    n = len(a)
-    accuracy_fp32 = accuracy_int8 = drop = None
+def _set_metrics(
+    name: str, a: np.ndarray, b: np.ndarray, truth: np.ndarray | None, confidence: float | None
+) -> SetMetrics:
+    """Agreement and accuracies of FP32 labels `a` and INT8 labels `b` against `truth`, with
+    the agreement's lower bound and the drop's interval at `confidence`."""
+    n, agree = len(a), int((a == b).sum())
+    accuracy_fp32 = accuracy_int8 = drop = interval = None
     if truth is not None:
         correct_fp32, correct_int8 = int((a == truth).sum()), int((b == truth).sum())
         accuracy_fp32, accuracy_int8 = correct_fp32 / n, correct_int8 / n
         drop = (correct_fp32 - correct_int8) / n  # from counts, so 0.01 is exactly 0.01
+        if confidence:
+            only_fp32 = int(((a == truth) & (b != truth)).sum())
+            only_int8 = int(((b == truth) & (a != truth)).sum())
+            interval = paired_difference_interval(only_fp32, only_int8, n, confidence)
     return SetMetrics(
         name=name,
         n_examples=n,
-        agreement=float((a == b).mean()),
-        flips=int((a != b).sum()),
+        agreement=agree / n,
+        flips=n - agree,
         accuracy_fp32=accuracy_fp32,
         accuracy_int8=accuracy_int8,
         accuracy_drop=drop,
+        agreement_lower_bound=agreement_lower_bound(agree, n, confidence) if confidence else None,
+        accuracy_drop_interval=interval,
     )
 
 
@@ -379,6 +427,7 @@ def compare(
     validation: ValidationSet,
     id2label: dict[int, str],
     speed: Speed | None = None,
+    confidence: float | None = None,
 ) -> Metrics:
     """Agreement, accuracies, probability changes and flipped examples of INT8 vs FP32.
 
@@ -401,25 +450,31 @@ def compare(
         for i in np.flatnonzero(a != b)
     ]
     truth = None if validation.labels is None else np.asarray(validation.labels)
-    overall = _set_metrics(validation.name, a, b, truth)
+    overall = _set_metrics(validation.name, a, b, truth, confidence)
     sets = [
         _set_metrics(
             p.name,
             a[p.start : p.stop],
             b[p.start : p.stop],
             None if truth is None else truth[p.start : p.stop],
+            confidence,
         )
         for p in validation.slices()
     ]
+    fp32_rps = speed.rows_per_second_fp32 if speed else n / fp32.seconds
+    int8_rps = speed.rows_per_second_int8 if speed else n / int8.seconds
+    rows_per_batch = n / fp32.n_batches
     return Metrics(
-        **overall.model_dump(exclude={"name"}),
+        **overall.model_dump(exclude={"name", "agreement_lower_bound", "accuracy_drop_interval"}),
+        confidence=confidence,
+        agreement_lower_bound=(min(m.agreement_lower_bound for m in sets) if confidence else None),
         flipped=flipped,
         mean_abs_prob_change=float(change.mean()),
         max_abs_prob_change=float(change.max()),
-        latency_ms_per_batch_fp32=1000 * fp32.seconds / fp32.n_batches,
-        latency_ms_per_batch_int8=1000 * int8.seconds / int8.n_batches,
-        rows_per_second_fp32=speed.rows_per_second_fp32 if speed else n / fp32.seconds,
-        rows_per_second_int8=speed.rows_per_second_int8 if speed else n / int8.seconds,
+        latency_ms_per_batch_fp32=1000 * rows_per_batch / fp32_rps,
+        latency_ms_per_batch_int8=1000 * rows_per_batch / int8_rps,
+        rows_per_second_fp32=fp32_rps,
+        rows_per_second_int8=int8_rps,
         sets=sets,
         speed=speed,
     )

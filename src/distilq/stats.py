@@ -1,0 +1,99 @@
+"""What a measured agreement certifies: exact binomial bounds, no SciPy needed.
+
+The gate's promise is about texts it has not seen. Agreement measured on n examples is an
+estimate; the one-sided Clopper-Pearson lower bound is the smallest agreement rate that
+would still produce at least as many agreements with probability 1 - confidence.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def _at_least(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p). Summed over the n - k + 1 upper terms, which are
+    few when agreement is high."""
+    if k <= 0 or p >= 1:
+        return 1.0
+    if p <= 0:
+        return 0.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    log_n = math.lgamma(n + 1)
+    total = 0.0
+    for i in range(k, n + 1):
+        log_choose = log_n - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+        total += math.exp(log_choose + i * log_p + (n - i) * log_q)
+    return min(total, 1.0)
+
+
+def agreement_lower_bound(agree: int, n: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson lower bound of a rate from `agree` successes in `n` trials:
+    the true rate is at least this with probability `confidence`. 868 of 872 at 0.95 gives
+    0.9895; 872 of 872 gives 0.9966."""
+    if not 0 <= agree <= n or n == 0:
+        raise ValueError(f"need 0 <= agree <= n and n > 0, got {agree} of {n}")
+    alpha = 1 - confidence
+    if agree == 0:
+        return 0.0
+    if agree == n:
+        return alpha ** (1 / n)
+    low, high = 0.0, agree / n
+    for _ in range(60):  # bisection: P(X >= agree | p) grows with p
+        mid = (low + high) / 2
+        if _at_least(agree, n, mid) < alpha:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def examples_needed(min_agreement: float, confidence: float) -> int:
+    """The fewest examples whose lower bound reaches `min_agreement` with no disagreement
+    at all (299 for 0.99 at 0.95); a smaller set can never pass."""
+    if min_agreement <= 0:
+        return 1
+    if min_agreement >= 1:
+        raise ValueError("a lower bound never reaches 1: lower --min-agreement")
+    return math.ceil(math.log(1 - confidence) / math.log(min_agreement))
+
+
+def agreement_needed(n: int, min_agreement: float, confidence: float) -> float:
+    """The smallest measured agreement on `n` examples whose lower bound reaches
+    `min_agreement` (above 1 if none does)."""
+    if min_agreement <= 0:
+        return 0.0
+    if agreement_lower_bound(n, n, confidence) < min_agreement:
+        return 1.0 + 1 / n
+    low, high = 0, n  # the bound falls as flips grow: find the most flips that still pass
+    while low < high:
+        flips = (low + high + 1) // 2
+        if agreement_lower_bound(n - flips, n, confidence) >= min_agreement:
+            low = flips
+        else:
+            high = flips - 1
+    return (n - low) / n
+
+
+def paired_difference_interval(
+    only_first: int, only_second: int, n: int, confidence: float
+) -> tuple[float, float]:
+    """Two-sided interval of the difference of two paired rates on the same n examples,
+    from the discordant counts (first right and second wrong, and the reverse): the normal
+    approximation of McNemar's setting, for the accuracy drop of INT8 against FP32."""
+    diff = (only_first - only_second) / n
+    variance = (only_first + only_second - (only_first - only_second) ** 2 / n) / n**2
+    z = _normal_quantile(1 - (1 - confidence) / 2)
+    half = z * math.sqrt(max(variance, 0.0))
+    return diff - half, diff + half
+
+
+def _normal_quantile(p: float) -> float:
+    """Inverse of the standard normal CDF, by bisection on erf (ample for reports)."""
+    low, high = -10.0, 10.0
+    for _ in range(80):
+        mid = (low + high) / 2
+        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < p:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
