@@ -26,6 +26,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_quantize.py
+	$(PY) bench/bench_gate.py
 	$(PY) bench/bench_score.py
 
 clean:

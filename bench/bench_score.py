@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from distilq.hardware import cpu_features, cpu_model
 from distilq.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,7 +363,8 @@ def main() -> None:
         full, reg_full, reg_real = setup(tmp, env)
         for name in names:
             stamp = (
-                f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by bench/bench_score.py."
+                f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by bench/bench_score.py"
+                f" on {cpu_model()} ({', '.join(cpu_features())}), {os.cpu_count()} cores."
             )
             lines = SECTIONS[name](tmp, env, full, reg_full, reg_real, sst2_dev, imdb)
             write_results([stamp, "", *lines], f"bench_score_{name}")
