@@ -53,10 +53,20 @@ def quantize_and_promote(config: QuantizeConfig | None = None) -> QuantizeResult
     fp32_tuning = t.predict_fp32(model, tokenizer, tuning, config)
     fp32_confirmation = t.predict_fp32(model, tokenizer, confirmation, config)
     candidate = t.quantize(model, tokenizer, tuning, fp32_tuning, confirmation, config)
-    metrics = t.measure(model, tokenizer, fp32_confirmation, candidate, confirmation, config)
+    metrics, int8 = t.measure(model, tokenizer, fp32_confirmation, candidate, confirmation, config)
     decision = t.decide(metrics, config)
     staging, manifest = t.stage(
-        candidate, tokenizer, found, data, confirmation, metrics, decision, config, key
+        candidate,
+        tokenizer,
+        found,
+        data,
+        confirmation,
+        fp32_confirmation,
+        int8,
+        metrics,
+        decision,
+        config,
+        key,
     )
     t.publish_artifacts(manifest)
     if config.dry_run:

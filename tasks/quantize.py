@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from distilq import artifact, autoquant, checkpoint, gate, report, validation
+from distilq import artifact, attest, autoquant, checkpoint, gate, report, validation
 from distilq.config import QuantizeConfig
 from distilq.errors import SourceUnavailable
 from distilq.registry import Registry
@@ -110,10 +110,9 @@ def quantize(model, tokenizer, tuning, fp32, confirmation, config: QuantizeConfi
 
 
 @task(cache_policy=NO_CACHE)
-def measure(
-    model, tokenizer, fp32, candidate, confirmation, config: QuantizeConfig
-) -> validation.Metrics:
-    """FP32-vs-INT8 metrics on the confirmation part, and both models' warm speed."""
+def measure(model, tokenizer, fp32, candidate, confirmation, config: QuantizeConfig):
+    """FP32-vs-INT8 metrics on the confirmation part, and both models' warm speed; and the
+    INT8 predictions they came from."""
     int8 = validation.predict(
         candidate.model, tokenizer, confirmation.texts, config.batching, progress="confirm INT8"
     )
@@ -132,7 +131,7 @@ def measure(
         speed.rows_per_second_int8,
         speed.cpu,
     )
-    return metrics
+    return metrics, int8
 
 
 @task(cache_policy=NO_CACHE)
@@ -146,7 +145,9 @@ def decide(metrics: validation.Metrics, config: QuantizeConfig) -> gate.Decision
 
 
 @task(cache_policy=NO_CACHE)
-def stage(candidate, tokenizer, found, data, confirmation, metrics, decision, config, key: str):
+def stage(
+    candidate, tokenizer, found, data, confirmation, fp32, int8, metrics, decision, config, key
+):
     """Write the version's files to a staging directory; return it and the manifest."""
     staging = artifact.staging_dir(config.dry_run)
     manifest = artifact.stage_version(
@@ -156,6 +157,8 @@ def stage(candidate, tokenizer, found, data, confirmation, metrics, decision, co
         found,
         data,
         confirmation,
+        fp32,
+        int8,
         metrics,
         decision,
         config.batching,
@@ -169,7 +172,9 @@ def stage(candidate, tokenizer, found, data, confirmation, metrics, decision, co
 )
 def publish(staging: Path, manifest: dict, config: QuantizeConfig) -> str:
     """Publish the staged version (immutable; manifest written last)."""
-    version = Registry(config.registry).publish(staging, manifest)
+    registry = Registry(config.registry)
+    version = registry.publish(staging, manifest)
+    attest.record_gate(registry, manifest)
     get_run_logger().info("published %s to %s", version, config.registry)
     return version
 

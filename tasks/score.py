@@ -16,11 +16,12 @@ from distilq.registry import Registry
 _classifiers: dict[tuple[str, str], object] = {}  # one model per worker process
 
 
-def classifier_for(registry: str, version: str):
-    """The classifier for `version`, loaded (and hash-checked) once per process."""
+def classifier_for(registry: str, version: str, allow_unattested: bool = False):
+    """The classifier for `version`, loaded (hash-checked, and attested on this platform)
+    once per process."""
     key = (registry, version)
     if key not in _classifiers:
-        _classifiers[key] = distilq.load(registry, version)
+        _classifiers[key] = distilq.load(registry, version, allow_unattested=allow_unattested)
     return _classifiers[key]
 
 
@@ -69,7 +70,7 @@ def score_shard(
     """Score one shard on this worker; log progress every 15 s."""
     torch.set_num_threads(config.threads_per_worker)
     logger = get_run_logger()
-    classifier = classifier_for(config.registry, version)
+    classifier = classifier_for(config.registry, version, config.allow_unattested)
     done, start, last = 0, time.perf_counter(), time.perf_counter()
 
     def progress(rows: int) -> None:

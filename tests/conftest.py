@@ -135,6 +135,8 @@ def stage_tiny_version(
         found,
         data,
         confirmation,
+        fp32,
+        int8,
         metrics,
         decide(metrics, thresholds),
         policy,

@@ -213,5 +213,5 @@ def test_manifest_has_the_contracted_fields(staged):
     model_files = [f for f in m["files"] if f.startswith("model/")]
     weights = [f for f in model_files if f.endswith((".safetensors", ".pt"))]
     assert weights == ["model/model.safetensors"]
-    assert "report.md" in m["files"]
+    assert "report.md" in m["files"] and "selfcheck.parquet" in m["files"]
     assert Path(m["files"]["report.md"]) and m["metrics"]["size_bytes_int8"] > 0

@@ -10,6 +10,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from distilq.attest import write_selfcheck
 from distilq.autoquant import Candidate
 from distilq.checkpoint import Checkpoint, sha256_file
 from distilq.config import BatchingPolicy, GateThresholds
@@ -18,7 +19,7 @@ from distilq.hardware import platform_record
 from distilq.metrics import Metrics
 from distilq.quantization import save_int8
 from distilq.report import render_report
-from distilq.validation import SPLIT_RULE, ValidationSet
+from distilq.validation import SPLIT_RULE, Predictions, ValidationSet
 
 STAGING_PREFIX = "distilq-stage-"
 
@@ -93,6 +94,8 @@ def stage_version(
     checkpoint: Checkpoint,
     validation: ValidationSet,
     confirmation: ValidationSet,
+    fp32: Predictions,
+    int8: Predictions,
     metrics: Metrics,
     decision: Decision,
     policy: BatchingPolicy,
@@ -101,12 +104,14 @@ def stage_version(
     """Write `model/` and `report.md` under `staging` and return the manifest describing them.
 
     `metrics` are measured on `confirmation`, the part of `validation` (see `split`) that
-    `auto`'s choices never saw."""
+    `auto`'s choices never saw; `fp32` and `int8` are both models' predictions there, kept
+    for self-checks on other platforms (`distilq.attest`)."""
     staging = Path(staging)
     model_dir = staging / "model"
     candidate.model.config.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     weights = save_int8(candidate.model, candidate.recipe, model_dir)
+    write_selfcheck(staging, confirmation, fp32.labels, int8.probs)
     weight_hash = sha256_file(weights)
     now = datetime.now(UTC)
     manifest = {

@@ -23,6 +23,7 @@ class Classifier:
         self.version: str = manifest["version"]
         self.batching = BatchingPolicy(**manifest["recipe"]["batching"])
         self.id2label = {int(k): v for k, v in model.config.id2label.items()}
+        self.attestation = ""  # how this platform is attested (set by `load`)
 
     def score(
         self, values: Sequence, batching: BatchingPolicy | None = None
@@ -71,15 +72,24 @@ class Classifier:
 
 
 def load(
-    registry: str | Path | None = None, ref: str = PRODUCTION, cache_dir: str | Path | None = None
+    registry: str | Path | None = None,
+    ref: str = PRODUCTION,
+    cache_dir: str | Path | None = None,
+    allow_unattested: bool = False,
 ) -> Classifier:
-    """Load a registry version (or alias) as a `Classifier`, after checking every file's sha256."""
+    """Load a registry version (or alias) as a `Classifier`, after checking every file's
+    sha256, and make sure it is attested on this platform (see `distilq.attest`: a version
+    gated on another CPU runs its self-check here first; one that fails it is refused
+    unless `allow_unattested`)."""
     from transformers import AutoTokenizer
 
+    from distilq.attest import ensure_attested
     from distilq.quantization import load_int8
 
-    registry = registry or os.environ.get("DISTILQ_REGISTRY", DEFAULT_REGISTRY)
-    local, manifest = Registry(registry).fetch(ref, cache_dir)
+    registry = Registry(registry or os.environ.get("DISTILQ_REGISTRY", DEFAULT_REGISTRY))
+    local, manifest = registry.fetch(ref, cache_dir)
     model_dir = local / "model"
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    return Classifier(load_int8(model_dir), tokenizer, manifest)
+    classifier = Classifier(load_int8(model_dir), tokenizer, manifest)
+    classifier.attestation = ensure_attested(registry, classifier, local, allow_unattested)
+    return classifier

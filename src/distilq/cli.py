@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from distilq import __version__
 from distilq.config import DEFAULT_REGISTRY, DEFAULT_SOURCE, QuantizeConfig
-from distilq.errors import DistilqError, GateRejected, InputError
+from distilq.errors import DistilqError, GateRejected, InputError, Unattested
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 
@@ -188,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--overwrite", action="store_true", help="replace an output holding other results"
     )
+    s.add_argument(
+        "--allow-unattested",
+        action="store_true",
+        help="score even if the model fails its self-check on this machine's platform",
+    )
     s.add_argument("--json", action="store_true", help="print only the summary JSON on stdout")
     _verbose_arg(s)
 
@@ -209,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     promote.add_argument("--reason", default="manual promotion", help="recorded in the history")
     _registry_arg(promote)
+    attest = actions.add_parser(
+        "attest",
+        help="self-check a version on this machine's platform (as a worker would before "
+        "scoring) and record it; exit 3 if it fails",
+    )
+    attest.add_argument(
+        "ref", nargs="?", default="production", help="version or alias (default production)"
+    )
+    _registry_arg(attest)
+    attest.add_argument("--json", action="store_true", help="print the attestation JSON")
     rollback = actions.add_parser("rollback", help="point production back at the previous version")
     rollback.add_argument("--reason", default="manual rollback", help="recorded in the history")
     _registry_arg(rollback)
@@ -306,11 +321,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     _console_tracebacks(args.verbose)
 
-    if api_start is not None and config.runner == "local":
-        # Its tasks run in this process: load the model while the API starts.
-        from tasks.score import classifier_for
+    # Load the model while the API starts (the local runner's tasks reuse it), and refuse,
+    # exit 3, a version that fails its self-check on this machine before any file is scored.
+    from tasks.score import classifier_for
 
-        classifier_for(config.registry, version)
+    classifier = classifier_for(config.registry, version, config.allow_unattested)
+    print(f"model {version}: {classifier.attestation}", file=sys.stderr)
     with _ephemeral_api(api_start):
         try:
             summary, failed = score_parquet(config).summary, None
@@ -360,6 +376,25 @@ def cmd_models(args: argparse.Namespace) -> int:
             from distilq.report import render_report
 
             print(render_report(manifest))
+            attested = [
+                f"`{a['platform']['key']}` ({a['platform']['cpu']}; "
+                f"{', '.join(a['platform']['features'])}): agreement {a['agreement']:.4f}"
+                for a in registry.attestations(manifest["version"])
+            ]
+            print(f"Attested platforms: {'; '.join(attested) or 'none recorded'}.")
+        return EXIT_OK
+    if args.action == "attest":
+        import distilq
+        from distilq.hardware import platform_record
+
+        classifier = distilq.load(args.registry, args.ref)  # a failed self-check: exit 3
+        engine = classifier.manifest.get("platform", {}).get("quantized_engine", "x86")
+        key = platform_record(engine)["key"]
+        if args.json:
+            record = registry.attestation(classifier.version, key)
+            _print_json(record or {"version": classifier.version, "status": classifier.attestation})
+        else:
+            print(f"{classifier.version}: {classifier.attestation}")
         return EXIT_OK
     if args.action == "promote":
         entry = registry.promote(args.version, args.reason, force=args.force)
@@ -557,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"distilq: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Unattested as e:
+        print(f"distilq: {e}", file=sys.stderr)
+        return EXIT_REJECTED
     except DistilqError as e:
         print(f"distilq: {e}", file=sys.stderr)
         return EXIT_FAILED

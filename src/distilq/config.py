@@ -166,6 +166,9 @@ class ScoreConfig(BaseModel):
     threads: int = Field(default_factory=available_cores, ge=1, le=1024)
     dask_address: str | None = Field(None, description="tcp://host:port of a Dask scheduler")
     overwrite: bool = False
+    allow_unattested: bool = Field(
+        False, description="Score even if the model fails its self-check on a worker's platform"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ScoreConfig:

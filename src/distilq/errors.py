@@ -17,6 +17,10 @@ class IntegrityError(DistilqError):
     """A file does not match the sha256 recorded in its manifest."""
 
 
+class Unattested(DistilqError):
+    """A version failed its self-check on this platform (CLI exit code 3)."""
+
+
 class GateRejected(DistilqError):
     """The INT8 candidate failed the agreement gate (CLI exit code 3)."""
 

@@ -122,6 +122,34 @@ class Registry:
             raise IntegrityError(f"{self.uri}: {rel} of {version} does not match its manifest")
         return json.loads(data)
 
+    def attestation(self, version: str, key: str) -> dict | None:
+        """The attestation of `version` on platform `key`, if one was written."""
+        try:
+            return json.loads(
+                self.fs.cat_file(self._path("versions", version, "attestations", f"{key}.json"))
+            )
+        except FileNotFoundError:
+            return None
+
+    def attestations(self, version: str) -> list[dict]:
+        """Every platform `version` was attested on, besides the gate's own."""
+        try:
+            paths = sorted(
+                self.fs.ls(self._path("versions", version, "attestations"), detail=False)
+            )
+        except FileNotFoundError:
+            return []
+        return [json.loads(self.fs.cat_file(p)) for p in paths if p.endswith(".json")]
+
+    def write_attestation(self, version: str, key: str, record: dict) -> None:
+        """Record that `version` passed its self-check on platform `key`. Written once: a
+        worker that lost the race to another one leaves the first record."""
+        path = self._path("versions", version, "attestations", f"{key}.json")
+        with contextlib.suppress(WriteConflict):
+            write_if_unchanged(
+                self.fs, path, manifest_bytes({**record, "created_at": utc_now()}), None
+            )
+
     def alias(self, name: str = PRODUCTION) -> str | None:
         """The version an alias points to, or None."""
         pointer, _ = self._read_alias(name)
