@@ -103,15 +103,17 @@ def test_overwrite_removes_only_what_distilq_wrote(registry, tmp_path):
     plan = plan_shards([src], options, str(out))
     manifest, todo = prepare_output(str(out), plan, classifier.version, options.model_dump(), False)
     record_shard(manifest, todo[0], score_shard(classifier, todo[0], str(out), options))
-    for name in ("notes.txt", "draft.tmp", ".b.parquet.x1.tmp"):
+    for name in ("notes.txt", "draft.tmp", ".b.parquet.x1.tmp", ".mine.tmp"):
         (out / name).write_text("the user's")
     (out / "sub").mkdir()
     dump = options.model_dump()
     for overwrite in (False, True):
-        with pytest.raises(InputError, match=r"holds files distilq did not write there \(draft"):
+        with pytest.raises(
+            InputError, match=r"did not write there \(\.mine\.tmp, draft\.tmp, notes\.txt, \.\.\.\)"
+        ):
             prepare_output(str(out), plan, "another-version", dump, overwrite)
     assert (out / "a.parquet").is_file() and (out / "notes.txt").read_text() == "the user's"
-    for name in ("notes.txt", "draft.tmp", "sub"):
+    for name in ("notes.txt", "draft.tmp", ".mine.tmp", "sub"):
         shutil.rmtree(out / name) if name == "sub" else (out / name).unlink()
     manifest, todo = prepare_output(str(out), plan, "another-version", dump, True)
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST]  # its shard and a temporary

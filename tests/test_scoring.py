@@ -184,12 +184,14 @@ def test_resume_skips_done_shards_and_refuses_foreign_outputs(classifier, tmp_pa
     record_shard(
         manifest, todo[0], score_shard(classifier, todo[0], str(tmp_path / "out"), options)
     )
-    (tmp_path / "out" / ".b.parquet.dead.tmp").write_bytes(b"half")  # a killed run's leftover
+    (tmp_path / "out" / ".b.parquet.dead.tmp").write_bytes(b"half")  # a killed run's leftovers
+    (tmp_path / "out" / "._manifest.json.x1y2.tmp").write_bytes(b"{")
     _, todo = prepare_output(
         str(tmp_path / "out"), plan, classifier.version, options.model_dump(), False
     )
     assert [s.output for s in todo] == ["b.parquet"]
     assert not (tmp_path / "out" / ".b.parquet.dead.tmp").exists()
+    assert not (tmp_path / "out" / "._manifest.json.x1y2.tmp").exists()
     with pytest.raises(InputError, match="holds results of model version .* --overwrite"):
         prepare_output(str(tmp_path / "out"), plan, "another-version", options.model_dump(), False)
     other = plan_shards([b], options)

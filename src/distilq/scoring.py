@@ -32,6 +32,7 @@ from distilq.storage import (
     is_local,
     protocol,
     read_for_update,
+    temporary_prefix,
     url_to_fs,
     write_if_unchanged,
 )
@@ -400,7 +401,7 @@ def _staged(fs: fsspec.AbstractFileSystem, final: str) -> Iterator[str]:
     """
     local = is_local(fs)
     directory = os.path.dirname(final) if local else None
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(final)}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=temporary_prefix(final), suffix=".tmp")
     os.close(fd)
     try:
         yield tmp
@@ -454,8 +455,10 @@ class OutputManifest:
 
 
 def _is_temporary(name: str) -> bool:
-    """A shard file a killed run left half-written (see `_staged`)."""
-    return name.startswith(".") and ".parquet." in name and name.endswith(".tmp")
+    """A shard or manifest file a killed run left half-written (see `_staged`,
+    `storage.write_atomic`)."""
+    ours = name.startswith(temporary_prefix(MANIFEST)) or ".parquet." in name
+    return name.startswith(".") and name.endswith(".tmp") and ours
 
 
 def prepare_output(

@@ -25,6 +25,12 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return protocol(fs) in ("file", "local")
 
 
+def temporary_prefix(final: str) -> str:
+    """How a temporary file written before becoming `final` starts: hidden, and named after
+    it, so a later run can tell its own leftovers from a user's files."""
+    return f".{os.path.basename(final)}."
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Readers see the old content or the new, never part: on disk a hidden `.tmp` file in
     the same directory, fsynced, then renamed; on object stores one PUT."""
@@ -33,7 +39,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         return
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=temporary_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
