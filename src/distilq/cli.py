@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from distilq import __version__
 from distilq.config import DEFAULT_REGISTRY, DEFAULT_SOURCE, QuantizeConfig
-from distilq.errors import DistilqError, GateRejected, InputError, Unattested
+from distilq.errors import DistilqError, GateRejected, InputError, IntegrityError, Unattested
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 
@@ -412,7 +412,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 def _list_rows(registry) -> list[dict]:
     """One row a version, newest first; a version whose manifest fails its check is listed
     with the reason instead of its figures."""
-    from distilq.errors import IntegrityError
     from distilq.gate import decide_manifest
 
     try:

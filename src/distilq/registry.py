@@ -132,7 +132,8 @@ class Registry:
             return None
 
     def attestations(self, version: str) -> list[dict]:
-        """Every platform `version` was attested on, besides the gate's own."""
+        """Every attestation of `version` (the gate's own among them when a flow published
+        it), by platform key."""
         try:
             paths = sorted(
                 self.fs.ls(self._path("versions", version, "attestations"), detail=False)
