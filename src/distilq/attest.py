@@ -21,8 +21,7 @@ from distilq.config import GateThresholds
 from distilq.errors import Unattested
 from distilq.gate import certified_agreement, decide_sets
 from distilq.hardware import platform_record
-from distilq.metrics import SetMetrics
-from distilq.stats import agreement_lower_bound
+from distilq.validation import set_metrics
 
 SELFCHECK = "selfcheck.parquet"
 log = logging.getLogger("distilq")
@@ -79,24 +78,7 @@ def self_check(classifier, directory: str | Path) -> dict:
     figures = []
     for name in dict.fromkeys(sets):
         rows = [i for i, s in enumerate(sets) if s == name]
-        agree = int((labels[rows] == fp32[rows]).sum())
-        bound = (
-            agreement_lower_bound(agree, len(rows), thresholds.confidence)
-            if thresholds.confidence
-            else None
-        )
-        figures.append(
-            SetMetrics(
-                name=name,
-                n_examples=len(rows),
-                agreement=agree / len(rows),
-                flips=len(rows) - agree,
-                accuracy_fp32=None,
-                accuracy_int8=None,
-                accuracy_drop=None,
-                agreement_lower_bound=bound,
-            )
-        )
+        figures.append(set_metrics(name, fp32[rows], labels[rows], None, thresholds.confidence))
     decision = decide_sets(figures, thresholds)
     weakest = min(figures, key=lambda m: certified_agreement(m, thresholds))
     return {

@@ -31,6 +31,8 @@ class Classifier:
         """Class probabilities [n, n_classes] (NaN rows for values that cannot be scored),
         why each value cannot be scored (None where it can), and the token lengths of those
         that can. Batched as validated unless told otherwise."""
+        if isinstance(values, str):
+            raise TypeError("predict takes a sequence of texts; wrap a single text in a list")
         errors, lengths = screen_texts(self.tokenizer, list(values))
         valid = [i for i, e in enumerate(errors) if e is None]
         probs = np.full((len(errors), len(self.id2label)), np.nan, dtype=np.float32)
@@ -42,15 +44,11 @@ class Classifier:
 
     def predict_proba(self, texts: Sequence[str], batching: BatchingPolicy | None = None):
         """Class probabilities [n, n_classes]; NaN rows for texts that cannot be scored."""
-        if isinstance(texts, str):
-            raise TypeError("predict takes a sequence of texts; wrap a single text in a list")
         return self.score(texts, batching)[0]
 
     def predict(self, texts: Sequence[str], batching: BatchingPolicy | None = None) -> list[dict]:
         """Per text: `label`, `score` (its probability), `probabilities` of every class and
         `error`; a text that cannot be scored (empty, no tokens) gets None and the reason."""
-        if isinstance(texts, str):
-            raise TypeError("predict takes a sequence of texts; wrap a single text in a list")
         probs, errors, _ = self.score(texts, batching)
         results = []
         for row, error in zip(probs, errors, strict=True):

@@ -8,6 +8,7 @@ would still produce at least as many agreements with probability 1 - confidence.
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 
 def _at_least(k: int, n: int, p: float) -> float:
@@ -82,18 +83,6 @@ def paired_difference_interval(
     approximation of McNemar's setting, for the accuracy drop of INT8 against FP32."""
     diff = (only_first - only_second) / n
     variance = (only_first + only_second - (only_first - only_second) ** 2 / n) / n**2
-    z = _normal_quantile(1 - (1 - confidence) / 2)
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
     half = z * math.sqrt(max(variance, 0.0))
     return diff - half, diff + half
-
-
-def _normal_quantile(p: float) -> float:
-    """Inverse of the standard normal CDF, by bisection on erf (ample for reports)."""
-    low, high = -10.0, 10.0
-    for _ in range(80):
-        mid = (low + high) / 2
-        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < p:
-            low = mid
-        else:
-            high = mid
-    return (low + high) / 2

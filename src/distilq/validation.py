@@ -387,7 +387,7 @@ def measure_speed(
     )
 
 
-def _set_metrics(
+def set_metrics(
     name: str, a: np.ndarray, b: np.ndarray, truth: np.ndarray | None, confidence: float | None
 ) -> SetMetrics:
     """Agreement and accuracies of FP32 labels `a` and INT8 labels `b` against `truth`, with
@@ -450,9 +450,9 @@ def compare(
         for i in np.flatnonzero(a != b)
     ]
     truth = None if validation.labels is None else np.asarray(validation.labels)
-    overall = _set_metrics(validation.name, a, b, truth, confidence)
+    overall = set_metrics(validation.name, a, b, truth, confidence)
     sets = [
-        _set_metrics(
+        set_metrics(
             p.name,
             a[p.start : p.stop],
             b[p.start : p.stop],
