@@ -54,7 +54,7 @@ def imdb_reviews(n: int = 2500) -> list[str]:
         return [row["text"] for row in csv.DictReader(f)][:n]
 
 
-def main() -> None:
+def main() -> None:  # one top-down run: quantize by the CLI, then measure held-out texts
     if not SHARED_MODEL.is_dir():
         sys.exit(f"the shared model is not at {SHARED_MODEL}")
     with tempfile.TemporaryDirectory() as tmp:

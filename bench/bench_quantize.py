@@ -1,6 +1,7 @@
 """Recipes side by side: agreement, accuracy, bytes on disk and rows/s, in one run.
 
-1. The real fine-tuned model in ../shared on GLUE SST-2 dev (agreement depends on values).
+1. The real fine-tuned model in ../shared on GLUE SST-2 dev (agreement depends on values),
+   each recipe run through the library pipeline `distilq.pipelines.quantize_and_promote`.
 2. A full-size DistilBertConfig() with random weights (bytes and speed do not).
 
 Writes its tables between markers in bench/RESULTS.md. Usage: python bench/bench_quantize.py
@@ -17,18 +18,12 @@ from pathlib import Path
 
 import torch
 
-from distilq.autoquant import quantize_for_gate
-from distilq.checkpoint import load_checkpoint, resolve_checkpoint
-from distilq.config import BatchingPolicy
+from distilq.config import BatchingPolicy, QuantizeConfig
 from distilq.hardware import cpu_features, cpu_model
-from distilq.quantization import RECIPES, save_int8
-from distilq.validation import (
-    PACKAGED_VALIDATION,
-    best_rows_per_second,
-    compare,
-    load_validation,
-    predict,
-)
+from distilq.pipelines import quantize_and_promote
+from distilq.quantization import save_int8
+from distilq.recipes import RECIPES
+from distilq.validation import PACKAGED_VALIDATION, best_rows_per_second, load_validation
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODEL = ROOT.parent / "shared" / "models" / "distilbert-sst2-minilm"
@@ -38,46 +33,46 @@ POLICY = BatchingPolicy()  # batch 32, sorted by token length: the default polic
 
 
 def real_model(tmp: Path) -> list[str]:
-    found = resolve_checkpoint(str(SHARED_MODEL))
-    model, tokenizer = load_checkpoint(found.path)
-    data = load_validation(PACKAGED_VALIDATION, label2id=model.config.label2id)
-    fp32 = predict(model, tokenizer, data.texts, POLICY, progress="FP32")
-    rows, models = {}, {"FP32": model}
-    for name in ("dynamic-int8", "dynamic-int8-pc", "auto"):
-        start = time.perf_counter()
-        candidate = quantize_for_gate(model, tokenizer, name, data, fp32, POLICY, 0.995)
-        seconds = time.perf_counter() - start
-        metrics = compare(fp32, candidate.predictions, data, model.config.id2label)
-        model.config.save_pretrained(tmp / name)
-        size = save_int8(candidate.model, candidate.recipe, tmp / name).stat().st_size
-        rows[name] = (metrics, size, len(candidate.fp32_layers), seconds)
-        models[name] = candidate.model
-    speed = best_rows_per_second(models, tokenizer, data.texts, POLICY, passes=2)
-    fp32_bytes = found.weight_bytes
-    lines = [
-        f"Real model `distilbert-sst2-minilm` (6 layers, dim 384), GLUE SST-2 dev "
-        f"({len(data.texts)} rows), batch 32 sorted by token length. rows/s: best of 2 "
-        "interleaved passes.",
-        "",
-        "| recipe | agreement | flips | accuracy | bytes on disk | of FP32 | FP32 layers "
-        "| rows/s | vs FP32 | time to quantize+validate |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| FP32 | 100% | 0 | {rows['dynamic-int8'][0].accuracy_fp32:.2%} | "
-        f"{fp32_bytes / MIB:.1f} MiB | 100% | all | {speed['FP32']:.1f} | 1.00x | |",
-    ]
-    for name, (m, size, n_fp32, seconds) in rows.items():
-        lines.append(
-            f"| `{name}` | {m.agreement:.2%} | {m.flips} | {m.accuracy_int8:.2%} | "
-            f"{size / MIB:.1f} MiB | {size / fp32_bytes:.1%} | {n_fp32} | {speed[name]:.1f} | "
-            f"{speed[name] / speed['FP32']:.2f}x | {seconds:.0f} s |"
+    """Every recipe through the library pipeline itself (a dry run each, as `distilq
+    quantize --dry-run --recipe R` would): the figures are the gate's own."""
+    runs = {}
+    for name in RECIPES:
+        config = QuantizeConfig(
+            source=str(SHARED_MODEL),
+            recipe=name,
+            validation=[PACKAGED_VALIDATION],
+            registry=str(tmp / "registry"),
+            dry_run=True,
         )
-    auto_layers = rows["auto"]
-    lines += [
+        start = time.perf_counter()
+        result = quantize_and_promote(config)
+        runs[name] = (result, time.perf_counter() - start)
+        Path(result.report).unlink()
+    first = next(iter(runs.values()))[0].manifest
+    split = first.validation.split
+    lines = [
+        "Real model `distilbert-sst2-minilm` (6 layers, dim 384), GLUE SST-2 dev through the "
+        f"library pipeline (a dry run per recipe): tuned on {split.tuning} rows, measured on "
+        f"the {split.confirmation} confirmation rows; batch 32 sorted by token length. "
+        "rows/s: warm, best of interleaved passes, INT8 against FP32 within each run.",
         "",
-        f"`auto` (target 0.995, tuned and measured here on the same rows to compare recipes; "
-        f"the gate itself tunes and judges on separate parts, see bench_gate) kept "
-        f"{auto_layers[2]} Linear layer(s) in FP32.",
+        "| recipe | gate | agreement | lower bound (95%) | flips | accuracy FP32 -> INT8 "
+        "| bytes on disk | of FP32 | FP32 layers | rows/s FP32 | rows/s INT8 | INT8 / FP32 "
+        "| time to quantize+validate |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    for name, (result, seconds) in runs.items():
+        m = result.manifest.metrics
+        ratio = m.rows_per_second_int8 / m.rows_per_second_fp32
+        lines.append(
+            f"| `{name}` | {'approved' if result.approved else 'rejected'} | {m.agreement:.2%} "
+            f"| {m.agreement_lower_bound:.2%} | {m.flips} "
+            f"| {m.accuracy_fp32:.2%} -> {m.accuracy_int8:.2%} "
+            f"| {m.size_bytes_int8 / MIB:.1f} MiB | {m.size_bytes_int8 / m.size_bytes_fp32:.1%} "
+            f"| {len(result.manifest.recipe.fp32_layers)} | {m.rows_per_second_fp32:.1f} "
+            f"| {m.rows_per_second_int8:.1f} | {ratio:.2f}x "
+            f"| {seconds:.0f} s |"
+        )
     return lines
 
 
@@ -93,7 +88,7 @@ def full_size(tmp: Path) -> list[str]:
     tokenizer = AutoTokenizer.from_pretrained(SHARED_MODEL)  # the same uncased vocabulary
     texts = load_validation(PACKAGED_VALIDATION).texts
     models, sizes = {"FP32": model}, {"FP32": fp32_bytes}
-    for name in ("dynamic-int8", "dynamic-int8-pc"):
+    for name in [n for n, r in RECIPES.items() if not r.fallback]:
         models[name] = quantize(model, name)
         model.config.save_pretrained(tmp / f"full-{name}")
         sizes[name] = save_int8(models[name], RECIPES[name], tmp / f"full-{name}").stat().st_size

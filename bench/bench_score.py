@@ -236,8 +236,8 @@ def section_agreement(tmp, env, full, reg_full, reg_real, sst2_dev, imdb) -> lis
             cells.append(f"{agree:.2%}")
         models_in = Registry(registry)
         manifest = models_in.manifest(models_in.alias())
-        layers = len(manifest["recipe"]["fp32_layers"])
-        mib = manifest["metrics"]["size_bytes_int8"] / 2**20
+        layers = len(manifest.recipe.fp32_layers)
+        mib = manifest.metrics.size_bytes_int8 / 2**20
         lines.append(f"| {gate_name} | {layers} | {mib:.1f} | {' | '.join(cells)} |")
     return lines + [
         "",

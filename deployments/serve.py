@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-import flows  # noqa: F401  (distilq's Prefect defaults, before prefect is imported)
+from distilq.runtime import configure_logging, set_prefect_defaults
 
 PREFECT_FILE = Path(__file__).with_name("prefect.yaml")
 
@@ -60,6 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prefect-file", type=Path, default=PREFECT_FILE)
     args = parser.parse_args()
+    set_prefect_defaults()  # this process owns its settings: before prefect is imported
+    configure_logging()
     deployments = load_deployments(args.prefect_file)
     os.chdir(os.environ.get("DISTILQ_WORKDIR", "."))
 

@@ -1,5 +1,2 @@
-"""Prefect flows of distilq: they only wire the tasks in `tasks`."""
-
-from distilq.runtime import set_prefect_defaults
-
-set_prefect_defaults()  # before any flow module imports prefect
+"""Prefect flows of distilq: each runs one `distilq.pipelines` function with the Prefect
+runner. Importing them changes nothing in the process."""

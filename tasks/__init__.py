@@ -1,9 +1,3 @@
-"""Thin Prefect tasks over the distilq library: retries, logging and artifacts only."""
-
-import logging
-
-from distilq.runtime import set_prefect_defaults
-
-set_prefect_defaults()  # before any task module imports prefect
-# The library's progress notes (auto's fallback steps) belong in the run logs.
-logging.getLogger("distilq").setLevel(logging.INFO)
+"""Prefect's face of the distilq pipelines: `PrefectRunner` runs each pipeline step as a
+task (retries, run logs), maps shards over a Prefect task runner, and adds artifacts and
+events. Importing this package changes nothing in the process."""

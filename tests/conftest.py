@@ -103,66 +103,60 @@ def tiny_validation(tmp_path_factory) -> Path:
     return write_tsv(tmp_path_factory.mktemp("val") / "val.tsv", texts, labels)
 
 
-def stage_tiny_version(
-    staging: Path, checkpoint: Path, validation: Path, min_agreement: float = 0.0
-):
-    """Run the library pipeline (no Prefect) on a checkpoint; return the staged manifest."""
-    from distilq.artifact import run_key, stage_version
-    from distilq.autoquant import quantize_for_gate
-    from distilq.checkpoint import load_checkpoint, resolve_checkpoint
-    from distilq.config import BatchingPolicy, GateThresholds
-    from distilq.gate import decide
-    from distilq.validation import compare, load_validation, predict, split
+def tiny_config(checkpoint: Path, validation: Path, registry: Path, **fields):
+    """A QuantizeConfig for the tiny checkpoint: per-channel INT8, a gate it passes."""
+    from distilq.config import QuantizeConfig
 
-    found = resolve_checkpoint(str(checkpoint))
-    model, tokenizer = load_checkpoint(found.path)
-    data = load_validation(str(validation), label2id=model.config.label2id)
-    policy, thresholds = (
-        BatchingPolicy(),
-        GateThresholds(min_agreement=min_agreement, max_accuracy_drop=1),
+    defaults = {"recipe": "dynamic-int8-pc", "min_agreement": 0.0, "max_accuracy_drop": 1.0}
+    return QuantizeConfig(
+        source=str(checkpoint),
+        validation=[str(validation)],
+        registry=str(registry),
+        **{**defaults, **fields},
     )
-    tuning, confirmation = split(data)
-    fp32 = predict(model, tokenizer, tuning.texts, policy)
-    candidate = quantize_for_gate(model, tokenizer, "dynamic-int8-pc", tuning, fp32, policy, 0.0)
-    fp32 = predict(model, tokenizer, confirmation.texts, policy)
-    int8 = predict(candidate.model, tokenizer, confirmation.texts, policy)
-    metrics = compare(fp32, int8, confirmation, model.config.id2label, None, thresholds.confidence)
-    key = run_key(found, "dynamic-int8-pc", data, thresholds, 0.0, policy)
-    return stage_version(
-        staging,
-        candidate,
-        tokenizer,
-        found,
-        data,
-        confirmation,
-        fp32,
-        int8,
-        metrics,
-        decide(metrics, thresholds),
-        policy,
-        key,
-    )
+
+
+def stage_tiny_version(staging: Path, checkpoint: Path, validation: Path, **fields):
+    """A version made by the library pipeline (no Prefect) in a scratch registry, its files
+    copied to `staging` to publish elsewhere; returns its manifest."""
+    import shutil
+    import tempfile
+
+    from distilq.errors import GateRejected
+    from distilq.pipelines import quantize_and_promote
+
+    with tempfile.TemporaryDirectory() as scratch:
+        config = tiny_config(checkpoint, validation, Path(scratch) / "reg", **fields)
+        try:
+            manifest = quantize_and_promote(config).manifest
+        except GateRejected as e:
+            manifest = e.manifest
+        version_dir = Path(scratch) / "reg" / "versions" / manifest.version
+        for rel in manifest.files:
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(version_dir / rel, staging / rel)
+    return manifest
 
 
 @pytest.fixture(scope="session")
 def promoted_registry(tmp_path_factory, tiny_checkpoint, tiny_validation) -> Path:
     """A registry with one approved tiny version in production. Shared: copy it to change it."""
-    from distilq.registry import Registry
+    from distilq.pipelines import quantize_and_promote
 
     root = tmp_path_factory.mktemp("promoted")
-    (root / "staging").mkdir()
-    registry = Registry(root / "reg")
-    manifest = stage_tiny_version(root / "staging", tiny_checkpoint, tiny_validation)
-    registry.promote(registry.publish(root / "staging", manifest), "test")
+    assert quantize_and_promote(
+        tiny_config(tiny_checkpoint, tiny_validation, root / "reg")
+    ).promoted
     return root / "reg"
 
 
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect API on SQLite for the whole session (flow tests only)."""
-    from prefect.testing.utilities import prefect_test_harness
+    from distilq.runtime import set_prefect_defaults
 
-    import flows  # noqa: F401  (distilq's Prefect defaults, before prefect is imported)
+    set_prefect_defaults()  # as the CLI does, before prefect is imported
+    from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):
         yield

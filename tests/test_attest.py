@@ -38,11 +38,16 @@ def test_a_new_platform_is_self_checked_once_then_attested(promoted_registry, tm
     shutil.copytree(promoted_registry, tmp_path / "reg")
     registry = Registry(tmp_path / "reg")
     version = registry.alias()
-    gated_on = registry.manifest(version)["platform"]["key"]
+    gated_on = registry.manifest(version).platform.key
     first = run("models", "attest", "--registry", str(tmp_path / "reg"), home=tmp_path / "h")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "self-check passed on platform x86_64-default-" in first.stdout
-    (record,) = registry.attestations(version)
+    gate, record = sorted(
+        registry.attestations(version), key=lambda a: a["platform"]["key"] != gated_on
+    )
+    assert (
+        gate["platform"]["key"] == gated_on and gate["max_abs_prob_diff"] == 0.0
+    )  # the gate's own
     assert record["platform"]["key"] != gated_on
     assert record["platform"]["torch_cpu_capability"] == "DEFAULT"
     assert {"platform", "agreement", "agreement_lower_bound", "created_at"} <= set(record)
@@ -60,13 +65,13 @@ def failing_version(tmp_path, tiny_checkpoint, tiny_validation) -> Path:
     staging = tmp_path / "staging"
     staging.mkdir()
     manifest = stage_tiny_version(staging, tiny_checkpoint, tiny_validation, min_agreement=0.9)
-    assert manifest["decision"]["approved"]
+    assert manifest.decision.approved
     table = pq.read_table(staging / SELFCHECK)
     flipped = table.set_column(
         2, "fp32_label", pc.subtract(pa.scalar(1, pa.int16()), table["fp32_label"])
     )
     pq.write_table(flipped, staging / SELFCHECK)
-    manifest["files"][SELFCHECK] = sha256_file(staging / SELFCHECK)
+    manifest.files[SELFCHECK] = sha256_file(staging / SELFCHECK)
     registry = Registry(tmp_path / "reg")
     registry.promote(registry.publish(staging, manifest), "test")
     return tmp_path / "reg"

@@ -42,7 +42,7 @@ def test_auto_keeps_the_sensitive_layer_fp32(sensitive_checkpoint, tiny_validati
     agreement = float((candidate.predictions.labels == fp32.labels).mean())
     assert agreement >= 0.95 and agreement == candidate.attempts[-1].agreement
     assert linear_names(candidate.model) == candidate.fp32_layers  # exactly those stayed float
-    record = candidate.recipe_record(policy)
+    record = candidate.recipe_record(policy).model_dump()
     assert record["name"] == "auto" and record["fp32_layers"] == candidate.fp32_layers
     assert record["auto"]["sensitivity"][0]["layer"] == SENSITIVE_LAYER
     assert record["auto"]["reached_target"] is True
@@ -64,7 +64,7 @@ def test_static_recipes_never_fall_back(sensitive_checkpoint, tiny_validation, r
         model, tokenizer, recipe, data, fp32, policy, target_agreement=0.99
     )
     assert candidate.fp32_layers == [] and len(candidate.attempts) == 1
-    assert candidate.reached_target is None and "auto" not in candidate.recipe_record(policy)
+    assert candidate.reached_target is None and candidate.recipe_record(policy).auto is None
 
 
 def test_auto_aims_every_validation_set_at_the_target(sensitive_checkpoint, tiny_validation):

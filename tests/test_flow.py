@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -68,9 +69,9 @@ def test_failed_gate_fails_the_run_keeps_the_candidate_and_production(
     ) as rejected:
         state.result()
     registry = Registry(tmp_path / "reg")
-    version = rejected.value.manifest["version"]
+    version = rejected.value.manifest.version
     assert version in registry.versions()
-    assert registry.manifest(version)["decision"]["approved"] is False
+    assert registry.manifest(version).decision.approved is False
     assert registry.alias() == good.version
 
 
@@ -80,7 +81,8 @@ def test_dry_run_publishes_nothing(tiny_checkpoint, tiny_validation, tmp_path):
     assert result.dry_run and not result.promoted
     assert Registry(tmp_path / "reg").versions() == []
     assert (tmp_path / "reg").exists() is False
-    assert "report.md" in result.manifest["files"]
+    assert "report.md" in result.manifest.files and result.location is None
+    assert Path(result.report).read_text().startswith("# distilq INT8 candidate")
 
 
 def test_validation_parameter_takes_one_spec_or_several():

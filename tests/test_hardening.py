@@ -22,16 +22,10 @@ import distilq
 from distilq.artifact import STAGING_PREFIX, remove_stale_staging
 from distilq.config import ScoreConfig
 from distilq.errors import GateRejected, InputError, IntegrityError
+from distilq.inputs import plan_shards
+from distilq.output import MANIFEST, prepare_output
 from distilq.registry import MANIFEST_SHA256, Registry
-from distilq.scoring import (
-    MANIFEST,
-    ScoreOptions,
-    options_for,
-    plan_shards,
-    prepare_output,
-    record_shard,
-    score_shard,
-)
+from distilq.scoring import ScoreOptions, options_for, score_shard
 from distilq.validation import NO_TOKENS
 from tests.conftest import make_texts, stage_tiny_version
 from tests.test_cli import DISTILQ, quantize, run
@@ -102,7 +96,7 @@ def test_overwrite_removes_only_what_distilq_wrote(registry, tmp_path):
     options = ScoreOptions()
     plan = plan_shards([src], options, str(out))
     manifest, todo = prepare_output(str(out), plan, classifier.version, options.model_dump(), False)
-    record_shard(manifest, todo[0], score_shard(classifier, todo[0], str(out), options))
+    manifest.record_shard(todo[0], score_shard(classifier, todo[0], str(out), options))
     for name in ("notes.txt", "draft.tmp", ".b.parquet.x1.tmp", ".mine.tmp"):
         (out / name).write_text("the user's")
     (out / "sub").mkdir()
@@ -141,11 +135,11 @@ def test_texts_without_tokens_get_no_label(registry, tmp_path):
     options = ScoreOptions()
     plan = plan_shards([src], options, str(out))
     manifest, todo = prepare_output(str(out), plan, classifier.version, options.model_dump(), False)
-    record_shard(manifest, todo[0], score_shard(classifier, todo[0], str(out), options))
+    manifest.record_shard(todo[0], score_shard(classifier, todo[0], str(out), options))
     rows = pq.read_table(out / "in.parquet").to_pylist()
     assert [r["error"] for r in rows] == [None, NO_TOKENS, NO_TOKENS, NO_TOKENS, None]
     assert [r["label"] is None for r in rows] == [False, True, True, True, False]
-    assert manifest.data["shards"]["in.parquet"]["rows_error"] == 3
+    assert manifest.record.shards["in.parquet"].rows_error == 3
     alone = classifier.predict(["\x00", "a good movie"])  # the library says the same
     assert alone[0] == {"label": None, "score": None, "probabilities": None, "error": NO_TOKENS}
     assert alone[1]["label"] == rows[0]["label"] and alone[1]["error"] is None
@@ -219,7 +213,8 @@ def test_promote_derives_the_decision_from_the_metrics(registry, tmp_path):
     # A version published before manifests were sealed, rejected by its metrics, but whose
     # stored decision was edited to "approved".
     manifest["decision"]["thresholds"]["min_agreement"] = 1.0
-    del manifest["decision"]["thresholds"]["confidence"]  # gated before bounds
+    del manifest["decision"]["thresholds"]["confidence"]  # gated before bounds,
+    del manifest["schema_version"]  # by a distilq that wrote schema 1
     manifest["metrics"]["sets"][0]["agreement"] = manifest["metrics"]["agreement"] = 0.9
     manifest["decision"]["approved"] = True
     (base / "manifest.json").write_text(json.dumps(manifest))

@@ -12,7 +12,6 @@ from torch import nn
 from distilq.checkpoint import load_checkpoint
 from distilq.errors import InputError, IntegrityError
 from distilq.quantization import (
-    RECIPES,
     WEIGHTS_FILE,
     Int8Embedding,
     linear_names,
@@ -21,6 +20,7 @@ from distilq.quantization import (
     quiet_torch,
     save_int8,
 )
+from distilq.recipes import RECIPES
 from tests.conftest import make_texts
 
 

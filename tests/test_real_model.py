@@ -7,7 +7,8 @@ import pytest
 from distilq.autoquant import quantize_for_gate
 from distilq.checkpoint import load_checkpoint, resolve_checkpoint
 from distilq.config import BatchingPolicy
-from distilq.quantization import RECIPES, save_int8
+from distilq.quantization import save_int8
+from distilq.recipes import RECIPES
 from distilq.validation import PACKAGED_VALIDATION, compare, load_validation, predict
 from tests.conftest import SHARED_MODEL
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import multiprocessing
 import shutil
@@ -29,15 +28,16 @@ def _variant(staged, version: str, created_at: str, approved: bool = True):
     """The staged version under another name and time (same files); rejected by the gate
     if not `approved` (its metrics say so, and the decision follows from them)."""
     staging, manifest = staged
-    manifest = copy.deepcopy(manifest)
-    manifest.update(version=version, created_at=created_at)
+    manifest = manifest.model_copy(deep=True, update={"version": version, "created_at": created_at})
     if not approved:
-        manifest["decision"]["thresholds"]["min_agreement"] = 0.5
-        manifest["metrics"]["agreement"] = 0.0
-        for part in manifest["metrics"]["sets"]:
-            part["agreement"], part["flips"] = 0.0, part["n_examples"]
-    manifest["decision"] = decide_manifest(manifest).model_dump()
-    assert manifest["decision"]["approved"] is approved
+        manifest.decision.thresholds = manifest.decision.thresholds.model_copy(
+            update={"min_agreement": 0.5}
+        )
+        manifest.metrics.agreement = 0.0
+        for part in manifest.metrics.sets:
+            part.agreement, part.flips = 0.0, part.n_examples
+    manifest.decision = decide_manifest(manifest)
+    assert manifest.decision.approved is approved
     return staging, manifest
 
 
@@ -70,10 +70,10 @@ def test_a_version_without_its_manifest_does_not_exist(staged, tmp_path):
     registry = Registry(tmp_path / "reg")
     staging, manifest = staged
     # A publish killed before its last write: every file but the manifest.
-    shutil.copytree(staging, tmp_path / "reg" / "versions" / manifest["version"])
+    shutil.copytree(staging, tmp_path / "reg" / "versions" / manifest.version)
     assert registry.versions() == []
     with pytest.raises(InputError, match="no version or alias"):
-        registry.resolve(manifest["version"])
+        registry.resolve(manifest.version)
 
 
 def test_tampered_file_is_refused_before_loading(staged, tmp_path):
@@ -137,7 +137,7 @@ def _publish_and_promote(root: str, staging: str, manifest: dict, barrier) -> No
     registry = Registry(root)
     registry.publish(staging, manifest)
     barrier.wait()  # every process moves the alias at the same moment
-    registry.promote(manifest["version"], "gate passed", command="race", newer_only=True)
+    registry.promote(manifest.version, "gate passed", command="race", newer_only=True)
 
 
 def test_concurrent_publishes_leave_production_on_the_newest(staged, tmp_path):
@@ -158,7 +158,7 @@ def test_concurrent_publishes_leave_production_on_the_newest(staged, tmp_path):
         p.join(120)
         assert p.exitcode == 0
     registry = Registry(tmp_path / "reg")
-    assert registry.alias() == variants[-1][1]["version"]
+    assert registry.alias() == variants[-1][1].version
     assert len(registry.versions()) == n
     moves = registry.history()
     assert moves and all(h["to"] > (h["from"] or "") for h in moves)  # only ever forward
@@ -181,7 +181,8 @@ def test_object_store_registry_downloads_and_verifies(staged, tmp_path):
 
 
 def test_manifest_has_the_contracted_fields(staged):
-    _, m = staged
+    m = staged[1].dump()  # as written to manifest.json
+    assert m["schema_version"] == 2
     for key in (
         "version",
         "source",

@@ -14,9 +14,10 @@ import distilq
 from distilq.checkpoint import sha256_file
 from distilq.config import QuantizeConfig, ScoreConfig
 from distilq.errors import InputError, IntegrityError
+from distilq.manifest import OutputRecord
+from distilq.output import OutputManifest
 from distilq.registry import Registry
-from distilq.scoring import OutputManifest
-from distilq.storage import WriteConflict, read_for_update, url_to_fs, write_if_unchanged
+from distilq.storage import Store, WriteConflict, url_to_fs
 from tests.conftest import make_texts, stage_tiny_version
 from tests.procs import VENV_BIN, free_port, http_ok, running, wait_until
 
@@ -73,10 +74,10 @@ def test_quantize_score_and_load_on_s3(s3, tiny_checkpoint, tiny_validation, tmp
     )
     assert result.promoted
     version = result.version
-    source = result.manifest["source"]
-    assert source["id"] == f"s3://{BUCKET}/checkpoints/tiny"
+    source = result.manifest.source
+    assert source.id == f"s3://{BUCKET}/checkpoints/tiny"
     weights = tiny_checkpoint / "model.safetensors"  # identified by its bytes, wherever it is
-    assert source["sha256"] == {"model.safetensors": sha256_file(weights)}
+    assert source.sha256 == {"model.safetensors": sha256_file(weights)}
     registry = Registry(registry_uri)
     assert registry.alias() == version and registry.versions() == [version]
     assert f"registry/versions/{version}/manifest.json" in keys(s3, "registry")
@@ -96,7 +97,7 @@ def test_quantize_score_and_load_on_s3(s3, tiny_checkpoint, tiny_validation, tmp
 
     def score(inputs: str, output: str) -> dict:
         config = ScoreConfig(inputs=[inputs], output=output, registry=registry_uri)
-        return score_parquet(config).summary
+        return score_parquet(config).model_dump()
 
     summary = score(f"s3://{BUCKET}/data/", f"s3://{BUCKET}/scored")
     assert summary["files"] == 2 and summary["rows_written"] == 100 and not summary["failed"]
@@ -128,16 +129,16 @@ def test_quantize_score_and_load_on_s3(s3, tiny_checkpoint, tiny_validation, tmp
 
 
 def test_conditional_writes_refuse_a_stale_writer(s3):
-    path = f"{BUCKET}/cas/pointer.json"
-    _, token = read_for_update(s3, path)
+    store = Store(f"s3://{BUCKET}/cas")
+    _, token = store.read_for_update("pointer.json")
     assert token is None
-    first = write_if_unchanged(s3, path, b"1", token)
+    first = store.write_if_unchanged("pointer.json", b"1", token)
     with pytest.raises(WriteConflict):  # it exists now: a create is refused
-        write_if_unchanged(s3, path, b"2", None)
-    write_if_unchanged(s3, path, b"3", first)
+        store.write_if_unchanged("pointer.json", b"2", None)
+    store.write_if_unchanged("pointer.json", b"3", first)
     with pytest.raises(WriteConflict):  # `first` is stale
-        write_if_unchanged(s3, path, b"4", first)
-    assert s3.cat_file(path) == b"3"
+        store.write_if_unchanged("pointer.json", b"4", first)
+    assert s3.cat_file(f"{BUCKET}/cas/pointer.json") == b"3"
 
 
 def test_racing_promotions_on_s3_keep_a_consistent_alias_and_history(
@@ -149,10 +150,9 @@ def test_racing_promotions_on_s3_keep_a_consistent_alias_and_history(
     staged = stage_tiny_version(staging, tiny_checkpoint, tiny_validation)
     versions = []
     for i in range(6):  # the same files as six versions, each created after the last
-        manifest = staged | {
-            "version": f"2026010{i}T000000000Z-race",
-            "created_at": f"2026-01-0{i + 1}",
-        }
+        manifest = staged.model_copy(
+            update={"version": f"2026010{i}T000000000Z-race", "created_at": f"2026-01-0{i + 1}"}
+        )
         versions.append(registry.publish(staging, manifest))
 
     errors = []
@@ -181,10 +181,10 @@ def test_a_second_writer_of_an_s3_output_is_stopped(s3):
     output = f"s3://{BUCKET}/shared-output"
     first, second = OutputManifest(output), OutputManifest(output)
     first.load()
-    first.data = {"model_version": "a"}
+    first.record = OutputRecord(model_version="a", settings={})
     first.save()
     second.load()
-    second.data["model_version"] = "b"
+    second.record.model_version = "b"
     second.save()
     with pytest.raises(InputError, match="another run changed _manifest.json"):
         first.save()

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from distilq.config import ScoreConfig
-from flows.score_parquet import ScoringFailed, score_parquet
+from distilq.errors import ScoringFailed
+from flows.score_parquet import score_parquet
 from tests.conftest import make_texts
 from tests.procs import VENV_BIN, free_port, running
 from tests.test_cli import DISTILQ, run
@@ -89,7 +90,7 @@ def test_runners_agree_file_for_file(registry, dataset, dask_scheduler, tmp_path
             probabilities=True,
             **runner,
         )
-        summary = score_parquet(config).summary
+        summary = score_parquet(config).model_dump()
         assert (
             summary["files"] == 4 and summary["rows_written"] == 480 and summary["rows_error"] == 4
         )
@@ -111,7 +112,7 @@ def test_corrupt_file_fails_alone(registry, dataset, tmp_path):
         ScoringFailed, match="1 input file\\(s\\) failed: .*zz-broken.parquet"
     ) as failed:
         score_parquet(config)
-    assert failed.value.summary["files"] == 4
+    assert failed.value.summary.files == 4
     assert sorted(outputs(tmp_path / "out")) == [
         "f0.parquet",
         "f1.parquet",

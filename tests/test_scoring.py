@@ -10,19 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 
 import distilq
+from distilq.config import ScoreConfig
 from distilq.errors import InputError
+from distilq.inputs import plan_shards
+from distilq.output import MANIFEST, OutputManifest, output_lock, prepare_output
+from distilq.pipelines import score_dataset
 from distilq.registry import Registry
-from distilq.scoring import (
-    MANIFEST,
-    ScoreOptions,
-    finalize,
-    output_lock,
-    plan_shards,
-    prepare_output,
-    record_failure,
-    record_shard,
-    score_shard,
-)
+from distilq.scoring import ScoreOptions, score_shard
 from tests.conftest import make_texts, stage_tiny_version
 
 
@@ -36,7 +30,9 @@ def classifier(tmp_path_factory, tiny_checkpoint, tiny_validation):
         staging, stage_tiny_version(staging, tiny_checkpoint, tiny_validation)
     )
     registry.promote(version, "test")
-    return distilq.load(root / "reg")
+    loaded = distilq.load(root / "reg")
+    loaded.registry_dir = str(root / "reg")  # for run_all
+    return loaded
 
 
 def write_parquet(path, texts, row_group_size=None, **extra) -> str:
@@ -47,13 +43,19 @@ def write_parquet(path, texts, row_group_size=None, **extra) -> str:
 
 
 def run_all(classifier, inputs, out, options, overwrite=False):
-    plan = plan_shards(inputs, options)
-    manifest, todo = prepare_output(
-        str(out), plan, classifier.version, options.model_dump(), overwrite
+    """The library pipeline `score_dataset` with these options; its plan and manifest."""
+    config = ScoreConfig(
+        inputs=[str(i) for i in inputs],
+        output=str(out),
+        registry=classifier.registry_dir,
+        model=classifier.version,
+        overwrite=overwrite,
+        **options.model_dump(exclude_unset=True),
     )
-    for shard in todo:
-        record_shard(manifest, shard, score_shard(classifier, shard, str(out), options))
-    return plan, manifest
+    score_dataset(config)
+    manifest = OutputManifest(str(out))
+    manifest.load()
+    return plan_shards(config.inputs, options), manifest
 
 
 def test_scores_keep_rows_columns_and_order(classifier, tmp_path):
@@ -89,9 +91,9 @@ def test_scores_keep_rows_columns_and_order(classifier, tmp_path):
     assert np.allclose(out.column("score").to_numpy(), probs.max(1))
     assert set(out.column("model_version").to_pylist()) == {classifier.version}
     assert out.column("error").null_count == 150
-    summary = finalize(manifest, 1.0)
-    assert summary["rows_read"] == summary["rows_written"] == 150 and summary["rows_error"] == 0
-    assert sum(summary["labels"].values()) == 150
+    summary = manifest.record.summary
+    assert summary.rows_read == summary.rows_written == 150 and summary.rows_error == 0
+    assert sum(summary.labels.values()) == 150
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MANIFEST, "reviews.parquet"]
 
 
@@ -112,8 +114,8 @@ def test_bad_texts_are_kept_and_flagged(classifier, tmp_path):
     ]
     assert [r["label"] is None for r in out] == [False, True, True, True, False, False]
     assert [r["score"] is None for r in out] == [False, True, True, True, False, False]
-    stats = manifest.data["shards"]["in.parquet"]
-    assert stats["rows_error"] == 3 and stats["rows_truncated"] == 1
+    stats = manifest.record.shards["in.parquet"]
+    assert stats.rows_error == 3 and stats.rows_truncated == 1
 
 
 def test_non_string_text_column_flags_every_row(classifier, tmp_path):
@@ -181,9 +183,7 @@ def test_resume_skips_done_shards_and_refuses_foreign_outputs(classifier, tmp_pa
     manifest, todo = prepare_output(
         str(tmp_path / "out"), plan, classifier.version, options.model_dump(), False
     )
-    record_shard(
-        manifest, todo[0], score_shard(classifier, todo[0], str(tmp_path / "out"), options)
-    )
+    manifest.record_shard(todo[0], score_shard(classifier, todo[0], str(tmp_path / "out"), options))
     (tmp_path / "out" / ".b.parquet.dead.tmp").write_bytes(b"half")  # a killed run's leftovers
     (tmp_path / "out" / "._manifest.json.x1y2.tmp").write_bytes(b"{")
     _, todo = prepare_output(
@@ -205,7 +205,7 @@ def test_resume_skips_done_shards_and_refuses_foreign_outputs(classifier, tmp_pa
     manifest, todo = prepare_output(str(tmp_path / "out"), other, "v2", options.model_dump(), True)
     assert [s.output for s in todo] == ["b.parquet"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == [MANIFEST]  # old results gone
-    json.dumps(manifest.data)
+    json.dumps(manifest.record.model_dump())
 
 
 def test_a_second_writer_is_refused(tmp_path):
@@ -224,8 +224,6 @@ def test_a_failed_shard_stays_failed_when_a_sibling_succeeds(classifier, tmp_pat
     manifest, todo = prepare_output(
         str(tmp_path / "out"), plan, classifier.version, options.model_dump(), False
     )
-    record_failure(manifest, todo[0].name, "disk on fire")
-    record_shard(
-        manifest, todo[1], score_shard(classifier, todo[1], str(tmp_path / "out"), options)
-    )
-    assert manifest.data["failed"] == {f"{src} (row groups 0-0)": "disk on fire"}
+    manifest.record_failure(todo[0].name, "disk on fire")
+    manifest.record_shard(todo[1], score_shard(classifier, todo[1], str(tmp_path / "out"), options))
+    assert manifest.record.failed == {f"{src} (row groups 0-0)": "disk on fire"}

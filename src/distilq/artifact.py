@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,23 +15,51 @@ from distilq.attest import write_selfcheck
 from distilq.autoquant import Candidate
 from distilq.checkpoint import Checkpoint, sha256_file
 from distilq.config import BatchingPolicy, GateThresholds
-from distilq.gate import Decision
 from distilq.hardware import platform_record
+from distilq.manifest import (
+    Decision,
+    SetRecord,
+    SourceRecord,
+    SplitRecord,
+    ValidationRecord,
+    VersionManifest,
+    VersionMetrics,
+)
 from distilq.metrics import Metrics
 from distilq.quantization import save_int8
+from distilq.recipes import Recipe
 from distilq.report import render_report
 from distilq.validation import SPLIT_RULE, Predictions, ValidationSet
 
 STAGING_PREFIX = "distilq-stage-"
 
 
-def staging_dir(dry_run: bool = False) -> Path:
+@dataclass
+class Gated:
+    """A candidate with what the gate measured on the confirmation part: both models'
+    predictions there, the metrics and the decision."""
+
+    candidate: Candidate
+    confirmation: ValidationSet
+    fp32: Predictions
+    int8: Predictions
+    metrics: Metrics
+    decision: Decision
+
+
+def staging_dir() -> Path:
     """A new temporary directory to stage a version in, named after this process so that a
-    later run can tell it was left by a run that died (`remove_stale_staging`). A dry run's
-    is kept: it is where the user reads the report."""
+    later run can tell it was left by a run that died (`remove_stale_staging`)."""
     remove_stale_staging()
-    prefix = "distilq-dry-run-" if dry_run else f"{STAGING_PREFIX}{os.getpid()}-"
-    return Path(tempfile.mkdtemp(prefix=prefix))
+    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+
+
+def keep_report(staging: Path, manifest: VersionManifest) -> Path:
+    """A dry run's report, copied out of its staging directory (which is removed) to the
+    temporary directory, where the user reads it."""
+    target = Path(tempfile.gettempdir()) / f"distilq-dry-run-{manifest.version}.md"
+    shutil.copyfile(staging / "report.md", target)
+    return target
 
 
 def remove_stale_staging() -> None:
@@ -53,7 +82,7 @@ def _running(pid: int) -> bool:
 
 def run_key(
     checkpoint: Checkpoint,
-    recipe_name: str,
+    recipe: Recipe,
     validation: ValidationSet,
     thresholds: GateThresholds,
     margin: float,
@@ -63,10 +92,10 @@ def run_key(
     inputs = {
         "source": checkpoint.source,
         "revision": checkpoint.revision,
-        "recipe": recipe_name,
+        "recipe": recipe.name,
         "validation": validation.sha256,
         "thresholds": thresholds.model_dump(),
-        "margin": margin if recipe_name == "auto" else None,
+        "margin": margin if recipe.fallback else None,
         "batching": policy.model_dump(),
         "split": SPLIT_RULE,
     }
@@ -87,75 +116,76 @@ def software_versions() -> dict[str, str]:
     }
 
 
+def validation_record(validation: ValidationSet, confirmation: ValidationSet) -> ValidationRecord:
+    """The validation sets, their sizes and the split, as the manifest records them."""
+    return ValidationRecord(
+        name=validation.name,
+        sha256=validation.sha256,
+        labels=validation.labels is not None,
+        sets=[
+            SetRecord(
+                name=p.name,
+                n_examples=p.stop - p.start,
+                n_confirmation=c.stop - c.start,
+                sha256=p.sha256,
+            )
+            for p, c in zip(validation.slices(), confirmation.slices(), strict=True)
+        ],
+        split=SplitRecord(
+            rule=SPLIT_RULE,
+            tuning=len(validation.texts) - len(confirmation.texts),
+            confirmation=len(confirmation.texts),
+        ),
+    )
+
+
 def stage_version(
     staging: str | Path,
-    candidate: Candidate,
+    gated: Gated,
     tokenizer,
     checkpoint: Checkpoint,
     validation: ValidationSet,
-    confirmation: ValidationSet,
-    fp32: Predictions,
-    int8: Predictions,
-    metrics: Metrics,
-    decision: Decision,
     policy: BatchingPolicy,
     key: str,
-) -> dict:
-    """Write `model/` and `report.md` under `staging` and return the manifest describing them.
+) -> VersionManifest:
+    """Write `model/`, the self-check data and `report.md` under `staging` and return the
+    manifest describing them.
 
-    `metrics` are measured on `confirmation`, the part of `validation` (see `split`) that
-    `auto`'s choices never saw; `fp32` and `int8` are both models' predictions there, kept
-    for self-checks on other platforms (`distilq.attest`)."""
+    `gated` holds the candidate and what the gate measured on `gated.confirmation`, the part
+    of `validation` (see `split`) that `auto`'s choices never saw; both models' predictions
+    there are kept for self-checks on other platforms (`distilq.attest`)."""
     staging = Path(staging)
     model_dir = staging / "model"
+    candidate = gated.candidate
     candidate.model.config.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     weights = save_int8(candidate.model, candidate.recipe, model_dir)
-    write_selfcheck(staging, confirmation, fp32.labels, int8.probs)
-    weight_hash = sha256_file(weights)
+    write_selfcheck(staging, gated.confirmation, gated.fp32.labels, gated.int8.probs)
     now = datetime.now(UTC)
-    manifest = {
+    manifest = VersionManifest(
         # Sortable by creation to the millisecond, then by content.
-        "version": f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{weight_hash[:8]}",
-        "created_at": now.isoformat(timespec="microseconds"),
-        "run_key": key,
-        "source": {
-            "id": checkpoint.source,
-            "kind": checkpoint.kind,
-            "revision": checkpoint.revision,
-            "sha256": checkpoint.weight_sha256,
-        },
-        "recipe": candidate.recipe_record(policy),
-        "validation": {
-            "name": validation.name,
-            "sha256": validation.sha256,
-            "labels": validation.labels is not None,
-            "sets": [
-                {
-                    "name": p.name,
-                    "n_examples": p.stop - p.start,
-                    "n_confirmation": c.stop - c.start,
-                    "sha256": p.sha256,
-                }
-                for p, c in zip(validation.slices(), confirmation.slices(), strict=True)
-            ],
-            "split": {
-                "rule": SPLIT_RULE,
-                "tuning": len(validation.texts) - len(confirmation.texts),
-                "confirmation": len(confirmation.texts),
-            },
-        },
-        "metrics": {
-            **metrics.model_dump(),
-            "size_bytes_fp32": checkpoint.weight_bytes,
-            "size_bytes_int8": sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
-        },
-        "decision": decision.model_dump(),
-        "software": software_versions(),
+        version=f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{sha256_file(weights)[:8]}",
+        created_at=now.isoformat(timespec="microseconds"),
+        run_key=key,
+        source=SourceRecord(
+            id=checkpoint.source,
+            kind=checkpoint.kind,
+            revision=checkpoint.revision,
+            sha256=checkpoint.weight_sha256,
+        ),
+        recipe=candidate.recipe_record(policy),
+        validation=validation_record(validation, gated.confirmation),
+        metrics=VersionMetrics(
+            **gated.metrics.model_dump(),
+            size_bytes_fp32=checkpoint.weight_bytes,
+            size_bytes_int8=sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
+        ),
+        decision=gated.decision,
+        software=software_versions(),
         # Where the gate measured: INT8 predictions differ between CPUs.
-        "platform": platform_record(candidate.recipe.engine),
-    }
+        platform=platform_record(candidate.recipe.engine),
+    )
     (staging / "report.md").write_text(render_report(manifest))
     files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != "manifest.json")
-    manifest["files"] = {str(p.relative_to(staging)): sha256_file(p) for p in files}
+    manifest.files = {str(p.relative_to(staging)): sha256_file(p) for p in files}
     return manifest

@@ -17,10 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distilq.config import GateThresholds
 from distilq.errors import Unattested
 from distilq.gate import certified_agreement, decide_sets
 from distilq.hardware import platform_record
+from distilq.manifest import VersionManifest
+from distilq.metrics import SetMetrics
 from distilq.validation import set_metrics
 
 SELFCHECK = "selfcheck.parquet"
@@ -43,22 +44,24 @@ def write_selfcheck(directory: str | Path, confirmation, fp32_labels, int8_probs
     return path
 
 
-def record_gate(registry, manifest: dict) -> None:
+def _set_figures(sets: list[SetMetrics]) -> list[dict]:
+    return [m.model_dump(include={"name", "n_examples", "agreement", "flips"}) for m in sets]
+
+
+def record_gate(registry, manifest: VersionManifest) -> None:
     """The attestation of a published version's own platform: the gate's figures."""
-    m = manifest["metrics"]
+    m = manifest.metrics
     registry.write_attestation(
-        manifest["version"],
-        manifest["platform"]["key"],
+        manifest.version,
+        manifest.platform.key,
         {
-            "version": manifest["version"],
-            "platform": manifest["platform"],
-            "agreement": min(s["agreement"] for s in m["sets"]),
-            "agreement_lower_bound": m.get("agreement_lower_bound"),
-            "sets": [
-                {k: s[k] for k in ("name", "n_examples", "agreement", "flips")} for s in m["sets"]
-            ],
-            "approved": manifest["decision"]["approved"],
-            "reasons": manifest["decision"]["reasons"],
+            "version": manifest.version,
+            "platform": manifest.platform.model_dump(),
+            "agreement": min(s.agreement for s in m.sets),
+            "agreement_lower_bound": m.agreement_lower_bound,
+            "sets": _set_figures(m.sets),
+            "approved": manifest.decision.approved,
+            "reasons": manifest.decision.reasons,
             "max_abs_prob_diff": 0.0,  # the very outputs the gate measured
         },
     )
@@ -74,7 +77,7 @@ def self_check(classifier, directory: str | Path) -> dict:
     probs = classifier.predict_proba(texts)  # the version's own batching policy
     labels = probs.argmax(axis=1)
     manifest = classifier.manifest
-    thresholds = GateThresholds(**{"confidence": None, **manifest["decision"]["thresholds"]})
+    thresholds = manifest.decision.thresholds
     figures = []
     for name in dict.fromkeys(sets):
         rows = [i for i, s in enumerate(sets) if s == name]
@@ -82,13 +85,11 @@ def self_check(classifier, directory: str | Path) -> dict:
     decision = decide_sets(figures, thresholds)
     weakest = min(figures, key=lambda m: certified_agreement(m, thresholds))
     return {
-        "version": manifest["version"],
-        "platform": platform_record(manifest["platform"]["quantized_engine"]),
+        "version": manifest.version,
+        "platform": platform_record(manifest.platform.quantized_engine),
         "agreement": weakest.agreement,
         "agreement_lower_bound": weakest.agreement_lower_bound,
-        "sets": [
-            m.model_dump(include={"name", "n_examples", "agreement", "flips"}) for m in figures
-        ],
+        "sets": _set_figures(figures),
         "approved": decision.approved,
         "reasons": decision.reasons,
         # Whether this platform reproduces the gate's INT8 outputs exactly, or only agrees.
@@ -101,16 +102,16 @@ def ensure_attested(registry, classifier, directory: str | Path, allow: bool = F
     an earlier self-check, or by one run now. Returns how (a line for logs). A failed
     self-check raises Unattested, or with `allow` only warns."""
     manifest = classifier.manifest
-    version = manifest["version"]
-    if "platform" not in manifest:
+    version = manifest.version
+    if manifest.platform is None:
         log.warning(
             "version %s was published before platforms were recorded: it cannot be "
             "self-checked here; quantize again to get a version that can",
             version,
         )
         return "not attestable (published before platforms were recorded)"
-    here = platform_record(manifest["platform"]["quantized_engine"])
-    if here["key"] == manifest["platform"]["key"]:
+    here = platform_record(manifest.platform.quantized_engine)
+    if here["key"] == manifest.platform.key:
         return f"attested by the gate on platform {here['key']}"
     if registry.attestation(version, here["key"]) is not None:
         return f"attested earlier on platform {here['key']}"
@@ -120,7 +121,7 @@ def ensure_attested(registry, classifier, directory: str | Path, allow: bool = F
     log.info(
         "version %s was gated on platform %s, this is %s: running its self-check",
         version,
-        manifest["platform"]["key"],
+        manifest.platform.key,
         here["key"],
     )
     record = self_check(classifier, directory)

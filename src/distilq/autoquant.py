@@ -12,11 +12,12 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-from pydantic import BaseModel
 from torch import nn
 
 from distilq.config import BatchingPolicy, GateThresholds
-from distilq.quantization import Recipe, get_recipe, linear_names, quantize
+from distilq.manifest import Attempt, FallbackRecord, LayerSensitivity, RecipeRecord
+from distilq.quantization import linear_names, quantize
+from distilq.recipes import Recipe, get_recipe
 from distilq.stats import agreement_needed
 from distilq.validation import (
     Predictions,
@@ -29,28 +30,11 @@ from distilq.validation import (
 log = logging.getLogger("distilq")
 
 
-class LayerSensitivity(BaseModel):
-    """Effect of quantizing one Linear layer alone, on the examples nearest the boundary."""
-
-    layer: str
-    flips: int
-    mean_abs_prob_change: float
-
-
-class Attempt(BaseModel):
-    """One candidate tried by `auto`: which layers stayed FP32 and what it reached."""
-
-    fp32_layers: list[str]
-    agreement: float  # on the weakest validation set
-    rows_per_second: float
-
-
 @dataclass
 class Candidate:
     """A quantized model with its predictions on the validation set and how it was made."""
 
     model: nn.Module
-    recipe_name: str
     recipe: Recipe
     predictions: Predictions
     fp32_layers: list[str] = field(default_factory=list)
@@ -64,24 +48,25 @@ class Candidate:
             return None
         return self.attempts[-1].agreement >= self.target_agreement
 
-    def recipe_record(self, policy: BatchingPolicy) -> dict:
+    def recipe_record(self, policy: BatchingPolicy) -> RecipeRecord:
         """What the manifest records under `recipe`."""
-        record = {
-            "name": self.recipe_name,
-            "engine": self.recipe.engine,
-            "per_channel": self.recipe.per_channel,
-            "int8_embeddings": self.recipe.int8_embeddings,
-            "fp32_layers": self.fp32_layers,
-            "batching": policy.model_dump(),
-        }
-        if self.recipe_name == "auto":
-            record["auto"] = {
-                "target_agreement": self.target_agreement,
-                "reached_target": self.reached_target,
-                "sensitivity": [s.model_dump() for s in self.sensitivity],
-                "attempts": [a.model_dump() for a in self.attempts],
-            }
-        return record
+        fallback = None
+        if self.recipe.fallback:
+            fallback = FallbackRecord(
+                target_agreement=self.target_agreement,
+                reached_target=self.reached_target,
+                sensitivity=self.sensitivity,
+                attempts=self.attempts,
+            )
+        return RecipeRecord(
+            name=self.recipe.name,
+            engine=self.recipe.engine,
+            per_channel=self.recipe.per_channel,
+            int8_embeddings=self.recipe.int8_embeddings,
+            fp32_layers=self.fp32_layers,
+            batching=policy,
+            auto=fallback,
+        )
 
 
 def _attempt(
@@ -148,55 +133,64 @@ def layer_sensitivity(
 def quantize_for_gate(
     model: nn.Module,
     tokenizer,
-    recipe_name: str,
+    recipe: str | Recipe,
     validation: ValidationSet,
     fp32: Predictions,
     policy: BatchingPolicy,
     target_agreement: float,
     sensitivity_examples: int = 128,
 ) -> Candidate:
-    """Quantize `model` by `recipe_name` and predict the validation set with the result.
+    """Quantize `model` by `recipe` and predict the validation set with the result.
 
-    For `auto`, falls back to FP32 layer by layer until agreement with `fp32` reaches
-    `target_agreement` (or every Linear layer is FP32; `reached_target` then says so).
+    A fallback recipe (`auto`) then keeps Linear layers FP32, most sensitive first, until
+    agreement with `fp32` reaches `target_agreement` (or every Linear layer is FP32;
+    `reached_target` then says so).
     """
-    recipe = get_recipe(recipe_name)
-    texts = validation.texts
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     qmodel = quantize(model, recipe)
-    pred = predict(qmodel, tokenizer, texts, policy, progress=f"{recipe_name} INT8")
-    is_auto = recipe_name == "auto"
+    pred = predict(qmodel, tokenizer, validation.texts, policy, progress=f"{recipe.name} INT8")
     candidate = Candidate(
         qmodel,
-        recipe_name,
         recipe,
         pred,
         attempts=[_attempt([], fp32, pred, validation)],
-        target_agreement=target_agreement if is_auto else None,
+        target_agreement=target_agreement if recipe.fallback else None,
     )
-    if not is_auto or candidate.reached_target:
-        return candidate
+    if recipe.fallback and not candidate.reached_target:
+        _fall_back(candidate, model, tokenizer, validation, fp32, policy, sensitivity_examples)
+    return candidate
+
+
+def _fall_back(
+    candidate: Candidate,
+    model: nn.Module,
+    tokenizer,
+    validation: ValidationSet,
+    fp32: Predictions,
+    policy: BatchingPolicy,
+    sensitivity_examples: int,
+) -> None:
+    """Keep the most sensitive Linear layers FP32, one more at a time, until the candidate
+    reaches its target."""
+    target, texts = candidate.target_agreement, validation.texts
     log.info(
         "auto: agreement %.4f < target %.4f; measuring layer sensitivity",
         candidate.attempts[0].agreement,
-        target_agreement,
+        target,
     )
-    subset = boundary_examples(fp32, pred, sensitivity_examples)
+    subset = boundary_examples(fp32, candidate.predictions, sensitivity_examples)
     sub_fp32 = Predictions(fp32.probs[subset], fp32.seconds, fp32.n_batches)
     candidate.sensitivity = layer_sensitivity(
-        model, tokenizer, [texts[i] for i in subset], sub_fp32, recipe, policy
+        model, tokenizer, [texts[i] for i in subset], sub_fp32, candidate.recipe, policy
     )
     ranked = [s.layer for s in candidate.sensitivity]
     for k in range(1, len(ranked) + 1):
         keep = ranked[:k]
-        qmodel = quantize(model, recipe, keep_fp32=keep)
+        qmodel = quantize(model, candidate.recipe, keep_fp32=keep)
         pred = predict(qmodel, tokenizer, texts, policy, progress=f"auto, {k} FP32")
         candidate.attempts.append(_attempt(keep, fp32, pred, validation))
         candidate.model, candidate.predictions, candidate.fp32_layers = qmodel, pred, keep
         log.info("auto: %d layer(s) FP32 -> agreement %.4f", k, candidate.attempts[-1].agreement)
         if candidate.reached_target:
-            break
-    if not candidate.reached_target:
-        log.warning(
-            "auto: cannot reach agreement %.4f even with every Linear layer FP32", target_agreement
-        )
-    return candidate
+            return
+    log.warning("auto: cannot reach agreement %.4f even with every Linear layer FP32", target)

@@ -8,10 +8,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import fsspec
-
 from distilq.errors import InputError, SourceUnavailable
-from distilq.storage import is_local, url_to_fs
+from distilq.storage import Store
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILES = (
@@ -81,10 +79,11 @@ def resolve_checkpoint(
     URI sources are identified by a sha256 over their weight files.
     """
     if "://" in source:
-        fs, root = url_to_fs(source)
-        if is_local(fs):
-            return _resolve_local(source, Path(root), revision)
-        return _resolve_uri(source, fs, root, revision, cache_dir)
+        store = Store(source)
+        local = store.local_path()
+        if local is not None:
+            return _resolve_local(source, local, revision)
+        return _resolve_uri(source, store, revision, cache_dir)
     path = Path(source).expanduser()
     if path.exists():
         return _resolve_local(source, path, revision)
@@ -124,22 +123,21 @@ def _cache_root(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir) if cache_dir else Path.home() / ".cache" / "distilq"
 
 
-def _resolve_uri(
-    source: str, fs: fsspec.AbstractFileSystem, root: str, revision: str | None, cache_dir
-) -> Checkpoint:
+def _resolve_uri(source: str, store: Store, revision: str | None, cache_dir) -> Checkpoint:
     _check_no_revision(source, revision)
     try:
-        listing = fs.ls(root, detail=False)
+        names = store.list()
+        if not names and not store.exists():
+            raise FileNotFoundError(source)
     except FileNotFoundError as e:
         raise InputError(f"checkpoint source {source!r} does not exist") from e
     except OSError as e:
         raise SourceUnavailable(f"cannot list checkpoint source {source!r}: {e}") from e
-    names = [Path(p).name for p in listing]
     target = _cache_root(cache_dir) / "sources" / hashlib.sha256(source.encode()).hexdigest()[:16]
     target.mkdir(parents=True, exist_ok=True)
     for name in _needed_files(names):
         try:
-            fs.get(f"{root.rstrip('/')}/{name}", str(target / name))
+            store.get_file(name, target / name)
         except OSError as e:
             raise SourceUnavailable(f"cannot download {name} from {source!r}: {e}") from e
     return _local_checkpoint(source, "uri", target, _needed_files(names))
@@ -178,20 +176,9 @@ def _resolve_hub(repo_id: str, revision: str, cache_dir: str | Path | None) -> C
     return Checkpoint(repo_id, "hub", checkpoint.path, str(info.sha), checkpoint.weight_sha256)
 
 
-def load_checkpoint(path: str | Path):
-    """Load a sequence classifier and its tokenizer from a local directory, in FP32 eval mode.
-
-    Refuses, with a message naming the problem: anything that would need
-    ``trust_remote_code`` (never enabled), a model that is not a sequence classifier or lacks
-    trained weights for its head, a missing tokenizer, unreadable weights. Pickle weights
-    load only with ``weights_only=True``.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    from distilq.quantization import quiet_torch
-
-    path = Path(path)
+def _check_config(path: Path) -> None:
+    """Refuse, before transformers reads it, a config that needs custom code or is not a
+    sequence classifier's."""
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise InputError(f"{path}: no {CONFIG_FILE}, so not a transformers checkpoint")
@@ -209,6 +196,23 @@ def load_checkpoint(path: str | Path):
         raise InputError(
             f"{path}: not a sequence classifier (architectures: {', '.join(architectures)})"
         )
+
+
+def load_checkpoint(path: str | Path):
+    """Load a sequence classifier and its tokenizer from a local directory, in FP32 eval mode.
+
+    Refuses, with a message naming the problem: anything that would need
+    ``trust_remote_code`` (never enabled), a model that is not a sequence classifier or lacks
+    trained weights for its head, a missing tokenizer, unreadable weights. Pickle weights
+    load only with ``weights_only=True``.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from distilq.quantization import quiet_torch
+
+    path = Path(path)
+    _check_config(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as e:

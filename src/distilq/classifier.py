@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from distilq.config import DEFAULT_REGISTRY, BatchingPolicy
+from distilq.config import BatchingPolicy, default_registry
+from distilq.manifest import VersionManifest
 from distilq.registry import PRODUCTION, Registry
 from distilq.validation import predict, screen_texts
 
@@ -16,12 +16,12 @@ from distilq.validation import predict, screen_texts
 class Classifier:
     """An INT8 sentiment classifier from a registry version."""
 
-    def __init__(self, model, tokenizer, manifest: dict):
+    def __init__(self, model, tokenizer, manifest: VersionManifest):
         self.model = model
         self.tokenizer = tokenizer
         self.manifest = manifest
-        self.version: str = manifest["version"]
-        self.batching = BatchingPolicy(**manifest["recipe"]["batching"])
+        self.version = manifest.version
+        self.batching = manifest.recipe.batching
         self.id2label = {int(k): v for k, v in model.config.id2label.items()}
         self.attestation = ""  # how this platform is attested (set by `load`)
 
@@ -84,10 +84,21 @@ def load(
     from distilq.attest import ensure_attested
     from distilq.quantization import load_int8
 
-    registry = Registry(registry or os.environ.get("DISTILQ_REGISTRY", DEFAULT_REGISTRY))
+    registry = Registry(registry or default_registry())
     local, manifest = registry.fetch(ref, cache_dir)
     model_dir = local / "model"
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     classifier = Classifier(load_int8(model_dir), tokenizer, manifest)
     classifier.attestation = ensure_attested(registry, classifier, local, allow_unattested)
     return classifier
+
+
+_loaded: dict[tuple[str, str], Classifier] = {}  # one model per worker process
+
+
+def load_cached(registry: str, version: str, allow_unattested: bool = False) -> Classifier:
+    """`load`, once per process and version: scoring workers reuse the model across shards."""
+    key = (str(registry), version)
+    if key not in _loaded:
+        _loaded[key] = load(registry, version, allow_unattested=allow_unattested)
+    return _loaded[key]

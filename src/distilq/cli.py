@@ -1,7 +1,8 @@
 """The `distilq` command line: maps flags to configs and runs flows or registry operations.
 
-Exit codes: 0 success (promoted, or a dry run that passed), 1 any other failure,
-2 bad usage or input, 3 rejected by the gate.
+Flags, their defaults and their help come from the config models (`distilq.config`), the
+one source of both. Exit codes: 0 success (promoted, or a dry run that passed), 1 any other
+failure, 2 bad usage or input, 3 rejected by the gate (or unattested on this platform).
 """
 
 from __future__ import annotations
@@ -13,31 +14,31 @@ import logging
 import os
 import sys
 import threading
+import types
+import typing
 from collections.abc import Iterator
 
+from pydantic import BaseModel
+
 from distilq import __version__
-from distilq.config import DEFAULT_REGISTRY, DEFAULT_SOURCE, QuantizeConfig
+from distilq.config import QuantizeConfig, ScoreConfig, default_registry
 from distilq.errors import DistilqError, GateRejected, InputError, IntegrityError, Unattested
+from distilq.recipes import recipes_help
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 
-QUANTIZE_HELP = """\
+QUANTIZE_HELP = f"""\
 Quantize a sentiment classifier to INT8, measure its agreement with FP32 on a validation
 set, publish it to the registry and promote it to `production` if the gate passes.
 Runs the Prefect flow `quantize_and_promote` on an ephemeral local API (or on the server
 named by PREFECT_API_URL).
 
 recipes:
-  auto             dynamic-int8-pc, then keep the most sensitive Linear layers FP32 until
-                   the tuning part's agreement would certify the gate, plus margin (default)
-  dynamic-int8-pc  Linear weights INT8 per channel, word/position embeddings INT8
-                   per row
-  dynamic-int8     the seed's torch.ao quantize_dynamic: per-tensor weights, FP32 embeddings
+{recipes_help()}
 
 exit codes: 0 promoted (or dry run passed), 3 rejected by the gate, 2 bad usage or input,
 1 any other failure.
 """
-
 
 SCORE_HELP = """\
 Score Parquet files with a registry model (INT8, CPU) into one output Parquet file per input
@@ -47,24 +48,83 @@ kept with a null label and the reason in `error`. Re-running with the same input
 and output skips what is done.
 
 exit codes: 0 every input file scored, 1 some file failed (the others are scored),
-2 bad usage or input found before scoring.
+2 bad usage or input found before scoring, 3 the model fails its self-check here.
 """
 
-
-def _registry_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--registry",
-        default=os.environ.get("DISTILQ_REGISTRY", DEFAULT_REGISTRY),
-        help="registry directory or fsspec URI (env DISTILQ_REGISTRY; default %(default)s)",
-    )
+# Flags not spelled as their field is (repeated flags are singular).
+FLAG_NAMES = {"inputs": "--input", "id_columns": "--id-column"}
+METAVARS = {"inputs": "PATH", "output": "DIR", "validation": "SPEC", "id_columns": "COL"}
 
 
-def _verbose_arg(parser: argparse.ArgumentParser) -> None:
+def _flag_type(annotation) -> tuple[type, list | None, bool]:
+    """The argparse type, the choices (of a Literal) and whether the flag repeats."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return str, list(args), False
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _flag_type(args[0])
+    if origin is typing.Annotated:
+        return _flag_type(args[0])
+    if origin is list:
+        return str, None, True
+    return annotation, None, False
+
+
+def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """One flag per field of `model`, with the field's description as help and its default
+    shown. Unset flags stay None, so the config applies its own default."""
+    for name, field in model.model_fields.items():
+        kind, choices, repeats = _flag_type(field.annotation)
+        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        help_text = field.description or ""
+        if not field.is_required():
+            default = field.get_default(call_default_factory=True)
+            if default not in (None, False, []):
+                shown = ", ".join(default) if isinstance(default, list) else default
+                help_text += f" (default {shown})"
+        kwargs: dict = {"dest": name, "default": None, "help": help_text.replace("%", "%%")}
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(type=kind, choices=choices, metavar=METAVARS.get(name))
+            if repeats:
+                kwargs["action"] = "append"
+            if field.is_required():
+                kwargs["required"] = True
+        parser.add_argument(flag, **kwargs)
+
+
+def _config(model: type[BaseModel], args: argparse.Namespace):
+    """The config from the flags given; a bad value is a usage error."""
+    fields = {k: v for k, v in vars(args).items() if k in model.model_fields and v is not None}
+    try:
+        return model(**fields)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+
+
+def _common_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--json", action="store_true", help=f"print only the {what} JSON")
     parser.add_argument(
         "--verbose",
         action="store_true",
         help="show the tracebacks of failed steps here too (they are always in the run's "
         "Prefect logs)",
+    )
+
+
+def _registry_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--registry",
+        default=default_registry(),
+        help="registry directory or fsspec URI (env DISTILQ_REGISTRY; default %(default)s)",
+    )
+
+
+def _ref_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "ref", nargs="?", default="production", help="version or alias (default production)"
     )
 
 
@@ -76,136 +136,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"distilq {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, model, summary, description, what in (
+        ("quantize", QuantizeConfig, "quantize, validate, publish and promote a checkpoint",
+         QUANTIZE_HELP, "manifest"),
+        ("score", ScoreConfig, "score Parquet files with a registry model", SCORE_HELP,
+         "summary"),
+    ):  # fmt: skip
+        command = commands.add_parser(
+            name,
+            help=summary,
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        add_config_flags(command, model)
+        _common_flags(command, what)
+    _models_parser(commands)
+    return parser
 
-    q = commands.add_parser(
-        "quantize",
-        help="quantize, validate, publish and promote a checkpoint",
-        description=QUANTIZE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    q.add_argument(
-        "--source",
-        default=os.environ.get("DISTILQ_SOURCE", DEFAULT_SOURCE),
-        help="hub id, local directory or fsspec URI (env DISTILQ_SOURCE; default %(default)s)",
-    )
-    q.add_argument("--revision", help="hub revision: branch, tag or commit (default main)")
-    q.add_argument("--recipe", default="auto", choices=["auto", "dynamic-int8", "dynamic-int8-pc"])
-    q.add_argument(
-        "--validation",
-        action="append",
-        metavar="SPEC",
-        help="TSV/CSV/Parquet/JSONL file or URI, or a datasets spec NAME[:CONFIG][@SPLIT]; "
-        "repeat to gate on several sets (say short sentences and long reviews): each must "
-        "pass on its own (default: GLUE SST-2 validation, shipped with distilq)",
-    )
-    q.add_argument("--text-column", default="text", help="default %(default)s")
-    q.add_argument("--label-column", help="default: `label` when the data has one")
-    q.add_argument("--min-agreement", type=float, default=0.99, help="default %(default)s")
-    q.add_argument(
-        "--max-accuracy-drop",
-        type=float,
-        default=0.01,
-        help="absolute; checked when the data has labels (default %(default)s)",
-    )
-    q.add_argument(
-        "--confidence",
-        type=float,
-        default=0.95,
-        help="a set passes when the one-sided Clopper-Pearson lower bound of its agreement, "
-        "at this confidence, reaches min-agreement (default %(default)s)",
-    )
-    q.add_argument(
-        "--margin",
-        type=float,
-        default=0.003,
-        help="auto aims this far above the agreement that would just certify the gate on "
-        "the confirmation part (default %(default)s)",
-    )
-    q.add_argument(
-        "--batch-size",
-        type=int,
-        default=32,
-        help="batching policy for validation and scoring; rows are sorted by token length "
-        "(default %(default)s)",
-    )
-    _registry_arg(q)
-    q.add_argument("--dry-run", action="store_true", help="validate and report; publish nothing")
-    q.add_argument("--json", action="store_true", help="print only the manifest JSON on stdout")
-    _verbose_arg(q)
 
-    s = commands.add_parser(
-        "score",
-        help="score Parquet files with a registry model",
-        description=SCORE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    s.add_argument(
-        "--input",
-        dest="inputs",
-        action="append",
-        required=True,
-        metavar="PATH",
-        help="Parquet file, directory, glob or fsspec URI; repeat for more",
-    )
-    s.add_argument(
-        "--output", required=True, metavar="DIR", help="directory or URI for the results"
-    )
-    s.add_argument("--text-column", default="text", help="default %(default)s")
-    s.add_argument(
-        "--id-column",
-        dest="id_columns",
-        action="append",
-        default=[],
-        metavar="COL",
-        help="keep only these input columns (repeat); default: all but the text",
-    )
-    s.add_argument("--keep-text", action="store_true", help="keep the text column too")
-    s.add_argument("--probabilities", action="store_true", help="add prob_<label> for every class")
-    s.add_argument("--model", default="production", help="version or alias (default %(default)s)")
-    _registry_arg(s)
-    s.add_argument("--batch-size", type=int, help="default: the batching policy the gate validated")
-    s.add_argument(
-        "--max-length",
-        type=int,
-        help="tokens; longer texts are truncated and counted (default: the model's policy, "
-        "512, or fewer if the model has fewer positions; more than it has is refused)",
-    )
-    s.add_argument(
-        "--runner",
-        choices=["local", "process", "dask"],
-        default="local",
-        help="default %(default)s",
-    )
-    s.add_argument(
-        "--workers", type=int, default=1, help="worker processes (process, dask); default 1"
-    )
-    s.add_argument(
-        "--threads", type=int, help="torch threads in all, split over workers (default: cores)"
-    )
-    s.add_argument(
-        "--dask-address", help="tcp://host:port of a running Dask scheduler (with --runner dask)"
-    )
-    s.add_argument(
-        "--overwrite", action="store_true", help="replace an output holding other results"
-    )
-    s.add_argument(
-        "--allow-unattested",
-        action="store_true",
-        help="score even if the model fails its self-check on this machine's platform",
-    )
-    s.add_argument("--json", action="store_true", help="print only the summary JSON on stdout")
-    _verbose_arg(s)
-
+def _models_parser(commands) -> None:
     models = commands.add_parser("models", help="list, show, promote and roll back versions")
     actions = models.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = actions.add_parser("list", help="every version, newest first, with its gate and size")
-    _registry_arg(ls)
     ls.add_argument("--json", action="store_true", help="print a JSON list")
     show = actions.add_parser("show", help="one version's manifest")
-    show.add_argument(
-        "ref", nargs="?", default="production", help="version or alias (default production)"
-    )
-    _registry_arg(show)
+    _ref_arg(show)
     show.add_argument("--json", action="store_true", help="print the manifest JSON")
     promote = actions.add_parser("promote", help="point production at VERSION")
     promote.add_argument("version")
@@ -213,21 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="promote even if the gate rejected it (recorded)"
     )
     promote.add_argument("--reason", default="manual promotion", help="recorded in the history")
-    _registry_arg(promote)
     attest = actions.add_parser(
         "attest",
         help="self-check a version on this machine's platform (as a worker would before "
         "scoring) and record it; exit 3 if it fails",
     )
-    attest.add_argument(
-        "ref", nargs="?", default="production", help="version or alias (default production)"
-    )
-    _registry_arg(attest)
+    _ref_arg(attest)
     attest.add_argument("--json", action="store_true", help="print the attestation JSON")
     rollback = actions.add_parser("rollback", help="point production back at the previous version")
     rollback.add_argument("--reason", default="manual rollback", help="recorded in the history")
-    _registry_arg(rollback)
-    return parser
+    for action in (ls, show, promote, attest, rollback):
+        _registry_arg(action)
 
 
 def _print_json(data) -> None:
@@ -237,14 +188,7 @@ def _print_json(data) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Run the flow; map its outcome to an exit code."""
-    # Every flag of `quantize` is named after a QuantizeConfig field.
-    fields = {
-        k: v for k, v in vars(args).items() if k in QuantizeConfig.model_fields and v is not None
-    }
-    try:
-        config = QuantizeConfig(**fields)
-    except ValueError as e:
-        raise InputError(str(e)) from e
+    config = _config(QuantizeConfig, args)
     api_start = _start_prefect_api_early()
     from flows.quantize_and_promote import quantize_and_promote
 
@@ -256,100 +200,92 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             result, rejected = None, e
     if rejected is not None:
         if args.json:
-            _print_json(rejected.manifest)
+            _print_json(rejected.manifest.dump())
         print(f"distilq: {rejected}", file=sys.stderr)
         return EXIT_REJECTED
-    manifest = result.manifest
     if args.json:
-        _print_json(manifest)
+        _print_json(result.manifest.dump())
     else:
-        m = manifest["metrics"]
-        status = (
-            "unchanged inputs, reusing"
-            if result.reused
-            else "dry run, not published:"
-            if result.dry_run
-            else "promoted to production:"
-            if result.promoted
-            else "published (production holds a newer version):"
-        )
-        print(f"{status} {result.version}")
-        print(
-            f"  {_agreement_line(m, m.get('confidence'))}, "
-            f"{m['size_bytes_int8'] / 2**20:.1f} MiB on disk "
-            f"({m['size_bytes_int8'] / m['size_bytes_fp32']:.1%} of FP32)"
-        )
-        sets = m.get("sets", [])  # versions made before per-set gating have none
-        if len(sets) > 1:
-            for part in sets:
-                print(f"    {part['name']}: {_agreement_line(part, m.get('confidence'))}")
-        print(f"  artifact: {result.location}/model")
-        print(f"  report:   {result.location}/report.md")
+        _print_quantized(result)
     if result.dry_run and not result.approved:
         return EXIT_REJECTED
     return EXIT_OK
 
 
-def _agreement_line(figures: dict, confidence: float | None) -> str:
+def _print_quantized(result) -> None:
+    m = result.manifest.metrics
+    status = (
+        "unchanged inputs, reusing"
+        if result.reused
+        else "dry run, not published:"
+        if result.dry_run
+        else "promoted to production:"
+        if result.promoted
+        else "published (production holds a newer version):"
+    )
+    print(f"{status} {result.version}")
+    print(
+        f"  {_agreement_line(m, m.confidence)}, "
+        f"{m.size_bytes_int8 / 2**20:.1f} MiB on disk "
+        f"({m.size_bytes_int8 / m.size_bytes_fp32:.1%} of FP32)"
+    )
+    if len(m.sets) > 1:
+        for part in m.sets:
+            print(f"    {part.name}: {_agreement_line(part, m.confidence)}")
+    if result.location:
+        print(f"  artifact: {result.location}/model")
+    print(f"  report:   {result.report}")
+
+
+def _agreement_line(figures, confidence: float | None) -> str:
     """`agreement 0.9952 (lower bound 0.9924 at 95%, n=2729)`; just the point when the
     version was gated before bounds."""
-    line = f"agreement {figures['agreement']:.4f}"
-    if figures.get("agreement_lower_bound") is None:
+    line = f"agreement {figures.agreement:.4f}"
+    if figures.agreement_lower_bound is None:
         return line
     return (
-        f"{line} (lower bound {figures['agreement_lower_bound']:.4f} at {confidence:.0%}, "
-        f"n={figures['n_examples']})"
+        f"{line} (lower bound {figures.agreement_lower_bound:.4f} at {confidence:.0%}, "
+        f"n={figures.n_examples})"
     )
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Run the scoring flow; print its summary."""
-    from distilq.config import ScoreConfig
+    from distilq.pipelines import preflight
 
-    fields = {
-        k: v for k, v in vars(args).items() if k in ScoreConfig.model_fields and v is not None
-    }
-    try:
-        config = ScoreConfig(**fields)
-    except ValueError as e:
-        raise InputError(str(e)) from e
-    from distilq.scoring import preflight
-
+    config = _config(ScoreConfig, args)
     version = preflight(config)  # seconds, instead of after the Prefect API has started
     api_start = _start_prefect_api_early()
-    from flows.score_parquet import ScoringFailed, score_parquet
+    from distilq.classifier import load_cached
+    from distilq.errors import ScoringFailed
+    from flows.score_parquet import score_parquet
 
     _console_tracebacks(args.verbose)
-
     # Load the model while the API starts (the local runner's tasks reuse it), and refuse,
     # exit 3, a version that fails its self-check on this machine before any file is scored.
-    from tasks.score import classifier_for
-
-    classifier = classifier_for(config.registry, version, config.allow_unattested)
+    classifier = load_cached(config.registry, version, config.allow_unattested)
     print(f"model {version}: {classifier.attestation}", file=sys.stderr)
     with _ephemeral_api(api_start):
         try:
-            summary, failed = score_parquet(config).summary, None
+            summary, failed = score_parquet(config), None
         except ScoringFailed as e:
             summary, failed = e.summary, e
-    code = EXIT_OK
     if failed is not None:
         print(f"distilq: {failed}", file=sys.stderr)
-        code = EXIT_FAILED
     if args.json:
-        _print_json(summary)
+        _print_json(summary.model_dump())
     else:
-        rows_s = summary["rows_written"] / summary["seconds"] if summary["seconds"] else 0
+        rows_s = summary.rows_written / summary.seconds if summary.seconds else 0
         print(
-            f"scored {summary['rows_written']} rows in {summary['files']} file(s) with "
-            f"{summary['model_version']} -> {summary['output']}"
+            f"scored {summary.rows_written} rows in {summary.files} file(s) with "
+            f"{summary.model_version} -> {summary.output}"
         )
         print(
-            f"  labels {summary['labels']}, {summary['rows_error']} row(s) with errors, "
-            f"{summary['rows_truncated']} truncated, "
-            f"{summary['seconds']:.1f} s ({rows_s:.1f} rows/s)"
+            f"  labels {summary.labels}, {summary.rows_error} row(s) with errors, "
+            f"{summary.rows_truncated} truncated, "
+            f"{summary.seconds:.1f} s ({rows_s:.1f} rows/s)"
         )
-    return code
+    return EXIT_FAILED if failed is not None else EXIT_OK
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -359,54 +295,69 @@ def cmd_models(args: argparse.Namespace) -> int:
     registry = Registry(args.registry)
     if not registry.exists():
         raise InputError(f"registry {args.registry} does not exist")
-    if args.action == "list":
-        rows = _list_rows(registry)
-        if args.json:
-            _print_json(rows)
-        elif not rows:
-            print(f"no versions in {args.registry}")
-        else:
-            print(_columns(rows))
-        return EXIT_OK
-    if args.action == "show":
-        manifest = registry.manifest(registry.resolve(args.ref))
-        if args.json:
-            _print_json(manifest)
-        else:
-            from distilq.report import render_report
+    action = {
+        "list": _models_list,
+        "show": _models_show,
+        "attest": _models_attest,
+        "promote": _models_promote,
+        "rollback": _models_rollback,
+    }[args.action]
+    action(registry, args)
+    return EXIT_OK
 
-            print(render_report(manifest))
-            attested = [
-                f"`{a['platform']['key']}` ({a['platform']['cpu']}; "
-                f"{', '.join(a['platform']['features'])}): agreement {a['agreement']:.4f}"
-                for a in registry.attestations(manifest["version"])
-            ]
-            print(f"Attested platforms: {'; '.join(attested) or 'none recorded'}.")
-        return EXIT_OK
-    if args.action == "attest":
-        import distilq
-        from distilq.hardware import platform_record
 
-        classifier = distilq.load(args.registry, args.ref)  # a failed self-check: exit 3
-        engine = classifier.manifest.get("platform", {}).get("quantized_engine", "x86")
-        key = platform_record(engine)["key"]
-        if args.json:
-            record = registry.attestation(classifier.version, key)
-            _print_json(record or {"version": classifier.version, "status": classifier.attestation})
-        else:
-            print(f"{classifier.version}: {classifier.attestation}")
-        return EXIT_OK
-    if args.action == "promote":
-        entry = registry.promote(args.version, args.reason, force=args.force)
-        if entry is None:
-            print(f"production already is {args.version}")
-        else:
-            print(f"production: {entry['from']} -> {entry['to']}")
-            _announce_promotion(args.version, args.registry, entry)
-        return EXIT_OK
+def _models_list(registry, args: argparse.Namespace) -> None:
+    rows = _list_rows(registry)
+    if args.json:
+        _print_json(rows)
+    elif not rows:
+        print(f"no versions in {args.registry}")
+    else:
+        print(_columns(rows))
+
+
+def _models_show(registry, args: argparse.Namespace) -> None:
+    manifest = registry.manifest(registry.resolve(args.ref))
+    if args.json:
+        _print_json(manifest.dump())
+        return
+    from distilq.report import render_report
+
+    print(render_report(manifest))
+    attested = [
+        f"`{a['platform']['key']}` ({a['platform']['cpu']}; "
+        f"{', '.join(a['platform']['features'])}): agreement {a['agreement']:.4f}"
+        for a in registry.attestations(manifest.version)
+    ]
+    print(f"Attested platforms: {'; '.join(attested) or 'none recorded'}.")
+
+
+def _models_attest(registry, args: argparse.Namespace) -> None:
+    import distilq
+    from distilq.hardware import platform_record
+
+    classifier = distilq.load(args.registry, args.ref)  # a failed self-check: exit 3
+    platform = classifier.manifest.platform
+    key = platform_record(platform.quantized_engine if platform else "x86")["key"]
+    if args.json:
+        record = registry.attestation(classifier.version, key)
+        _print_json(record or {"version": classifier.version, "status": classifier.attestation})
+    else:
+        print(f"{classifier.version}: {classifier.attestation}")
+
+
+def _models_promote(registry, args: argparse.Namespace) -> None:
+    entry = registry.promote(args.version, args.reason, force=args.force)
+    if entry is None:
+        print(f"production already is {args.version}")
+        return
+    print(f"production: {entry['from']} -> {entry['to']}")
+    _announce_promotion(args.version, args.registry, entry)
+
+
+def _models_rollback(registry, args: argparse.Namespace) -> None:
     entry = registry.rollback(args.reason)
     print(f"production: {entry['from']} -> {entry['to']} (rolled back)")
-    return EXIT_OK
 
 
 def _list_rows(registry) -> list[dict]:
@@ -431,10 +382,10 @@ def _list_rows(registry) -> list[dict]:
             {
                 **row,
                 "approved": decide_manifest(m).approved,
-                "recipe": m["recipe"]["name"],
-                "agreement": m["metrics"]["agreement"],
-                "size_bytes_int8": m["metrics"]["size_bytes_int8"],
-                "source": m["source"]["id"],
+                "recipe": m.recipe.name,
+                "agreement": m.metrics.agreement,
+                "size_bytes_int8": m.metrics.size_bytes_int8,
+                "source": m.source.id,
             }
         )
     return rows
@@ -477,8 +428,7 @@ def _announce_promotion(version: str, registry: str, entry: dict) -> None:
     api = os.environ.get("PREFECT_API_URL")
     if not api:
         return
-    import flows  # noqa: F401  (distilq's Prefect defaults, before prefect is imported)
-    from tasks.quantize import PROMOTED_EVENT, emit_promoted
+    from tasks.runner import PROMOTED_EVENT, emit_promoted
 
     emit_promoted(version, registry, entry)  # delivered before this process exits
     print(f"sent {PROMOTED_EVENT} to {api}", file=sys.stderr)
@@ -523,9 +473,6 @@ def _start_prefect_api_early() -> threading.Thread | None:
     same server running (Prefect keeps one per process) and starts nothing twice. A reaper
     stops the server if this process dies without stopping it (SIGKILL).
     """
-    from distilq.runtime import set_prefect_defaults
-
-    set_prefect_defaults()  # before prefect is imported
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
@@ -580,8 +527,12 @@ def _ephemeral_api(api_start: threading.Thread | None) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `distilq` console script."""
+    """Entry point of the `distilq` console script; it owns the process's settings."""
+    from distilq.runtime import configure_logging, set_prefect_defaults
+
     args = build_parser().parse_args(argv)
+    set_prefect_defaults()  # before prefect is imported
+    configure_logging()
     try:
         if args.command == "quantize":
             return cmd_quantize(args)

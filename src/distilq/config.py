@@ -14,6 +14,8 @@ from pydantic import (
     model_validator,
 )
 
+from distilq.recipes import DEFAULT_RECIPE, RECIPES
+
 DEFAULT_SOURCE = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
 DEFAULT_REGISTRY = "./registry"
 
@@ -47,9 +49,14 @@ class GateThresholds(BaseModel):
     confidence: float | None = Field(0.95, gt=0, lt=1)
 
 
-def _env_default(name: str, fallback: str):
-    # Read when a config is made, never frozen at import time.
-    return lambda: os.environ.get(name) or fallback
+def default_source() -> str:
+    """The checkpoint a run uses when none is given: DISTILQ_SOURCE, else the hub model."""
+    return os.environ.get("DISTILQ_SOURCE") or DEFAULT_SOURCE
+
+
+def default_registry() -> str:
+    """The registry used when none is given: DISTILQ_REGISTRY, else ./registry."""
+    return os.environ.get("DISTILQ_REGISTRY") or DEFAULT_REGISTRY
 
 
 # One validation spec or several: deployments made before sets could repeat, and Prefect's
@@ -65,46 +72,64 @@ ValidationSpecs = Annotated[
         }
     ),
 ]
+RecipeName = Literal[tuple(RECIPES)]  # type: ignore[valid-type]  (built from the registry)
+REGISTRY_HELP = "Registry directory or fsspec URI (env DISTILQ_REGISTRY)"
 
 
 class QuantizeConfig(BaseModel):
-    """Parameters of `quantize_and_promote` (a form in the Prefect UI, flags in the CLI)."""
+    """Parameters of `quantize_and_promote` (a form in the Prefect UI, flags in the CLI:
+    these fields are the one source of their defaults and help)."""
 
     model_config = ConfigDict(extra="forbid")
 
     source: str = Field(
-        default_factory=_env_default("DISTILQ_SOURCE", DEFAULT_SOURCE),
-        description="Hub id, local directory or fsspec URI of the FP32 checkpoint",
+        default_factory=default_source,
+        description="Hub id, local directory or fsspec URI of the FP32 checkpoint "
+        "(env DISTILQ_SOURCE)",
     )
-    revision: str | None = Field(None, description="Hub revision (default main); hub sources only")
-    recipe: Literal["auto", "dynamic-int8", "dynamic-int8-pc"] = "auto"
+    revision: str | None = Field(
+        None, description="Hub revision: branch, tag or commit (default main); hub sources only"
+    )
+    recipe: RecipeName = Field(DEFAULT_RECIPE, description="How to quantize (see the recipes)")
     validation: ValidationSpecs = Field(
         ["builtin:sst2-gate"],
         min_length=1,
         description="Validation sets, each a TSV/CSV/Parquet/JSONL file or URI, or a datasets "
-        "spec NAME[:CONFIG][@SPLIT]; the gate holds each set to the thresholds",
+        "spec NAME[:CONFIG][@SPLIT]; repeat to gate on several sets (say short sentences and "
+        "long reviews): each must pass on its own. The default is GLUE SST-2 sentences "
+        "shipped with distilq",
     )
-    text_column: str = "text"
-    label_column: str | None = Field(None, description="Default: `label` when present")
-    min_agreement: float = Field(0.99, ge=0, le=1)
-    max_accuracy_drop: float = Field(0.01, ge=0, le=1)
+    text_column: str = Field("text", description="Text column of the validation data")
+    label_column: str | None = Field(
+        None, description="Label column; default: `label` when the data has one"
+    )
+    min_agreement: float = Field(
+        0.99, ge=0, le=1, description="Agreement with FP32 every set must certify"
+    )
+    max_accuracy_drop: float = Field(
+        0.01, ge=0, le=1, description="Absolute; checked when the data has labels"
+    )
     confidence: float = Field(
         0.95,
         gt=0,
         lt=1,
-        description="Agreement passes when its lower bound at this "
-        "confidence reaches min_agreement",
+        description="A set passes when the one-sided Clopper-Pearson lower bound of its "
+        "agreement, at this confidence, reaches min-agreement",
     )
     margin: float = Field(
         0.003,
         ge=0,
         le=0.5,
-        description="auto: aims this far above the agreement that would just certify",
+        description="auto aims this far above the agreement that would just certify the gate "
+        "on the confirmation part",
     )
     batch_size: int = Field(
-        32, ge=1, le=4096, description="Batching policy used to validate and score"
+        32,
+        ge=1,
+        le=4096,
+        description="Batching policy for validation and scoring; rows are sorted by token length",
     )
-    registry: str = Field(default_factory=_env_default("DISTILQ_REGISTRY", DEFAULT_REGISTRY))
+    registry: str = Field(default_factory=default_registry, description=REGISTRY_HELP)
     dry_run: bool = Field(False, description="Validate and report; publish nothing")
 
     @field_validator("validation", mode="before")
@@ -116,20 +141,16 @@ class QuantizeConfig(BaseModel):
     def _target_reachable(self) -> QuantizeConfig:
         if self.min_agreement >= 1:
             raise ValueError("min_agreement 1 cannot be certified: a lower bound never reaches 1")
-        if self.recipe == "auto" and self.min_agreement + self.margin > 1:
+        if RECIPES[self.recipe].fallback and self.min_agreement + self.margin > 1:
             raise ValueError(
                 f"min_agreement {self.min_agreement} + margin {self.margin} exceeds 1: "
-                "auto could never reach it; lower the margin"
+                f"{self.recipe} could never reach it; lower the margin"
             )
         return self
 
     @property
     def thresholds(self) -> GateThresholds:
-        return GateThresholds(
-            min_agreement=self.min_agreement,
-            max_accuracy_drop=self.max_accuracy_drop,
-            confidence=self.confidence,
-        )
+        return GateThresholds(**self.model_dump(include=set(GateThresholds.model_fields)))
 
     @property
     def batching(self) -> BatchingPolicy:
@@ -145,27 +166,55 @@ def available_cores() -> int:
 
 
 class ScoreConfig(BaseModel):
-    """Parameters of `score_parquet` (a form in the Prefect UI, flags in the CLI)."""
+    """Parameters of `score_parquet` (a form in the Prefect UI, flags in the CLI: these
+    fields are the one source of their defaults and help)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[str] = Field(min_length=1, description="Parquet files, directories, globs or URIs")
-    output: str = Field(description="Directory or URI for scored files and _manifest.json")
-    text_column: str = "text"
-    id_columns: list[str] = Field(default_factory=list, description="Keep only these input columns")
-    keep_text: bool = False
+    inputs: list[str] = Field(
+        min_length=1, description="Parquet file, directory, glob or fsspec URI; repeat for more"
+    )
+    output: str = Field(description="Directory or URI for the results and _manifest.json")
+    text_column: str = Field("text", description="Column holding the texts")
+    id_columns: list[str] = Field(
+        default_factory=list,
+        description="Keep only these input columns (repeat); default: all but the text",
+    )
+    keep_text: bool = Field(False, description="Keep the text column too")
     probabilities: bool = Field(False, description="Add prob_<label> for every class")
     model: str = Field("production", description="Registry version or alias")
-    registry: str = Field(default_factory=_env_default("DISTILQ_REGISTRY", DEFAULT_REGISTRY))
-    batch_size: int | None = Field(None, ge=1, le=4096, description="Default: the model's policy")
-    max_length: int | None = Field(
-        None, ge=8, le=4096, description="Tokens; default: the model's policy (512) or its limit"
+    registry: str = Field(default_factory=default_registry, description=REGISTRY_HELP)
+    batch_size: int | None = Field(
+        None, ge=1, le=4096, description="Default: the batching policy the gate validated"
     )
-    runner: Literal["local", "process", "dask"] = "local"
-    workers: int = Field(1, ge=1, le=256)
-    threads: int = Field(default_factory=available_cores, ge=1, le=1024)
-    dask_address: str | None = Field(None, description="tcp://host:port of a Dask scheduler")
-    overwrite: bool = False
+    max_length: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        description="Tokens; longer texts are truncated and counted (default: the model's "
+        "policy, 512, or fewer if the model has fewer positions; more than it has is refused)",
+    )
+    shard_rows: int = Field(
+        200_000, ge=1, description="Files with more rows are split into shards by row group"
+    )
+    window_batches: int = Field(
+        32, ge=1, description="Rows are sorted by length within windows of this many batches"
+    )
+    runner: Literal["local", "process", "dask"] = Field(
+        "local", description="Where shards run: this process, a process pool, or Dask"
+    )
+    workers: int = Field(1, ge=1, le=256, description="Worker processes (process, dask)")
+    threads: int = Field(
+        default_factory=available_cores,
+        ge=1,
+        le=1024,
+        description="Torch threads in all, split over workers; the default is the cores this "
+        "process may use",
+    )
+    dask_address: str | None = Field(
+        None, description="tcp://host:port of a running Dask scheduler (with --runner dask)"
+    )
+    overwrite: bool = Field(False, description="Replace an output holding other results")
     allow_unattested: bool = Field(
         False, description="Score even if the model fails its self-check on a worker's platform"
     )

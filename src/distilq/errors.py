@@ -22,8 +22,17 @@ class Unattested(DistilqError):
 
 
 class GateRejected(DistilqError):
-    """The INT8 candidate failed the agreement gate (CLI exit code 3)."""
+    """The INT8 candidate failed the agreement gate (CLI exit code 3); `manifest` is the
+    rejected version's."""
 
-    def __init__(self, message: str, manifest: dict):
+    def __init__(self, message: str, manifest):
         super().__init__(message)
         self.manifest = manifest
+
+
+class ScoringFailed(DistilqError):
+    """Some input files could not be scored; the others were (`summary` counts them)."""
+
+    def __init__(self, message: str, summary):
+        super().__init__(message)
+        self.summary = summary

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
-
 from distilq.config import GateThresholds
 from distilq.errors import InputError
-from distilq.metrics import Metrics, SetMetrics, set_metrics_of
+from distilq.manifest import Decision, VersionManifest
+from distilq.metrics import Metrics, SetMetrics
 from distilq.stats import agreement_lower_bound, examples_needed
 
 # Agreement and accuracy drop are ratios of counts; this absorbs float rounding at the edge.
 _EPS = 1e-12
-
-
-class Decision(BaseModel):
-    """Whether a candidate may be promoted, with the numbers behind it."""
-
-    approved: bool
-    reasons: list[str]
-    thresholds: GateThresholds
 
 
 def decide(metrics: Metrics, thresholds: GateThresholds) -> Decision:
@@ -28,12 +19,11 @@ def decide(metrics: Metrics, thresholds: GateThresholds) -> Decision:
     return decide_sets(metrics.sets, thresholds)
 
 
-def decide_manifest(manifest: dict) -> Decision:
+def decide_manifest(manifest: VersionManifest) -> Decision:
     """The gate's decision re-derived from a version's recorded metrics and thresholds,
     rather than trusting its stored `decision.approved`. Versions gated before bounds have
     no confidence in their thresholds, and are judged on the measured agreement, as then."""
-    thresholds = GateThresholds(**{"confidence": None, **manifest["decision"]["thresholds"]})
-    return decide_sets(set_metrics_of(manifest["metrics"]), thresholds)
+    return decide_sets(manifest.metrics.sets, manifest.decision.thresholds)
 
 
 def certified_agreement(m: SetMetrics, thresholds: GateThresholds) -> float:

@@ -70,12 +70,3 @@ class Metrics(BaseModel):
     confidence: float | None = None  # of the bounds below and in `sets`
     agreement_lower_bound: float | None = None  # the weakest set's
     speed: Speed | None = None  # where the rows/s figures came from; None: one cold pass
-
-
-def set_metrics_of(metrics: dict) -> list[SetMetrics]:
-    """The per-set figures of a manifest's `metrics`; a version made before sets were
-    recorded is one set."""
-    if metrics.get("sets"):
-        return [SetMetrics(**s) for s in metrics["sets"]]
-    fields = {k: metrics.get(k) for k in SetMetrics.model_fields if k != "name"}
-    return [SetMetrics(name="validation", **fields)]

@@ -1,4 +1,4 @@
-"""The quantization seam: `quantize(model, recipe) -> model`, named recipes, and the INT8 file.
+"""The quantization seam: `quantize(model, recipe) -> model` and the INT8 file on disk.
 
 The backend (torch's dynamic quantized Linear kernels today) stays behind this module, so it
 can move to torchao or another runtime without touching callers. On disk the INT8 model is
@@ -13,7 +13,6 @@ import copy
 import json
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distilq.errors import InputError, IntegrityError
+from distilq.recipes import Recipe, get_recipe
 
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "distilq-int8/1"
@@ -28,49 +28,37 @@ FORMAT = "distilq-int8/1"
 
 @contextlib.contextmanager
 def quiet_torch() -> Iterator[None]:
-    """Hide torch's deprecation noise about torch.ao and quantized tensors from users, and
-    transformers' per-load progress bar."""
+    """Within: hide torch's deprecation noise about torch.ao and quantized tensors, and
+    transformers' per-load progress bar. Both are restored after: nothing process-wide."""
     from transformers.utils import logging as hf_logging
 
+    bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
-        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\..*")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
+            warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\..*")
+            yield
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def quantized_engine(name: str) -> Iterator[None]:
+    """Pack weights for engine `name`; torch's process-wide engine is restored after (the
+    packed weights keep their engine's kernels)."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
         yield
+    finally:
+        torch.backends.quantized.engine = before
 
 
 with quiet_torch():
     from torch.ao.nn.quantized import dynamic as nnqd
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A static quantization recipe. `auto` builds on `dynamic-int8-pc` (see autoquant)."""
-
-    name: str
-    per_channel: bool  # Linear weights: one scale per output row, else one per tensor
-    int8_embeddings: bool  # word/position embeddings as int8 with per-row scales
-    engine: str = "x86"
-
-
-RECIPES = {
-    # The seed's method, kept for comparison: exactly torch.ao quantize_dynamic's defaults.
-    "dynamic-int8": Recipe("dynamic-int8", per_channel=False, int8_embeddings=False),
-    "dynamic-int8-pc": Recipe("dynamic-int8-pc", per_channel=True, int8_embeddings=True),
-}
-
-
-def get_recipe(name: str) -> Recipe:
-    """The static recipe called `name` (`auto` resolves to its starting point)."""
-    if name == "auto":
-        return RECIPES["dynamic-int8-pc"]
-    try:
-        return RECIPES[name]
-    except KeyError:
-        raise InputError(
-            f"unknown recipe {name!r}; choose one of auto, {', '.join(RECIPES)}"
-        ) from None
 
 
 class Int8Embedding(nn.Module):
@@ -142,7 +130,6 @@ def quantize(
     just those Linear layers and no embeddings.
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    torch.backends.quantized.engine = recipe.engine
     names = linear_names(model)
     keep = set(keep_fp32)
     unknown = keep.difference(names)
@@ -150,11 +137,12 @@ def quantize(
         raise InputError(f"not Linear layers of this model: {', '.join(sorted(unknown))}")
     targets = [n for n in names if n not in keep] if only is None else list(only)
     out = copy.deepcopy(model).eval()
-    for name in targets:
-        linear = out.get_submodule(name)
-        with quiet_torch():
-            qweight = _quantize_weight(linear.weight, recipe.per_channel)
-        _set_module(out, name, _int8_linear(qweight, linear.bias))
+    with quantized_engine(recipe.engine):
+        for name in targets:
+            linear = out.get_submodule(name)
+            with quiet_torch():
+                qweight = _quantize_weight(linear.weight, recipe.per_channel)
+            _set_module(out, name, _int8_linear(qweight, linear.bias))
     if recipe.int8_embeddings and only is None:
         for name in _embedding_names(out):
             _set_module(out, name, Int8Embedding.from_float(out.get_submodule(name)))
@@ -200,13 +188,10 @@ def save_int8(model: nn.Module, recipe: Recipe, directory: str | Path) -> Path:
     return path
 
 
-def load_int8(directory: str | Path) -> nn.Module:
-    """Rebuild an INT8 model saved by `save_int8` (config.json beside the weights)."""
+def _read_int8_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The layout metadata and the tensors of a `save_int8` file."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    directory = Path(directory)
-    path = directory / WEIGHTS_FILE
     try:
         with safe_open(str(path), framework="pt") as f:
             layout = json.loads((f.metadata() or {}).get("distilq", "{}"))
@@ -215,7 +200,16 @@ def load_int8(directory: str | Path) -> nn.Module:
         raise IntegrityError(f"{path}: unreadable INT8 weights: {e}") from e
     if layout.get("format") != FORMAT:
         raise IntegrityError(f"{path}: not a distilq INT8 file (format {layout.get('format')!r})")
-    torch.backends.quantized.engine = layout["engine"]
+    return layout, tensors
+
+
+def load_int8(directory: str | Path) -> nn.Module:
+    """Rebuild an INT8 model saved by `save_int8` (config.json beside the weights)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    directory = Path(directory)
+    path = directory / WEIGHTS_FILE
+    layout, tensors = _read_int8_file(path)
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     with quiet_torch():
         model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
@@ -240,13 +234,16 @@ def load_int8(directory: str | Path) -> nn.Module:
             f"{path}: weights do not match the config (missing {missing[:5]}, "
             f"unexpected {unexpected[:5]})"
         )
-    for name, scheme in linear.items():
-        int8, scale, bias = int8_parts[name]
-        zero = torch.zeros(scale.shape, dtype=torch.long)
-        with quiet_torch():
-            if scheme["per_channel"]:
-                qweight = torch._make_per_channel_quantized_tensor(int8, scale.double(), zero, 0)
-            else:
-                qweight = torch._make_per_tensor_quantized_tensor(int8, scale.item(), 0)
-        _set_module(model, name, _int8_linear(qweight, bias))
+    with quantized_engine(layout["engine"]):
+        for name, (int8, scale, bias) in int8_parts.items():
+            _set_module(model, name, _int8_linear(_qweight(int8, scale, linear[name]), bias))
     return model.eval()
+
+
+def _qweight(int8: torch.Tensor, scale: torch.Tensor, scheme: dict) -> torch.Tensor:
+    """A quantized weight tensor from its int8 values and scales (zero points are 0)."""
+    with quiet_torch():
+        if scheme["per_channel"]:
+            zero = torch.zeros(scale.shape, dtype=torch.long)
+            return torch._make_per_channel_quantized_tensor(int8, scale.double(), zero, 0)
+        return torch._make_per_tensor_quantized_tensor(int8, scale.item(), 0)

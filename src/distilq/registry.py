@@ -23,12 +23,11 @@ import getpass
 import hashlib
 import json
 import logging
-import os
 import random
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
@@ -36,14 +35,8 @@ from typing import TypeVar
 from distilq.checkpoint import sha256_file
 from distilq.errors import DistilqError, InputError, IntegrityError
 from distilq.gate import decide_manifest
-from distilq.storage import (
-    WriteConflict,
-    is_local,
-    read_for_update,
-    url_to_fs,
-    write_atomic,
-    write_if_unchanged,
-)
+from distilq.manifest import VersionManifest, read_version_manifest
+from distilq.storage import Store, WriteConflict
 
 PRODUCTION = "production"
 MANIFEST = "manifest.json"
@@ -71,36 +64,28 @@ class Registry:
 
     def __init__(self, uri: str | Path):
         self.uri = str(uri)
-        self.fs, self.root = url_to_fs(self.uri)
-        self.is_local = is_local(self.fs)
-
-    def _path(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts])
+        self.store = Store(self.uri)
 
     # -- reading --------------------------------------------------------------------------
 
     def versions(self) -> list[str]:
         """Complete versions (those with a manifest), oldest first."""
-        try:
-            entries = self.fs.ls(self._path("versions"), detail=False)
-        except FileNotFoundError:
-            return []
-        names = sorted(Path(e).name for e in entries)
-        return [n for n in names if self.fs.exists(self._path("versions", n, MANIFEST))]
+        names = self.store.list("versions")
+        return [n for n in names if self.store.exists("versions", n, MANIFEST)]
 
     def exists(self) -> bool:
         """Whether the registry's root is there at all."""
-        return self.fs.exists(self.root)
+        return self.store.exists()
 
-    def manifest(self, version: str) -> dict:
+    def manifest(self, version: str) -> VersionManifest:
         """The manifest of `version`, refused if it changed since it was published."""
-        base = self._path("versions", version)
+        base = self.store.uri_of("versions", version)
         try:
-            data = self.fs.cat_file(f"{base}/{MANIFEST}")
+            data = self.store.read("versions", version, MANIFEST)
         except FileNotFoundError:
             raise InputError(f"registry {self.uri}: no version {version!r}") from None
         try:
-            recorded = self.fs.cat_file(f"{base}/{MANIFEST_SHA256}").decode().strip()
+            recorded = self.store.read("versions", version, MANIFEST_SHA256).decode().strip()
         except FileNotFoundError:
             recorded = None  # published before manifests were sealed: nothing to check
         if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
@@ -109,46 +94,41 @@ class Registry:
                 f"one in {MANIFEST_SHA256}); refusing to trust version {version}"
             )
         try:
-            return json.loads(data)
+            parsed = json.loads(data)
         except ValueError as e:
             raise IntegrityError(f"{base}/{MANIFEST} is not valid JSON: {e}") from e
+        return read_version_manifest(parsed, f"{base}/{MANIFEST}")
 
     def model_config(self, version: str) -> dict:
         """The version's transformers config.json (checked against its manifest)."""
         manifest = self.manifest(version)
         rel = "model/config.json"
-        data = self.fs.cat_file(self._path("versions", version, rel))
-        if hashlib.sha256(data).hexdigest() != manifest["files"].get(rel):
+        data = self.store.read("versions", version, rel)
+        if hashlib.sha256(data).hexdigest() != manifest.files.get(rel):
             raise IntegrityError(f"{self.uri}: {rel} of {version} does not match its manifest")
         return json.loads(data)
 
     def attestation(self, version: str, key: str) -> dict | None:
         """The attestation of `version` on platform `key`, if one was written."""
         try:
-            return json.loads(
-                self.fs.cat_file(self._path("versions", version, "attestations", f"{key}.json"))
-            )
+            return json.loads(self.store.read("versions", version, "attestations", f"{key}.json"))
         except FileNotFoundError:
             return None
 
     def attestations(self, version: str) -> list[dict]:
         """Every attestation of `version` (the gate's own among them when a flow published
         it), by platform key."""
-        try:
-            paths = sorted(
-                self.fs.ls(self._path("versions", version, "attestations"), detail=False)
-            )
-        except FileNotFoundError:
-            return []
-        return [json.loads(self.fs.cat_file(p)) for p in paths if p.endswith(".json")]
+        where = ("versions", version, "attestations")
+        names = [n for n in self.store.list(*where) if n.endswith(".json")]
+        return [json.loads(self.store.read(*where, n)) for n in names]
 
     def write_attestation(self, version: str, key: str, record: dict) -> None:
         """Record that `version` passed its self-check on platform `key`. Written once: a
         worker that lost the race to another one leaves the first record."""
-        path = self._path("versions", version, "attestations", f"{key}.json")
+        rel = f"versions/{version}/attestations/{key}.json"
         with contextlib.suppress(WriteConflict):
-            write_if_unchanged(
-                self.fs, path, manifest_bytes({**record, "created_at": utc_now()}), None
+            self.store.write_if_unchanged(
+                rel, manifest_bytes({**record, "created_at": utc_now()}), None
             )
 
     def alias(self, name: str = PRODUCTION) -> str | None:
@@ -163,11 +143,11 @@ class Registry:
             if version is None:
                 raise InputError(f"registry {self.uri}: nothing is in production yet")
             return version
-        if not self.fs.exists(self._path("versions", ref, MANIFEST)):
+        if not self.store.exists("versions", ref, MANIFEST):
             raise InputError(f"registry {self.uri}: no version or alias {ref!r}")
         return ref
 
-    def find_run(self, run_key: str) -> dict | None:
+    def find_run(self, run_key: str) -> VersionManifest | None:
         """The newest manifest made from the same inputs (`run_key`), if any."""
         for version in reversed(self.versions()):
             try:
@@ -175,7 +155,7 @@ class Registry:
             except IntegrityError as e:
                 log.warning("skipping version %s: %s", version, e)
                 continue
-            if manifest.get("run_key") == run_key:
+            if manifest.run_key == run_key:
                 return manifest
         return None
 
@@ -184,9 +164,9 @@ class Registry:
 
         A line a crash cut short cannot be read: it is skipped, with a warning.
         """
-        path = self._path("aliases", HISTORY)
+        path = self.store.uri_of("aliases", HISTORY)
         try:
-            data = self.fs.cat_file(path)
+            data = self.store.read("aliases", HISTORY)
         except FileNotFoundError:
             return []
         entries = []
@@ -210,46 +190,31 @@ class Registry:
 
     def fetch(
         self, ref: str = PRODUCTION, cache_dir: str | Path | None = None
-    ) -> tuple[Path, dict]:
+    ) -> tuple[Path, VersionManifest]:
         """A local directory holding the version's files, every sha256 checked; and its manifest."""
         version = self.resolve(ref)
         manifest = self.manifest(version)
-        if self.is_local:
-            local = Path(self._path("versions", version))
-        else:
+        local = self.store.local_path("versions", version)
+        if local is None:  # an object store: download what the cache lacks
             base = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "distilq" / "registry"
             local = base / version
-            for rel in manifest["files"]:
+            for rel, sha256 in manifest.files.items():
                 target = local / rel
-                if not target.exists() or sha256_file(target) != manifest["files"][rel]:
+                if not target.exists() or sha256_file(target) != sha256:
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    self.fs.get(self._path("versions", version, rel), str(target))
+                    self.store.get_file(f"versions/{version}/{rel}", target)
         verify_files(local, manifest)
         return local, manifest
 
     # -- writing --------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _alias_lock(self) -> Iterator[None]:
-        import fcntl
-
+    def _alias_step(self, step: Callable[[], T]) -> T:
+        """Run `step` (read the alias, decide, write it) as one: under the store's lock on
+        disk; on object stores retried while another writer's conditional write wins first."""
         if not self.exists():
             raise InputError(f"registry {self.uri} does not exist")
-        os.makedirs(self._path("aliases"), exist_ok=True)
-        with open(self._path("aliases", ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def _alias_step(self, step: Callable[[], T]) -> T:
-        """Run `step` (read the alias, decide, write it) as one: under flock on disk; on
-        object stores retried while another writer's conditional write wins first."""
-        if self.is_local:
-            with self._alias_lock():
-                return step()
-        return self._retry_on_conflict(step, "the alias")
+        with self.store.lock("aliases/.lock"):
+            return self._retry_on_conflict(step, "the alias")
 
     def _retry_on_conflict(self, step: Callable[[], T], what: str) -> T:
         """Run `step` until its conditional write is not beaten by another writer."""
@@ -266,8 +231,8 @@ class Registry:
         A damaged pointer is an error naming the file, or with `repair` (an explicit promote
         or rollback, which rewrites it) read as no pointer.
         """
-        path = self._path("aliases", f"{name}.json")
-        data, token = read_for_update(self.fs, path)
+        path = self.store.uri_of("aliases", f"{name}.json")
+        data, token = self.store.read_for_update("aliases", f"{name}.json")
         if data is None:
             return {}, token
         try:
@@ -284,48 +249,29 @@ class Registry:
             f"promote VERSION` or `distilq models rollback`"
         )
 
-    def publish(self, staging: str | Path, manifest: dict) -> str:
+    def publish(self, staging: str | Path, manifest: VersionManifest) -> str:
         """Copy a staged version (files listed in the manifest) in; the manifest goes last.
 
         Versions are immutable: publishing a version that exists fails.
         """
-        version = manifest["version"]
-        if self.fs.exists(self._path("versions", version, MANIFEST)):
+        version = manifest.version
+        if self.store.exists("versions", version, MANIFEST):
             raise InputError(f"registry {self.uri}: version {version} exists and is immutable")
         staging = Path(staging)
         verify_files(staging, manifest)
-        for rel in manifest["files"]:
-            target = self._path("versions", version, rel)
-            self.fs.makedirs(os.path.dirname(target), exist_ok=True)
-            self.fs.put_file(str(staging / rel), target)
-        data = manifest_bytes(manifest)
+        for rel in manifest.files:
+            self.store.put_file(staging / rel, f"versions/{version}/{rel}")
+        data = manifest_bytes(manifest.dump())
         seal = (hashlib.sha256(data).hexdigest() + "\n").encode()
-        write_atomic(self.fs, self._path("versions", version, MANIFEST_SHA256), seal)
-        write_atomic(self.fs, self._path("versions", version, MANIFEST), data)
+        self.store.write_atomic(f"versions/{version}/{MANIFEST_SHA256}", seal)
+        self.store.write_atomic(f"versions/{version}/{MANIFEST}", data)
         return version
 
     def _append_history(self, entry: dict) -> None:
-        """Append one line; a line a crash cut short is ended first, so no entry is glued
-        onto it."""
+        """Append one line to the history (the alias lock is held)."""
         line = (json.dumps(entry, sort_keys=True) + "\n").encode()
-        path = self._path("aliases", HISTORY)
-        if self.is_local:  # the alias lock is held
-            with open(path, "a+b") as f:
-                if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
-                    f.write(b"\n")
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
-            return
-
-        def append() -> None:  # object stores cannot append: rewrite it
-            old, token = read_for_update(self.fs, path)
-            old = old or b""
-            if old and not old.endswith(b"\n"):
-                old += b"\n"
-            write_if_unchanged(self.fs, path, old + line, token)
-
-        self._retry_on_conflict(append, path)
+        rel = f"aliases/{HISTORY}"
+        self._retry_on_conflict(lambda: self.store.append(rel, line), rel)
 
     def _move(
         self,
@@ -347,8 +293,7 @@ class Registry:
             "id": uuid.uuid4().hex,
             "seq": seq,
         }
-        path = self._path("aliases", f"{PRODUCTION}.json")
-        write_if_unchanged(self.fs, path, manifest_bytes(pointer), token)
+        self.store.write_if_unchanged(f"aliases/{PRODUCTION}.json", manifest_bytes(pointer), token)
         entry = {
             "at": at,
             "alias": PRODUCTION,
@@ -394,7 +339,7 @@ class Registry:
             if current.get("version") == version:
                 return None
             if newer_only and current:
-                if self.manifest(current["version"])["created_at"] > manifest["created_at"]:
+                if self.manifest(current["version"]).created_at > manifest.created_at:
                     return None
             return self._move(version, "promote", reason, command, current, token)
 
@@ -431,15 +376,13 @@ def manifest_bytes(data: dict) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
-def verify_files(directory: str | Path, manifest: dict) -> None:
+def verify_files(directory: str | Path, manifest: VersionManifest) -> None:
     """Check every file listed in the manifest against its sha256; refuse any mismatch."""
     directory = Path(directory)
-    for rel, expected in manifest["files"].items():
+    for rel, expected in manifest.files.items():
         path = directory / rel
         if not path.is_file():
-            raise IntegrityError(
-                f"{path}: missing (listed in the manifest of {manifest['version']})"
-            )
+            raise IntegrityError(f"{path}: missing (listed in the manifest of {manifest.version})")
         actual = sha256_file(path)
         if actual != expected:
             raise IntegrityError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from distilq.manifest import FallbackRecord, RecipeRecord, VersionManifest, VersionMetrics
+
 MIB = 2**20
 
 
@@ -18,23 +20,20 @@ def _interval(interval: list[float] | None) -> str:
     return "n/a" if interval is None else f"{interval[0]:+.4f} to {interval[1]:+.4f}"
 
 
-def _split(manifest: dict, metrics: dict) -> str:
-    split = manifest["validation"].get("split")
-    if not split:
-        return f"{metrics['n_examples']} examples"
-    return (
-        f"{split['tuning']} examples to tune on, {split['confirmation']} to confirm on: "
-        f"{split['rule']}"
-    )
+def _split(manifest: VersionManifest) -> str:
+    split = manifest.validation.split
+    if split is None:
+        return f"{manifest.metrics.n_examples} examples"
+    return f"{split.tuning} examples to tune on, {split.confirmation} to confirm on: {split.rule}"
 
 
-def metrics_table(manifest: dict) -> list[list[str]]:
+def metrics_table(manifest: VersionManifest) -> list[list[str]]:
     """Rows (header first) comparing FP32 and INT8: the table shown in reports and artifacts."""
-    m = manifest["metrics"]
-    fp32_bytes, int8_bytes = m["size_bytes_fp32"], m["size_bytes_int8"]
+    m = manifest.metrics
+    fp32_bytes, int8_bytes = m.size_bytes_fp32, m.size_bytes_int8
     return [
         ["", "FP32", "INT8", "INT8 / FP32"],
-        ["accuracy", _pct(m["accuracy_fp32"]), _pct(m["accuracy_int8"]), ""],
+        ["accuracy", _pct(m.accuracy_fp32), _pct(m.accuracy_int8), ""],
         [
             "weights on disk",
             f"{fp32_bytes / MIB:.2f} MiB",
@@ -43,27 +42,27 @@ def metrics_table(manifest: dict) -> list[list[str]]:
         ],
         [
             "rows/s",
-            f"{m['rows_per_second_fp32']:.1f}",
-            f"{m['rows_per_second_int8']:.1f}",
-            f"{m['rows_per_second_int8'] / m['rows_per_second_fp32']:.2f}x",
+            f"{m.rows_per_second_fp32:.1f}",
+            f"{m.rows_per_second_int8:.1f}",
+            f"{m.rows_per_second_int8 / m.rows_per_second_fp32:.2f}x",
         ],
         [
             "ms per batch",
-            f"{m['latency_ms_per_batch_fp32']:.1f}",
-            f"{m['latency_ms_per_batch_int8']:.1f}",
+            f"{m.latency_ms_per_batch_fp32:.1f}",
+            f"{m.latency_ms_per_batch_int8:.1f}",
             "",
         ],
     ]
 
 
-def speed_note(metrics: dict) -> str:
+def speed_note(metrics: VersionMetrics) -> str:
     """Where the rows/s figures came from: the CPU, the threads, and how they were taken."""
-    speed = metrics.get("speed")
-    if not speed:
+    speed = metrics.speed
+    if speed is None:
         return "rows/s: one cold pass over the validation set each, noisy."
     return (
-        f"rows/s: warm, best of {speed['passes']} interleaved passes over {speed['rows']} "
-        f"validation rows, on {speed['cpu']}. INT8 speed depends on the CPU: with VNNI or AMX "
+        f"rows/s: warm, best of {speed.passes} interleaved passes over {speed.rows} "
+        f"validation rows, on {speed.cpu}. INT8 speed depends on the CPU: with VNNI or AMX "
         "its integer kernels outrun FP32; on AVX2 alone they barely do."
     )
 
@@ -74,34 +73,24 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _sets_section(metrics: dict) -> list[str]:
+def _sets_section(metrics: VersionMetrics) -> list[str]:
     """Per validation set: examples, measured agreement, what it certifies, accuracies."""
-    sets, confidence = metrics.get("sets", []), metrics.get("confidence")
-    if not sets or (len(sets) < 2 and confidence is None):
+    sets, confidence = metrics.sets, metrics.confidence
+    if len(sets) < 2 and confidence is None:
         return []
     bound = f"lower bound ({confidence:.0%})" if confidence else "lower bound"
-    rows = [
-        [
-            "validation set",
-            "examples",
-            "agreement",
-            bound,
-            "flips",
-            "accuracy FP32",
-            "INT8",
-            "drop interval",
-        ]
-    ]
+    header = ["validation set", "examples", "agreement", bound, "flips", "accuracy FP32", "INT8"]
+    rows = [[*header, "drop interval"]]
     rows += [
         [
-            f"`{s['name']}`",
-            str(s["n_examples"]),
-            _pct(s["agreement"]),
-            _pct(s.get("agreement_lower_bound")),
-            str(s["flips"]),
-            _pct(s["accuracy_fp32"]),
-            _pct(s["accuracy_int8"]),
-            _interval(s.get("accuracy_drop_interval")),
+            f"`{s.name}`",
+            str(s.n_examples),
+            _pct(s.agreement),
+            _pct(s.agreement_lower_bound),
+            str(s.flips),
+            _pct(s.accuracy_fp32),
+            _pct(s.accuracy_int8),
+            _interval(s.accuracy_drop_interval),
         ]
         for s in sets
     ]
@@ -114,101 +103,101 @@ def _sets_section(metrics: dict) -> list[str]:
     return [intro + ":", "", _table(rows), ""]
 
 
-def render_report(manifest: dict) -> str:
+def _recipe_section(r: RecipeRecord) -> list[str]:
+    b = r.batching
+    return [
+        "## Recipe",
+        "",
+        f"`{r.name}`: engine `{r.engine}`, Linear weights "
+        f"{'per-channel' if r.per_channel else 'per-tensor'}, 7-bit dynamic activations, "
+        f"embeddings {'INT8 per-row' if r.int8_embeddings else 'FP32'}. Batching: "
+        f"{b.batch_size} rows, {'sorted by token length' if b.sort_by_length else 'in input order'}"
+        f", max {b.max_length} tokens.",
+        "",
+        f"FP32 layers: {', '.join(f'`{x}`' for x in r.fp32_layers) or 'none'}.",
+    ]
+
+
+def _fallback_section(auto: FallbackRecord | None) -> list[str]:
+    """How a fallback recipe chose its FP32 layers: sensitivities and attempts."""
+    if auto is None or not auto.sensitivity:
+        return []
+    reached = "reached" if auto.reached_target else "NOT reached"
+    sensitivity = [["layer", "flips alone", "mean abs prob change"]] + [
+        [f"`{s.layer}`", str(s.flips), f"{s.mean_abs_prob_change:.5f}"]
+        for s in auto.sensitivity[:15]
+    ]
+    attempts = [["FP32 layers", "agreement", "rows/s"]] + [
+        [str(len(a.fp32_layers)), _pct(a.agreement), f"{a.rows_per_second:.1f}"]
+        for a in auto.attempts
+    ]
+    return [
+        "",
+        f"### auto: layer sensitivity (target agreement {auto.target_agreement:.4f}, {reached})",
+        "",
+        _table(sensitivity),
+        "",
+        _table(attempts),
+    ]
+
+
+def _flips_section(m: VersionMetrics) -> list[str]:
+    if not m.flipped:
+        return []
+    shown = m.flipped[:25]
+    rows = [["#", "text", "true", "FP32", "INT8"]] + [
+        [
+            str(f.index),
+            _escape(f.text),
+            f.label or "",
+            f"{f.fp32_label} {f.fp32_score:.3f}",
+            f"{f.int8_label} {f.int8_score:.3f}",
+        ]
+        for f in shown
+    ]
+    return ["", f"## Flipped examples ({len(shown)} of {m.flips})", "", _table(rows)]
+
+
+def _provenance(manifest: VersionManifest) -> str:
+    sw, where = manifest.software, manifest.platform
+    line = f"torch {sw['torch']}, transformers {sw['transformers']}, distilq {sw['distilq']}."
+    if where is not None:
+        line += (
+            f" Gated on platform `{where.key}`: {where.cpu} ({', '.join(where.features)}; "
+            f"torch kernels {where.torch_cpu_capability})."
+        )
+    return line
+
+
+def render_report(manifest: VersionManifest) -> str:
     """The Markdown report of one candidate version."""
-    m, d, r = manifest["metrics"], manifest["decision"], manifest["recipe"]
-    verdict = "APPROVED" if d["approved"] else "REJECTED"
+    m, d = manifest.metrics, manifest.decision
     out = [
-        f"# distilq INT8 candidate {manifest['version']}",
+        f"# distilq INT8 candidate {manifest.version}",
         "",
-        f"**Gate: {verdict}**",
+        f"**Gate: {'APPROVED' if d.approved else 'REJECTED'}**",
         "",
-        *[f"- {reason}" for reason in d["reasons"]],
+        *[f"- {reason}" for reason in d.reasons],
         "",
-        f"Source `{manifest['source']['id']}` at `{manifest['source']['revision']}`; "
-        f"validation `{manifest['validation']['name']}` ({_split(manifest, m)}).",
+        f"Source `{manifest.source.id}` at `{manifest.source.revision}`; "
+        f"validation `{manifest.validation.name}` ({_split(manifest)}).",
         "",
         "## FP32 vs INT8",
         "",
         _table(metrics_table(manifest)),
         "",
         *_sets_section(m),
-        f"Agreement {_pct(m['agreement'])} ({m['flips']} flips); probability of the FP32 label "
-        f"changed by {m['mean_abs_prob_change']:.4f} on average, {m['max_abs_prob_change']:.4f} "
+        f"Agreement {_pct(m.agreement)} ({m.flips} flips); probability of the FP32 label "
+        f"changed by {m.mean_abs_prob_change:.4f} on average, {m.max_abs_prob_change:.4f} "
         "at most. Sizes are bytes on disk of the weight files.",
         "",
         speed_note(m),
         "",
-        "## Recipe",
+        *_recipe_section(manifest.recipe),
+        *_fallback_section(manifest.recipe.auto),
+        *_flips_section(m),
         "",
-        f"`{r['name']}`: engine `{r['engine']}`, Linear weights "
-        f"{'per-channel' if r['per_channel'] else 'per-tensor'}, "
-        "7-bit dynamic activations, embeddings "
-        f"{'INT8 per-row' if r['int8_embeddings'] else 'FP32'}. Batching: "
-        f"{r['batching']['batch_size']} rows, "
-        f"{'sorted by token length' if r['batching']['sort_by_length'] else 'in input order'}, "
-        f"max {r['batching']['max_length']} tokens.",
-        "",
-        f"FP32 layers: {', '.join(f'`{x}`' for x in r['fp32_layers']) or 'none'}.",
-    ]
-    auto = r.get("auto")
-    if auto and auto["sensitivity"]:
-        out += [
-            "",
-            f"### auto: layer sensitivity (target agreement {auto['target_agreement']:.4f}, "
-            f"{'reached' if auto['reached_target'] else 'NOT reached'})",
-            "",
-            _table(
-                [["layer", "flips alone", "mean abs prob change"]]
-                + [
-                    [f"`{s['layer']}`", str(s["flips"]), f"{s['mean_abs_prob_change']:.5f}"]
-                    for s in auto["sensitivity"][:15]
-                ]
-            ),
-            "",
-            _table(
-                [["FP32 layers", "agreement", "rows/s"]]
-                + [
-                    [
-                        str(len(a["fp32_layers"])),
-                        _pct(a["agreement"]),
-                        f"{a['rows_per_second']:.1f}",
-                    ]
-                    for a in auto["attempts"]
-                ]
-            ),
-        ]
-    if m["flipped"]:
-        shown = m["flipped"][:25]
-        out += [
-            "",
-            f"## Flipped examples ({len(shown)} of {m['flips']})",
-            "",
-            _table(
-                [["#", "text", "true", "FP32", "INT8"]]
-                + [
-                    [
-                        str(f["index"]),
-                        _escape(f["text"]),
-                        f["label"] or "",
-                        f"{f['fp32_label']} {f['fp32_score']:.3f}",
-                        f"{f['int8_label']} {f['int8_score']:.3f}",
-                    ]
-                    for f in shown
-                ]
-            ),
-        ]
-    sw = manifest["software"]
-    where = manifest.get("platform")
-    out += [
-        "",
-        f"torch {sw['torch']}, transformers {sw['transformers']}, distilq {sw['distilq']}."
-        + (
-            f" Gated on platform `{where['key']}`: {where['cpu']} "
-            f"({', '.join(where['features'])}; torch kernels {where['torch_cpu_capability']})."
-            if where
-            else ""
-        ),
+        _provenance(manifest),
         "",
     ]
     return "\n".join(out)

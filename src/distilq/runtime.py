@@ -1,4 +1,6 @@
-"""Process settings distilq needs before Prefect is imported (this module never imports it)."""
+"""Process-wide settings, made by the entry points that own a process (the CLI, a worker
+starting a shard, deployments/serve.py), never by importing a module. This module never
+imports Prefect or torch itself."""
 
 import os
 
@@ -20,3 +22,18 @@ def set_prefect_defaults() -> None:
     """Set distilq's Prefect defaults in the environment; values the user set win."""
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
+
+
+def configure_logging() -> None:
+    """distilq's progress notes (INFO) go to the console and the run logs."""
+    import logging
+
+    logging.getLogger("distilq").setLevel(logging.INFO)
+
+
+def configure_worker(threads: int) -> None:
+    """A scoring worker's torch threads (workers x threads stay within the cores given)."""
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

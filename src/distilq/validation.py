@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from distilq.config import BatchingPolicy
-from distilq.errors import InputError
+from distilq.errors import InputError, SourceUnavailable
 from distilq.metrics import Flip, Metrics, SetMetrics, Speed
 from distilq.stats import agreement_lower_bound, paired_difference_interval
 
@@ -69,6 +69,8 @@ def _read_table(spec: str):
     is_file = "://" in spec or local.is_file()
     if spec in BUILTIN:
         spec, suffix, is_file = str(_packaged_path(spec)), ".tsv", True
+    if not is_file and suffix in (".tsv", ".csv", ".parquet", ".jsonl", ".json"):
+        raise InputError(f"validation file {spec!r} does not exist")
     if not is_file:
         return _read_hub_dataset(spec)
     import fsspec
@@ -80,22 +82,7 @@ def _read_table(spec: str):
         raise InputError(f"validation file {spec!r} cannot be read: {e}") from e
     try:
         if suffix in (".tsv", ".csv"):
-            # GLUE writes TSV with no quoting: a '"' is an ordinary character there.
-            quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
-            delimiter = "\t" if suffix == ".tsv" else ","
-            rows = list(
-                csv.reader(data.decode("utf-8").splitlines(), delimiter=delimiter, quoting=quoting)
-            )
-            if not rows:
-                raise InputError(f"validation file {spec!r} is empty")
-            header, body = rows[0], rows[1:]
-            bad = [i + 2 for i, r in enumerate(body) if len(r) != len(header)]
-            if bad:
-                raise InputError(
-                    f"validation file {spec!r}: lines {bad[:5]} have a different number of "
-                    f"fields than the header ({len(header)})"
-                )
-            return pa.table({h: [r[i] for r in body] for i, h in enumerate(header)})
+            return _read_delimited(spec, data, suffix)
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -114,18 +101,44 @@ def _read_table(spec: str):
     )
 
 
+def _read_delimited(spec: str, data: bytes, suffix: str):
+    """A TSV or CSV file with a header line, every line as many fields as the header."""
+    import pyarrow as pa
+
+    # GLUE writes TSV with no quoting: a '"' is an ordinary character there.
+    quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
+    delimiter = "\t" if suffix == ".tsv" else ","
+    rows = list(csv.reader(data.decode("utf-8").splitlines(), delimiter=delimiter, quoting=quoting))
+    if not rows:
+        raise InputError(f"validation file {spec!r} is empty")
+    header, body = rows[0], rows[1:]
+    bad = [i + 2 for i, r in enumerate(body) if len(r) != len(header)]
+    if bad:
+        raise InputError(
+            f"validation file {spec!r}: lines {bad[:5]} have a different number of fields than "
+            f"the header ({len(header)})"
+        )
+    return pa.table({h: [r[i] for r in body] for i, h in enumerate(header)})
+
+
 def _read_hub_dataset(spec: str):
     """`NAME[:CONFIG][@SPLIT]`, e.g. `nyu-mll/glue:sst2@validation`."""
     name, _, split = spec.partition("@")
     name, _, config = name.partition(":")
-    try:
-        import datasets
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
 
+    try:
         ds = datasets.load_dataset(name, config or None, split=split or "validation")
-    except Exception as e:
+    except (DatasetNotFoundError, FileNotFoundError, ValueError) as e:
         raise InputError(
             f"validation {spec!r} is neither a local file nor a loadable `datasets` spec "
             f"(NAME[:CONFIG][@SPLIT]): {e}"
+        ) from e
+    except Exception as e:  # as for checkpoints: connection errors are worth a retry
+        raise SourceUnavailable(
+            f"cannot reach the Hugging Face hub for dataset {spec!r}: {e}. Offline, give "
+            "--validation a local file."
         ) from e
     return ds.data.table if hasattr(ds.data, "table") else ds.to_arrow()
 
@@ -421,6 +434,25 @@ def set_agreements(fp32: Predictions, int8: Predictions, validation: ValidationS
     return [float((a[p.start : p.stop] == b[p.start : p.stop]).mean()) for p in validation.slices()]
 
 
+def _flips(
+    fp32: Predictions, int8: Predictions, validation: ValidationSet, id2label: dict[int, str]
+) -> list[Flip]:
+    """Every example whose label differs between the two models, with both scores."""
+    a, b = fp32.labels, int8.labels
+    return [
+        Flip(
+            index=int(i),
+            text=validation.texts[i],
+            label=None if validation.labels is None else id2label[validation.labels[i]],
+            fp32_label=id2label[int(a[i])],
+            fp32_score=float(fp32.probs[i, a[i]]),
+            int8_label=id2label[int(b[i])],
+            int8_score=float(int8.probs[i, b[i]]),
+        )
+        for i in np.flatnonzero(a != b)
+    ]
+
+
 def compare(
     fp32: Predictions,
     int8: Predictions,
@@ -435,20 +467,8 @@ def compare(
     prediction passes themselves (one cold pass each: noisy)."""
     n = len(validation.texts)
     a, b = fp32.labels, int8.labels
-    rows = np.arange(n)
-    change = np.abs(int8.probs[rows, a] - fp32.probs[rows, a])
-    flipped = [
-        Flip(
-            index=int(i),
-            text=validation.texts[i],
-            label=None if validation.labels is None else id2label[validation.labels[i]],
-            fp32_label=id2label[int(a[i])],
-            fp32_score=float(fp32.probs[i, a[i]]),
-            int8_label=id2label[int(b[i])],
-            int8_score=float(int8.probs[i, b[i]]),
-        )
-        for i in np.flatnonzero(a != b)
-    ]
+    change = np.abs(int8.probs[np.arange(n), a] - fp32.probs[np.arange(n), a])
+    flipped = _flips(fp32, int8, validation, id2label)
     truth = None if validation.labels is None else np.asarray(validation.labels)
     overall = set_metrics(validation.name, a, b, truth, confidence)
     sets = [

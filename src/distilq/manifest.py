@@ -1,0 +1,233 @@
+"""The manifests everything else reads, typed: a registry version's `manifest.json` and a
+scored output's `_manifest.json`.
+
+Each carries `schema_version`. `read_version_manifest` and `read_output_manifest` are the one
+way in: they upgrade what older distilq versions wrote (fields added since get the meaning
+they had then) and refuse what a newer distilq wrote. Writers build these models and dump
+them; nobody reads a manifest by string keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from distilq.config import BatchingPolicy, GateThresholds
+from distilq.errors import IntegrityError
+from distilq.metrics import Metrics, SetMetrics
+
+VERSION_SCHEMA = 2  # 1: before schema versions (certified gate, platforms, split optional)
+OUTPUT_SCHEMA = 1
+
+
+class _Record(BaseModel):
+    # Fields an older or newer writer added are kept, not refused: reading never fails on
+    # them, and they are dumped again as read.
+    model_config = ConfigDict(extra="allow")
+
+
+class SourceRecord(_Record):
+    """Where the FP32 checkpoint came from."""
+
+    id: str
+    kind: str
+    revision: str
+    sha256: dict[str, str]
+
+
+class LayerSensitivity(BaseModel):
+    """Effect of quantizing one Linear layer alone, on the examples nearest the boundary."""
+
+    layer: str
+    flips: int
+    mean_abs_prob_change: float
+
+
+class Attempt(BaseModel):
+    """One candidate tried by a fallback recipe: which layers stayed FP32, what it reached."""
+
+    fp32_layers: list[str]
+    agreement: float  # on the weakest validation set
+    rows_per_second: float
+
+
+class FallbackRecord(BaseModel):
+    """How a fallback recipe (`auto`) chose its FP32 layers."""
+
+    target_agreement: float | None
+    reached_target: bool | None
+    sensitivity: list[LayerSensitivity]
+    attempts: list[Attempt]
+
+
+class RecipeRecord(_Record):
+    """How the INT8 model was made, and the batching policy it was validated with."""
+
+    name: str
+    engine: str
+    per_channel: bool
+    int8_embeddings: bool
+    fp32_layers: list[str]
+    batching: BatchingPolicy
+    auto: FallbackRecord | None = None
+
+
+class SetRecord(_Record):
+    """One validation set: its size, and how much of it the gate confirmed on."""
+
+    name: str
+    n_examples: int
+    sha256: str
+    n_confirmation: int | None = None
+
+
+class SplitRecord(BaseModel):
+    """How the validation set was split into tuning and confirmation parts."""
+
+    rule: str
+    tuning: int
+    confirmation: int
+
+
+class ValidationRecord(_Record):
+    """The validation data the gate measured on."""
+
+    name: str
+    sha256: str
+    labels: bool
+    sets: list[SetRecord] = Field(default_factory=list)
+    split: SplitRecord | None = None  # None: tuned and measured on the same rows
+
+
+class VersionMetrics(Metrics):
+    """The gate's metrics and the bytes on disk of both models' weight files."""
+
+    size_bytes_fp32: int
+    size_bytes_int8: int
+
+
+class Decision(BaseModel):
+    """Whether a candidate may be promoted, with the numbers behind it."""
+
+    approved: bool
+    reasons: list[str]
+    thresholds: GateThresholds
+
+
+class PlatformRecord(_Record):
+    """Where INT8 outputs were measured (see `distilq.hardware.platform_record`)."""
+
+    architecture: str
+    vendor: str
+    cpu: str
+    features: list[str]
+    torch_cpu_capability: str
+    quantized_engine: str
+    torch: str
+    key: str
+
+
+class VersionManifest(_Record):
+    """A registry version: what it is made of, how it was gated, and every file's sha256."""
+
+    schema_version: int = VERSION_SCHEMA
+    version: str
+    created_at: str
+    run_key: str
+    source: SourceRecord
+    recipe: RecipeRecord
+    validation: ValidationRecord
+    metrics: VersionMetrics
+    decision: Decision
+    software: dict[str, str]
+    platform: PlatformRecord | None = None  # None: published before platforms were recorded
+    files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256
+
+    def dump(self) -> dict[str, Any]:
+        """The JSON-ready form that is written and printed."""
+        return self.model_dump(mode="json")
+
+
+def read_version_manifest(data: dict, where: str = "manifest") -> VersionManifest:
+    """A version manifest as any distilq version wrote it, upgraded to this schema."""
+    schema = data.get("schema_version", 1)
+    if not isinstance(schema, int) or schema > VERSION_SCHEMA:
+        raise IntegrityError(
+            f"{where}: schema_version {schema!r} is newer than this distilq reads "
+            f"({VERSION_SCHEMA}); upgrade distilq"
+        )
+    if schema == 1:
+        data = _upgrade_version_1(data)
+    try:
+        return VersionManifest.model_validate(data)
+    except ValueError as e:
+        raise IntegrityError(f"{where} is not a distilq version manifest: {e}") from e
+
+
+def _upgrade_version_1(data: dict) -> dict:
+    """Schema 1 (no `schema_version`): thresholds had no confidence (the gate compared the
+    measured agreement), and the oldest versions had no per-set metrics."""
+    data = {**data, "schema_version": VERSION_SCHEMA}
+    decision = dict(data.get("decision", {}))
+    decision["thresholds"] = {"confidence": None, **decision.get("thresholds", {})}
+    data["decision"] = decision
+    metrics = dict(data.get("metrics", {}))
+    if not metrics.get("sets"):  # one set: the whole validation set
+        fields = {k: metrics.get(k) for k in SetMetrics.model_fields if k != "name"}
+        metrics["sets"] = [{**fields, "name": data.get("validation", {}).get("name", "validation")}]
+    data["metrics"] = metrics
+    return data
+
+
+class ShardRecord(_Record):
+    """A scored shard in an output: its input, which rows, and what scoring it did."""
+
+    input: str
+    identity: dict[str, Any]  # size and mtime or ETag of the input, to recognise it on resume
+    row_groups: list[int] | None
+    rows_read: int
+    rows_written: int
+    rows_error: int
+    rows_truncated: int
+    seconds: float
+    labels: dict[str, int]
+    score_sum: float
+
+
+class ScoreSummary(BaseModel):
+    """Totals over every shard in an output (this run's or before); `seconds` is the last
+    run's wall time."""
+
+    model_version: str
+    output: str
+    files: int
+    failed: dict[str, str]
+    rows_read: int
+    rows_written: int
+    rows_error: int
+    rows_truncated: int
+    labels: dict[str, int]
+    mean_score: float | None
+    seconds: float
+
+
+class OutputRecord(_Record):
+    """`_manifest.json` of a scored output: the model, the settings, the shards done."""
+
+    schema_version: int = OUTPUT_SCHEMA
+    model_version: str
+    settings: dict[str, Any]  # ScoreOptions as used; another run must use the same
+    shards: dict[str, ShardRecord] = Field(default_factory=dict)
+    failed: dict[str, str] = Field(default_factory=dict)  # input (or shard) -> why
+    summary: ScoreSummary | None = None
+
+
+def read_output_manifest(data: dict, where: str) -> OutputRecord:
+    """An output manifest as any distilq version wrote it (they had no schema_version)."""
+    schema = data.get("schema_version", OUTPUT_SCHEMA)
+    if not isinstance(schema, int) or schema > OUTPUT_SCHEMA:
+        raise IntegrityError(
+            f"{where}: schema_version {schema!r} is newer than this distilq reads; upgrade distilq"
+        )
+    return OutputRecord.model_validate(data)

@@ -1,0 +1,189 @@
+"""A scoring run's output directory: scored `*.parquet` files and `_manifest.json`.
+
+A shard's file appears under its final name by one rename (or one upload), after it is
+complete; the manifest records which shards are done, from which inputs, with which model
+version and settings, so an interrupted run resumes where it stopped. Files distilq did not
+write there are never removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict
+
+from distilq.errors import InputError, IntegrityError
+from distilq.inputs import Plan, Shard
+from distilq.manifest import OutputRecord, ScoreSummary, ShardRecord, read_output_manifest
+from distilq.storage import Store, WriteConflict, temporary_prefix
+
+MANIFEST = "_manifest.json"
+
+
+class OutputManifest:
+    """`_manifest.json` of one output, read once and saved after every change."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.store = Store(output_dir)
+        self.record: OutputRecord | None = None  # None: no manifest there yet
+        self.token: str | None = None  # S3: the ETag of the manifest we last read or wrote
+
+    def load(self) -> OutputRecord | None:
+        """Read the manifest (None if there is none); refuse one distilq did not write."""
+        content, self.token = self.store.read_for_update(MANIFEST)
+        where = f"{self.output_dir}/{MANIFEST}"
+        try:
+            data = json.loads(content) if content else None
+            self.record = None if not data else read_output_manifest(data, where)
+        except (ValueError, IntegrityError, AttributeError) as e:
+            raise InputError(
+                f"{where} is not a distilq output manifest (damaged or foreign: {e}); distilq "
+                "will not write there. Choose another --output"
+            ) from None
+        return self.record
+
+    def save(self) -> None:
+        """Write atomically. On S3 the write is conditional: a manifest another run changed
+        since we read it is never overwritten."""
+        content = (json.dumps(self.record.model_dump(), indent=2, sort_keys=True) + "\n").encode()
+        try:
+            self.token = self.store.write_if_unchanged(MANIFEST, content, self.token)
+        except WriteConflict:
+            raise InputError(
+                f"output {self.output_dir}: another run changed {MANIFEST} while this one was "
+                "writing; two runs must not write to one output at once"
+            ) from None
+
+    def record_shard(self, shard: Shard, stats) -> None:
+        """Mark a shard done (`stats`: its `ShardStats`) and save."""
+        self.record.failed.pop(shard.name, None)
+        self.record.shards[shard.output] = ShardRecord(
+            input=shard.uri,
+            identity=shard.identity,
+            row_groups=list(shard.row_groups) if shard.row_groups is not None else None,
+            **{k: v for k, v in asdict(stats).items() if k != "output"},
+        )
+        self.save()
+
+    def record_failure(self, name: str, error: str) -> None:
+        """Record an input file (or shard of one, by `Shard.name`) that failed, and save."""
+        self.record.failed[name] = error
+        self.save()
+
+    def finalize(self, seconds: float) -> ScoreSummary:
+        """Totals over every shard scored into this output (this run or before), also saved
+        as `summary`; `seconds` is this run's wall time."""
+        shards = self.record.shards.values()
+        labels: Counter[str] = Counter()
+        for s in shards:
+            labels.update(s.labels)
+        scored = sum(labels.values())
+        summary = ScoreSummary(
+            model_version=self.record.model_version,
+            output=self.output_dir,
+            files=len(self.record.shards),
+            failed=dict(self.record.failed),
+            rows_read=sum(s.rows_read for s in shards),
+            rows_written=sum(s.rows_written for s in shards),
+            rows_error=sum(s.rows_error for s in shards),
+            rows_truncated=sum(s.rows_truncated for s in shards),
+            labels=dict(sorted(labels.items())),
+            mean_score=(sum(s.score_sum for s in shards) / scored) if scored else None,
+            seconds=round(seconds, 3),
+        )
+        self.record.summary = summary
+        self.save()
+        return summary
+
+
+def is_temporary(name: str) -> bool:
+    """A shard or manifest file a killed run left half-written (see `Store.staged_file`)."""
+    ours = name.startswith(temporary_prefix(MANIFEST)) or ".parquet." in name
+    return name.startswith(".") and name.endswith(".tmp") and ours
+
+
+def prepare_output(
+    output_dir: str, plan: Plan, model_version: str, settings: dict, overwrite: bool
+) -> tuple[OutputManifest, list[Shard]]:
+    """Check the output directory against this run, save its manifest, and return it with
+    the shards still to score.
+
+    Refuses results of another model version, other inputs or other settings unless
+    `overwrite`, which removes them. Files distilq did not write there (not in
+    `_manifest.json`) are never removed: an output holding any is refused, overwrite or not.
+    """
+    manifest = OutputManifest(output_dir)
+    existing = manifest.load()
+    files = manifest.store.list()
+    _refuse_foreign_files(output_dir, files, existing, plan)
+    problems = _conflicts(existing, plan, model_version, settings)
+    if problems and not overwrite:
+        raise InputError(
+            f"output {output_dir}: {'; '.join(problems)}. Use another --output, or --overwrite "
+            "to replace distilq's results there"
+        )
+    store = manifest.store
+    store.makedirs()
+    for name in files:
+        if is_temporary(name) or ((problems or overwrite) and name != MANIFEST):
+            store.remove(name)
+    done = {} if problems or overwrite or existing is None else existing.shards
+    manifest.record = OutputRecord(
+        model_version=model_version,
+        settings=settings,
+        shards={k: v for k, v in done.items() if store.exists(k)},
+    )
+    manifest.save()
+    return manifest, [s for s in plan.shards if s.output not in manifest.record.shards]
+
+
+def _refuse_foreign_files(
+    output_dir: str, files: list[str], existing: OutputRecord | None, plan: Plan
+) -> None:
+    # A distilq output's own files: recorded shards, and shards of this plan that a killed
+    # run finished but had not recorded yet.
+    ours = set(existing.shards) | {s.output for s in plan.shards} if existing else set()
+    foreign = [f for f in files if f != MANIFEST and f not in ours and not is_temporary(f)]
+    if foreign:
+        raise InputError(
+            f"output {output_dir} holds files distilq did not write there "
+            f"({', '.join(sorted(foreign)[:3])}{', ...' if len(foreign) > 3 else ''}); distilq "
+            "never removes them, not even with --overwrite. Choose another --output"
+        )
+
+
+def _conflicts(
+    existing: OutputRecord | None, plan: Plan, model_version: str, settings: dict
+) -> list[str]:
+    """Why the results already there cannot be resumed by this run."""
+    if existing is None:
+        return []
+    problems = []
+    if existing.model_version != model_version:
+        problems.append(f"it holds results of model version {existing.model_version}")
+    if existing.settings != settings:
+        problems.append("it was written with other settings (columns, batching or max length)")
+    wanted = {s.output: s for s in plan.shards}
+    for name, entry in existing.shards.items():
+        shard = wanted.get(name)
+        if shard is None or entry.input != shard.uri or entry.identity != shard.identity:
+            problems.append(f"{name} comes from another input ({entry.input})")
+            break
+    return problems
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str) -> Iterator[None]:
+    """Refuse a second run writing to the same output directory at the same time. Object
+    stores have no lock; there the manifest's conditional writes stop a run as soon as
+    another one changed the manifest under it (see `OutputManifest.save`)."""
+    with Store(output_dir).lock("", wait=False) as held:
+        if not held:
+            raise InputError(
+                f"output {output_dir} is being written by another distilq run; wait for it "
+                "or choose another --output"
+            )
+        yield
