@@ -25,9 +25,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tasks flows tests bench deployments
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) bench/bench_quantize.py
 	$(PY) bench/bench_gate.py
 	$(PY) bench/bench_score.py
+	$(PY) bench/bench_int8.py
 
 clean:
 	rm -rf $(VENV) registry .pytest_cache

@@ -27,7 +27,7 @@ def test_recipes_on_the_real_model(tmp_path):
     policy = BatchingPolicy()
     fp32 = predict(model, tokenizer, data.texts, policy)
     results = {}
-    for name in ("dynamic-int8", "dynamic-int8-pc"):
+    for name in ("dynamic-int8", "dynamic-int8-pc", "dynamic-int8-token"):
         candidate = quantize_for_gate(model, tokenizer, name, data, fp32, policy, 0.99)
         metrics = compare(fp32, candidate.predictions, data, model.config.id2label)
         model.config.save_pretrained(tmp_path / name)
@@ -42,3 +42,9 @@ def test_recipes_on_the_real_model(tmp_path):
     assert pc.mean_abs_prob_change < seed.mean_abs_prob_change
     assert pc.agreement >= 0.96 and abs(pc.accuracy_drop) <= 0.02
     assert pc_ratio < 0.30 < seed_ratio < 0.70  # bytes on disk, INT8 / FP32
+    # Per-token activations with no FP32 layer (the per-token issue's target: >= 99.5% at
+    # <= 28% of the FP32 bytes; measured 99.89% on Sapphire Rapids). Its integer GEMM is
+    # exact on every CPU; the bound leaves room for FP32 attention rounding elsewhere.
+    token, token_ratio = results["dynamic-int8-token"]
+    assert token.agreement >= 0.99 and token.agreement > pc.agreement
+    assert token_ratio <= 0.28

@@ -1,6 +1,7 @@
 """Quantize a candidate for the gate; `auto` falls back to FP32 on the most sensitive layers.
 
-As Intel Neural Compressor does it: start from `dynamic-int8-pc`; if agreement on the
+As Intel Neural Compressor does it: start from the recipe that is faithful and fast on this
+CPU (`recipes.fallback_base`); if agreement on the
 validation set is below the target (the gate plus a safety margin), measure each Linear
 layer's sensitivity (that layer alone INT8, the rest FP32) and keep the most sensitive
 layers in FP32, one more at a time, until the target is met or no layer is left.
@@ -9,15 +10,16 @@ layers in FP32, one more at a time, until the target is met or no layer is left.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from torch import nn
 
 from distilq.config import BatchingPolicy, GateThresholds
+from distilq.hardware import cpu_features
 from distilq.manifest import Attempt, FallbackRecord, LayerSensitivity, RecipeRecord
 from distilq.quantization import linear_names, quantize
-from distilq.recipes import Recipe, get_recipe
+from distilq.recipes import Recipe, fallback_base, get_recipe
 from distilq.stats import agreement_needed
 from distilq.validation import (
     Predictions,
@@ -41,6 +43,8 @@ class Candidate:
     sensitivity: list[LayerSensitivity] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
     target_agreement: float | None = None
+    base: str | None = None  # fallback recipes: the recipe they started from, and why
+    base_reason: str | None = None
 
     @property
     def reached_target(self) -> bool | None:
@@ -57,6 +61,8 @@ class Candidate:
                 reached_target=self.reached_target,
                 sensitivity=self.sensitivity,
                 attempts=self.attempts,
+                base=self.base,
+                base_reason=self.base_reason,
             )
         return RecipeRecord(
             name=self.recipe.name,
@@ -65,6 +71,7 @@ class Candidate:
             int8_embeddings=self.recipe.int8_embeddings,
             fp32_layers=self.fp32_layers,
             batching=policy,
+            activations=self.recipe.activations,
             auto=fallback,
         )
 
@@ -147,6 +154,12 @@ def quantize_for_gate(
     `reached_target` then says so).
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    base = base_reason = None
+    if recipe.fallback:  # quantize like the base recipe, under the fallback's own name
+        start, base_reason = fallback_base(cpu_features())
+        base = start.name
+        recipe = replace(start, name=recipe.name, summary=recipe.summary, fallback=True)
+        log.info("%s: starts from %s: %s", recipe.name, base, base_reason)
     qmodel = quantize(model, recipe)
     pred = predict(qmodel, tokenizer, validation.texts, policy, progress=f"{recipe.name} INT8")
     candidate = Candidate(
@@ -155,6 +168,8 @@ def quantize_for_gate(
         pred,
         attempts=[_attempt([], fp32, pred, validation)],
         target_agreement=target_agreement if recipe.fallback else None,
+        base=base,
+        base_reason=base_reason,
     )
     if recipe.fallback and not candidate.reached_target:
         _fall_back(candidate, model, tokenizer, validation, fp32, policy, sensitivity_examples)

@@ -59,6 +59,8 @@ class FallbackRecord(BaseModel):
     reached_target: bool | None
     sensitivity: list[LayerSensitivity]
     attempts: list[Attempt]
+    base: str | None = None  # the recipe it started from (None: dynamic-int8-pc, before)
+    base_reason: str | None = None  # why, on the CPU it ran on
 
 
 class RecipeRecord(_Record):
@@ -70,6 +72,7 @@ class RecipeRecord(_Record):
     int8_embeddings: bool
     fp32_layers: list[str]
     batching: BatchingPolicy
+    activations: str = "per-tensor"  # or "per-token"
     auto: FallbackRecord | None = None
 
 

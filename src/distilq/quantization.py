@@ -24,6 +24,8 @@ from distilq.recipes import Recipe, get_recipe
 
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "distilq-int8/1"
+# Files with per-token Linear layers: a reader of /1 alone would run them per tensor.
+FORMAT_PER_TOKEN = "distilq-int8/2"
 
 
 @contextlib.contextmanager
@@ -78,6 +80,86 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight_int8).float() * self.weight_scale[ids].unsqueeze(-1)
+
+
+class Int8TokenLinear(nn.Module):
+    """A Linear with per-channel INT8 weights and per-token INT8 activations.
+
+    Each row of the input (a token) is quantized with its own scale, so a row's output
+    never depends on the other rows of the batch: one text, one answer, whatever the batch
+    or its padding. The product is torch's integer GEMM (s8 x s8 -> s32, exact), then
+    scaled back to float by the row's and the output channel's scales.
+    """
+
+    def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias):
+        super().__init__()
+        # [in, out], contiguous: the layout torch._int_mm reads fastest.
+        self.register_buffer("weight_t", weight_int8.t().contiguous())
+        self.register_buffer("weight_scale", weight_scale.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.in_features, self.out_features = weight_int8.shape[1], weight_int8.shape[0]
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> Int8TokenLinear:
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scale, linear.bias)
+
+    @property
+    def weight_int8(self) -> torch.Tensor:
+        """The weights as [out, in] int8, the layout on disk."""
+        return self.weight_t.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        # Two reads, no temporary: faster here than abs().amax() or vector_norm(ord=inf).
+        peak = torch.maximum(rows.amax(dim=1, keepdim=True), rows.amin(dim=1, keepdim=True).neg_())
+        scale = peak.clamp_(min=1e-12).div_(127)
+        q = rows.div(scale).round_().to(torch.int8)  # |rows / scale| <= 127 by construction
+        # float() then in-place scaling: faster than a type-promoting int32 x float32 mul.
+        out = torch._int_mm(q, self.weight_t).float().mul_(self.weight_scale).mul_(scale)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+ROWWISE_ATTENTION = "distilq_rowwise"
+
+
+def _rowwise_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Self-attention of each sequence over its own tokens only, in tensors shaped as if it
+    were alone: padding and neighbours change no bit of a text's result (batched attention
+    sums padded rows in other orders; per-token INT8 would round those last bits apart)."""
+    batch, heads, length, dim = query.shape
+    scaling = scaling or dim**-0.5
+    if attention_mask is None:  # no padding
+        keys = torch.ones(batch, length, dtype=torch.bool)
+    else:  # [batch, 1, query, key]: True, or 0.0 when additive, where a key may be seen
+        keys = attention_mask[:, 0, 0, :]
+        keys = keys if keys.dtype == torch.bool else keys == 0
+    out = query.new_zeros(batch, length, heads, dim)
+    counts = keys.sum(dim=1, keepdim=True)
+    if not bool((keys == (torch.arange(length) < counts)).all()):
+        raise ValueError("per-token attention needs right padding (the tokenizer's default)")
+    query = query * scaling  # elementwise: the same bits for a text alone or in a batch
+    for i, n in enumerate(counts.squeeze(1).tolist()):
+        # Views with the strides the text alone has: [heads, n, dim], strides set by the
+        # projections' (token, head, dim) layout, not by the padded length.
+        q, k, v = (t[i, :, :n] for t in (query, key, value))
+        weights = torch.softmax(torch.matmul(q, k.transpose(1, 2)), dim=-1)
+        out[i, :n] = torch.matmul(weights, v).transpose(0, 1)
+    return out, None
+
+
+def use_rowwise_attention(model: nn.Module) -> None:
+    """Run `model`'s attention one sequence at a time (see `_rowwise_attention`)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ROWWISE_ATTENTION, _rowwise_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ROWWISE_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ROWWISE_ATTENTION)
 
 
 def _quantize_weight(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -140,12 +222,17 @@ def quantize(
     with quantized_engine(recipe.engine):
         for name in targets:
             linear = out.get_submodule(name)
+            if recipe.activations == "per-token":
+                _set_module(out, name, Int8TokenLinear.from_float(linear))
+                continue
             with quiet_torch():
                 qweight = _quantize_weight(linear.weight, recipe.per_channel)
             _set_module(out, name, _int8_linear(qweight, linear.bias))
     if recipe.int8_embeddings and only is None:
         for name in _embedding_names(out):
             _set_module(out, name, Int8Embedding.from_float(out.get_submodule(name)))
+    if recipe.activations == "per-token":
+        use_rowwise_attention(out)
     return out
 
 
@@ -167,6 +254,12 @@ def save_int8(model: nn.Module, recipe: Recipe, directory: str | Path) -> Path:
             if bias is not None:
                 tensors[f"{name}.bias"] = bias
             linear[name] = {"per_channel": per_channel}
+        elif isinstance(module, Int8TokenLinear):
+            tensors[f"{name}.weight_int8"] = module.weight_int8
+            tensors[f"{name}.weight_scale"] = module.weight_scale
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias
+            linear[name] = {"per_channel": True, "activations": "per-token"}
         elif isinstance(module, Int8Embedding):
             embeddings.append(name)
     quantized = tuple(f"{n}." for n in linear)
@@ -175,8 +268,9 @@ def save_int8(model: nn.Module, recipe: Recipe, directory: str | Path) -> Path:
             tensors[key] = value
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     # One metadata key: safetensors writes several in hash-map order, so bytes would differ.
+    per_token = any(v.get("activations") == "per-token" for v in linear.values())
     layout = {
-        "format": FORMAT,
+        "format": FORMAT_PER_TOKEN if per_token else FORMAT,
         "engine": recipe.engine,
         "linear": linear,
         "int8_embeddings": embeddings,
@@ -198,7 +292,7 @@ def _read_int8_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as e:
         raise IntegrityError(f"{path}: unreadable INT8 weights: {e}") from e
-    if layout.get("format") != FORMAT:
+    if layout.get("format") not in (FORMAT, FORMAT_PER_TOKEN):
         raise IntegrityError(f"{path}: not a distilq INT8 file (format {layout.get('format')!r})")
     return layout, tensors
 
@@ -236,7 +330,13 @@ def load_int8(directory: str | Path) -> nn.Module:
         )
     with quantized_engine(layout["engine"]):
         for name, (int8, scale, bias) in int8_parts.items():
-            _set_module(model, name, _int8_linear(_qweight(int8, scale, linear[name]), bias))
+            if linear[name].get("activations") == "per-token":
+                module = Int8TokenLinear(int8, scale, bias)
+            else:
+                module = _int8_linear(_qweight(int8, scale, linear[name]), bias)
+            _set_module(model, name, module)
+    if layout["format"] == FORMAT_PER_TOKEN:
+        use_rowwise_attention(model)
     return model.eval()
 
 

@@ -103,16 +103,27 @@ def _sets_section(metrics: VersionMetrics) -> list[str]:
     return [intro + ":", "", _table(rows), ""]
 
 
+ACTIVATIONS = {
+    "per-tensor": "7-bit dynamic activations, one scale per batch",
+    "per-token": "8-bit dynamic activations, one scale per token (a row's answer does not "
+    "depend on its batch)",
+}
+
+
 def _recipe_section(r: RecipeRecord) -> list[str]:
     b = r.batching
+    start = []
+    if r.auto is not None and r.auto.base:
+        start = ["", f"`{r.name}` started from `{r.auto.base}`: {r.auto.base_reason}."]
     return [
         "## Recipe",
         "",
         f"`{r.name}`: engine `{r.engine}`, Linear weights "
-        f"{'per-channel' if r.per_channel else 'per-tensor'}, 7-bit dynamic activations, "
+        f"{'per-channel' if r.per_channel else 'per-tensor'}, {ACTIVATIONS[r.activations]}, "
         f"embeddings {'INT8 per-row' if r.int8_embeddings else 'FP32'}. Batching: "
         f"{b.batch_size} rows, {'sorted by token length' if b.sort_by_length else 'in input order'}"
         f", max {b.max_length} tokens.",
+        *start,
         "",
         f"FP32 layers: {', '.join(f'`{x}`' for x in r.fp32_layers) or 'none'}.",
     ]

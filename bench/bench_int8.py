@@ -1,0 +1,237 @@
+"""INT8 paths side by side in one run (the per-token issue): rows/s, agreement, batch
+independence and one-row start-up, with the CPU named.
+
+- In-process rows/s, best of interleaved passes: transformers pipeline FP32 (best of batch
+  8 and 32), distilq FP32, `dynamic-int8-pc`, `dynamic-int8-token`, and ONNX Runtime
+  dynamic INT8 per-channel (exported and quantized here only; not a distilq dependency),
+  on SST-2 dev and on 120 IMDB reviews, for the real shared model and the full-size
+  DistilBertConfig() shape (random weights).
+- Agreement with FP32 on SST-2 dev (real model), no FP32 layer for any of them.
+- Batch independence: `distilq score --probabilities` of SST-2 dev with a per-token version
+  at batch sizes 1, 7 and 32, largest probability difference.
+- Whole process, one row, `distilq score`: a per-token version vs a per-channel one.
+
+Writes its tables between markers in bench/RESULTS.md. Usage: python bench/bench_int8.py
+(needs `pip install -e '.[bench]'` for ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from distilq.config import BatchingPolicy
+from distilq.hardware import cpu_features, cpu_model
+from distilq.quantization import quantize
+from distilq.validation import PACKAGED_VALIDATION, load_validation, predict
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SHARED_MODEL = SHARED / "models" / "distilbert-sst2-minilm"
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_quantize import write_results  # noqa: E402
+from bench_score import quantize_into, run_measured, score_cmd  # noqa: E402
+
+csv.field_size_limit(1 << 24)
+POLICY = BatchingPolicy()
+RECIPES = ("dynamic-int8-pc", "dynamic-int8-token")
+
+
+def imdb_reviews(n: int = 120) -> list[str]:
+    with open(SHARED / "data" / "imdb" / "imdb_test_sample_3000.csv", newline="") as f:
+        return [row["text"] for row in csv.DictReader(f)][:n]
+
+
+class OrtClassifier:
+    """ONNX Runtime dynamic INT8 (per-channel weights) of an FP32 model, batched as distilq."""
+
+    def __init__(self, model, tokenizer, directory: Path):
+        import onnxruntime as ort
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        enc = tokenizer(["a b c"], return_tensors="pt")
+        fp32_path, int8_path = directory / "model.onnx", directory / "model.int8.onnx"
+        axes = {0: "batch", 1: "tokens"}
+        torch.onnx.export(
+            model,
+            (enc["input_ids"], enc["attention_mask"]),
+            str(fp32_path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": {0: "batch"}},
+            dynamo=False,
+        )
+        quantize_dynamic(fp32_path, int8_path, per_channel=True, weight_type=QuantType.QInt8)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = ort.InferenceSession(str(int8_path), options)
+        self.tokenizer = tokenizer
+
+    def predict(self, texts: list[str]) -> np.ndarray:
+        """Probabilities, in sorted-by-length batches of 32 like distilq's policy."""
+        order = sorted(range(len(texts)), key=lambda i: len(self.tokenizer.tokenize(texts[i])))
+        probs = np.zeros((len(texts), 2), dtype=np.float32)
+        for start in range(0, len(order), POLICY.batch_size):
+            rows = order[start : start + POLICY.batch_size]
+            enc = self.tokenizer(
+                [texts[i] for i in rows],
+                padding=True,
+                truncation=True,
+                max_length=POLICY.max_length,
+                return_tensors="np",
+            )
+            (logits,) = self.session.run(
+                None, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+            )
+            e = np.exp(logits - logits.max(1, keepdims=True))
+            probs[rows] = e / e.sum(1, keepdims=True)
+        return probs
+
+
+def _rate(run, n: int) -> float:
+    start = time.perf_counter()
+    run()
+    return n / (time.perf_counter() - start)
+
+
+def rates_and_agreement(model, tokenizer, texts: dict[str, list[str]], tmp: Path) -> tuple:
+    """rows/s of every path on every text set (best of 2 interleaved passes), and each INT8
+    path's labels on the first set."""
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=model, tokenizer=tokenizer, device=-1)
+    runners = {
+        "pipeline FP32": lambda t: max(
+            _rate(lambda b=b: classify(t, batch_size=b, truncation=True), len(t)) for b in (8, 32)
+        ),
+        "distilq FP32": lambda t: _rate(lambda: predict(model, tokenizer, t, POLICY), len(t)),
+    }
+    int8 = {name: quantize(model, name) for name in RECIPES}
+    for name, q in int8.items():
+        runners[name] = lambda t, q=q: _rate(lambda: predict(q, tokenizer, t, POLICY), len(t))
+    ort_model = OrtClassifier(model, tokenizer, tmp)
+    runners["ONNX Runtime INT8 pc"] = lambda t: _rate(lambda: ort_model.predict(t), len(t))
+    rates = {(name, kind): 0.0 for name in runners for kind in texts}
+    for _ in range(2):
+        for kind, batch in texts.items():
+            for name, run in runners.items():
+                rates[name, kind] = max(rates[name, kind], run(batch))
+    first = next(iter(texts.values()))
+    labels = {name: predict(q, tokenizer, first, POLICY).labels for name, q in int8.items()}
+    labels["ONNX Runtime INT8 pc"] = ort_model.predict(first).argmax(1)
+    return rates, labels, list(runners)
+
+
+def speed_table(title: str, model, tokenizer, texts: dict, tmp: Path, fp32_labels=None):
+    rates, labels, names = rates_and_agreement(model, tokenizer, texts, tmp)
+    kinds = list(texts)
+    header = ["path", *[f"rows/s {k}" for k in kinds], *[f"vs pc, {k}" for k in kinds]]
+    if fp32_labels is not None:
+        header.append(f"agreement with FP32, {kinds[0]}")
+    lines = [
+        title,
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---" + "|---:" * (len(header) - 1) + "|",
+    ]
+    for name in names:
+        cells = [f"{rates[name, k]:.1f}" for k in kinds]
+        cells += [f"{rates[name, k] / rates['dynamic-int8-pc', k]:.2f}x" for k in kinds]
+        if fp32_labels is not None:
+            agree = (labels[name] == fp32_labels).mean() if name in labels else 1.0
+            cells.append(f"{agree:.2%}" if "FP32" not in name else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def batch_independence_and_startup(tmp: Path) -> list[str]:
+    """Through the CLI: a per-token and a per-channel version of the real model."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp / "prefect")
+    dev = load_validation(PACKAGED_VALIDATION).texts
+    pq.write_table(pa.table({"text": dev}), tmp / "dev.parquet")
+    pq.write_table(pa.table({"text": dev[:1]}), tmp / "one.parquet")
+    registries = {}
+    for recipe in RECIPES:
+        registries[recipe] = tmp / f"reg-{recipe}"
+        quantize_into(registries[recipe], SHARED_MODEL, "--recipe", recipe, env=env)
+    probs = {}
+    for size in (1, 7, 32):
+        out = tmp / f"dev-{size}"
+        cmd = score_cmd(tmp / "dev.parquet", out, registries["dynamic-int8-token"])
+        run_measured([*cmd, "--probabilities", "--batch-size", str(size)], env)
+        table = pq.read_table(out / "dev.parquet")
+        probs[size] = np.stack([table[c].to_numpy() for c in table.column_names if "prob_" in c])
+    diff = max(float(np.abs(probs[s] - probs[1]).max()) for s in (7, 32))
+    startup = {}
+    for recipe, registry in registries.items():
+        times = []
+        for i in range(3):
+            cmd = score_cmd(tmp / "one.parquet", tmp / f"one-{recipe}-{i}", registry)
+            times.append(run_measured(cmd, env)[0])
+        startup[recipe] = min(times)
+    return [
+        "Through `distilq score` (real model, ephemeral Prefect API): SST-2 dev scored by a "
+        f"`dynamic-int8-token` version at batch sizes 1, 7 and 32: largest difference of any "
+        f"probability {diff:.1e}. One row, whole process, best of 3: "
+        + ", ".join(f"`{r}` {s:.1f} s" for r, s in startup.items())
+        + ".",
+    ]
+
+
+def main() -> None:
+    if not SHARED_MODEL.is_dir():
+        sys.exit(f"the shared model is not at {SHARED_MODEL}")
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from distilq.checkpoint import load_checkpoint
+
+    texts = {"SST-2 dev": load_validation(PACKAGED_VALIDATION).texts, "IMDB": imdb_reviews()}
+    real, tokenizer = load_checkpoint(SHARED_MODEL)
+    fp32_labels = predict(real, tokenizer, texts["SST-2 dev"], POLICY).labels
+    torch.manual_seed(0)
+    full = DistilBertForSequenceClassification(DistilBertConfig()).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "real").mkdir()
+        (tmp / "full").mkdir()
+        block = [
+            f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
+            f"`python bench/bench_int8.py` on {cpu_model()} ({', '.join(cpu_features())}), "
+            f"{os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads). No FP32 layer in any INT8 path.",
+            "",
+            *speed_table(
+                "Real model `distilbert-sst2-minilm`:",
+                real,
+                tokenizer,
+                texts,
+                tmp / "real",
+                fp32_labels,
+            ),
+            "",
+            *speed_table(
+                "Full-size `DistilBertConfig()`, random weights:",
+                full,
+                tokenizer,
+                texts,
+                tmp / "full",
+            ),
+            "",
+            *batch_independence_and_startup(tmp),
+        ]
+    write_results(block, "bench_int8")
+    print("\n".join(block))
+
+
+if __name__ == "__main__":
+    main()

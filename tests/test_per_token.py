@@ -1,0 +1,90 @@
+"""The per-token recipe: one row, one answer, whatever its batch; and where `auto` starts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import distilq
+from distilq.checkpoint import load_checkpoint
+from distilq.config import BatchingPolicy, ScoreConfig
+from distilq.hardware import cpu_features
+from distilq.pipelines import quantize_and_promote, score_dataset
+from distilq.quantization import quantize
+from distilq.recipes import fallback_base
+from distilq.report import render_report
+from distilq.validation import predict
+from tests.conftest import make_texts, tiny_config
+
+# Lengths from 3 to 14 words: every batch below pads most of its rows.
+TEXTS = make_texts(60, seed=31)
+
+
+def _probs(model, tokenizer, texts, batch_size, sort):
+    policy = BatchingPolicy(batch_size=batch_size, sort_by_length=sort)
+    return predict(model, tokenizer, texts, policy).probs
+
+
+def test_a_row_gets_the_same_answer_alone_and_in_any_batch(tiny_checkpoint):
+    model, tokenizer = load_checkpoint(tiny_checkpoint)
+    token = quantize(model, "dynamic-int8-token")
+    alone = _probs(token, tokenizer, TEXTS, 1, False)
+    for batch_size, sort in ((7, False), (32, True), (60, False)):
+        batched = _probs(token, tokenizer, TEXTS, batch_size, sort)
+        assert np.abs(batched - alone).max() <= 1e-5, (batch_size, sort)
+    # The check can fail: per-tensor activations take one scale per batch.
+    per_tensor = quantize(model, "dynamic-int8-pc")
+    moved = _probs(per_tensor, tokenizer, TEXTS, 32, True) - _probs(
+        per_tensor, tokenizer, TEXTS, 1, False
+    )
+    assert np.abs(moved).max() > 1e-5
+
+
+def test_a_scored_row_is_what_predict_says_of_its_text_alone(
+    tiny_checkpoint, tiny_validation, tmp_path
+):
+    registry = tmp_path / "reg"
+    config = tiny_config(tiny_checkpoint, tiny_validation, registry, recipe="dynamic-int8-token")
+    result = quantize_and_promote(config)
+    assert result.promoted and result.manifest.recipe.activations == "per-token"
+    pq.write_table(pa.table({"text": TEXTS}), tmp_path / "in.parquet")
+
+    def scored(batch_size: int) -> np.ndarray:
+        out = tmp_path / f"out-{batch_size}"
+        config = ScoreConfig(
+            inputs=[str(tmp_path / "in.parquet")],
+            output=str(out),
+            registry=str(registry),
+            batch_size=batch_size,
+            probabilities=True,
+        )
+        score_dataset(config)
+        table = pq.read_table(out / "in.parquet")
+        return np.stack([table["prob_NEGATIVE"].to_numpy(), table["prob_POSITIVE"].to_numpy()], 1)
+
+    one = scored(1)
+    for batch_size in (7, 32):
+        assert np.abs(scored(batch_size) - one).max() <= 1e-5, batch_size
+    classifier = distilq.load(registry)
+    for text, row in zip(TEXTS[:12], one, strict=False):
+        alone = classifier.predict([text])[0]["probabilities"]
+        assert abs(alone["NEGATIVE"] - row[0]) <= 1e-5 and abs(alone["POSITIVE"] - row[1]) <= 1e-5
+
+
+def test_auto_starts_from_the_recipe_that_is_faithful_and_fast_on_the_cpu():
+    base, why = fallback_base(["avx2", "avx512f", "avx512_vnni"])
+    assert base.name == "dynamic-int8-token" and "avx512_vnni" in why
+    base, why = fallback_base(["avx2"])
+    assert base.name == "dynamic-int8-pc" and "no VNNI" in why
+
+
+def test_auto_records_where_it_started_and_why(tiny_checkpoint, tiny_validation, tmp_path):
+    result = quantize_and_promote(
+        tiny_config(tiny_checkpoint, tiny_validation, tmp_path / "reg", recipe="auto")
+    )
+    base, why = fallback_base(cpu_features())  # this machine's CPU decides
+    record = result.manifest.recipe
+    assert record.name == "auto" and record.auto.base == base.name
+    assert record.auto.base_reason == why and record.activations == base.activations
+    assert f"`auto` started from `{base.name}`: {why}" in render_report(result.manifest)
