@@ -142,13 +142,12 @@ def _rowwise_attention(module, query, key, value, attention_mask, scaling=None, 
     counts = keys.sum(dim=1, keepdim=True)
     if not bool((keys == (torch.arange(length) < counts)).all()):
         raise ValueError("per-token attention needs right padding (the tokenizer's default)")
-    query = query * scaling  # elementwise: the same bits for a text alone or in a batch
     for i, n in enumerate(counts.squeeze(1).tolist()):
-        # Views with the strides the text alone has: [heads, n, dim], strides set by the
+        # Views with the strides the text alone has: [1, heads, n, dim], strides set by the
         # projections' (token, head, dim) layout, not by the padded length.
-        q, k, v = (t[i, :, :n] for t in (query, key, value))
-        weights = torch.softmax(torch.matmul(q, k.transpose(1, 2)), dim=-1)
-        out[i, :n] = torch.matmul(weights, v).transpose(0, 1)
+        q, k, v = (t[i : i + 1, :, :n] for t in (query, key, value))
+        attended = F.scaled_dot_product_attention(q, k, v, scale=scaling)
+        out[i, :n] = attended[0].transpose(0, 1)
     return out, None
 
 
