@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -123,8 +124,8 @@ class Store:
         if not self._local:
             self.fs.put_file(str(source), self.path(rel))
             return
-        with self.staged_file(rel) as tmp, open(source, "rb") as f:
-            Path(tmp).write_bytes(f.read())
+        with self.staged_file(rel) as tmp:
+            shutil.copyfile(source, tmp)  # streamed: weight files can be large
 
     @contextlib.contextmanager
     def staged_file(self, rel: str) -> Iterator[str]:
