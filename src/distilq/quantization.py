@@ -63,6 +63,13 @@ with quiet_torch():
     from torch.ao.nn.quantized import dynamic as nnqd
 
 
+def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per row: the values and the scales."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
 class Int8Embedding(nn.Module):
     """An embedding table kept as int8 with one scale per row; rows are expanded on lookup."""
 
@@ -73,10 +80,7 @@ class Int8Embedding(nn.Module):
 
     @classmethod
     def from_float(cls, embedding: nn.Embedding) -> Int8Embedding:
-        w = embedding.weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scale)
+        return cls(*_int8_rows(embedding.weight))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight_int8).float() * self.weight_scale[ids].unsqueeze(-1)
@@ -101,10 +105,7 @@ class Int8TokenLinear(nn.Module):
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Int8TokenLinear:
-        w = linear.weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scale, linear.bias)
+        return cls(*_int8_rows(linear.weight), linear.bias)
 
     @property
     def weight_int8(self) -> torch.Tensor:
