@@ -140,8 +140,8 @@ def rate_rows(title: str, rates: dict) -> list[str]:
     return lines
 
 
-def setup(tmp: Path, env: dict) -> tuple[Path, Path, Path]:
-    """The full-size checkpoint (random weights, real tokenizer) and two registries."""
+def setup_full(tmp: Path) -> Path:
+    """The full-size checkpoint: DistilBertConfig() with random weights, the real tokenizer."""
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
 
     torch.manual_seed(0)
@@ -152,6 +152,12 @@ def setup(tmp: Path, env: dict) -> tuple[Path, Path, Path]:
     }
     DistilBertForSequenceClassification(DistilBertConfig(**labels)).save_pretrained(full)
     AutoTokenizer.from_pretrained(SHARED_MODEL).save_pretrained(full)
+    return full
+
+
+def setup(tmp: Path, env: dict) -> tuple[Path, Path, Path]:
+    """The full-size checkpoint and two registries."""
+    full = setup_full(tmp)
     # Random weights make agreement meaningless, so the gate is opened for this one.
     open_gate = ["--recipe", "dynamic-int8-pc", "--min-agreement", "0", "--max-accuracy-drop", "1"]
     quantize_into(tmp / "reg-full", full, *open_gate, env=env)

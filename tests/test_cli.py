@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from distilq.registry import Registry
@@ -157,3 +159,38 @@ def test_models_list_promote_rollback(registry_with_two):
     assert done.returncode == 0 and Registry(registry).alias() == second
     last = Registry(registry).history()[-1]
     assert last["reason"] == "fixed" and "models promote" in last["command"]
+
+
+NOTHING_TO_DO = """
+import json, sys
+from distilq.cli import main
+quantize, score = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+codes = [main(quantize), main(score)]
+print(json.dumps({"codes": codes, "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.slow
+def test_a_run_with_nothing_to_do_loads_no_model(tmp_path, tiny_checkpoint, tiny_validation):
+    """Reusing a version and re-running a complete output import no torch at all, so no
+    model is loaded; the Prefect runs are still made."""
+    home, registry = tmp_path / "home", tmp_path / "reg"
+    args = quantize(tiny_checkpoint, tiny_validation, registry, "--recipe", "dynamic-int8-pc")
+    args += ["--min-agreement", "0.9", "--max-accuracy-drop", "1"]
+    texts = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"text": ["a fine film", "dull"]}), texts)
+    score = ["score", "--input", str(texts), "--output", str(tmp_path / "out")]
+    score += ["--registry", str(registry)]
+    for first in (args, score):
+        done = run(*first, prefect_home=home)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(home)
+    again = [sys.executable, "-c", NOTHING_TO_DO, json.dumps(args), json.dumps(score)]
+    done = subprocess.run(again, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {"codes": [0, 0], "torch": False}
+    assert "unchanged inputs, reusing" in done.stdout
+    assert "resuming: 1 shard(s) already done, 0 to go" in done.stderr
+    assert "Finished in state Completed()" in done.stderr  # both flows still ran

@@ -55,7 +55,7 @@ def test_output_equal_to_input_is_refused_and_nothing_is_touched(registry, tmp_p
     done = run(*args, "--overwrite", prefect_home=tmp_path / "home")
     assert done.returncode == 2, done.stderr
     assert "overlaps the input directory" in done.stderr
-    assert "Starting temporary server" not in done.stderr  # refused before any start-up
+    assert "temporary Prefect API" not in done.stderr  # refused before any flow run
     assert sorted(p.name for p in data.iterdir()) == ["good.parquet", "notes.txt"]
 
 

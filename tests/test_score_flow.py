@@ -127,8 +127,9 @@ def test_cli_scores_then_resumes_byte_identical(registry, dataset, tmp_path):
     args = score_args(dataset, tmp_path / "out", registry)
     first = run(*args, "--json", "--id-column", "review_id", prefect_home=tmp_path / "home")
     assert first.returncode == 0, first.stderr[-3000:]
-    # The API is started early, beside the imports; the flow must reuse it, not start another.
-    assert first.stderr.count("Starting temporary server") == 1
+    # distilq starts the temporary API early, beside the imports; Prefect starts no other.
+    assert first.stderr.count("temporary Prefect API on") == 1
+    assert "Starting temporary server" not in first.stderr
     summary = json.loads(first.stdout)
     assert summary["rows_written"] == 480 and summary["labels"] and summary["mean_score"] > 0.5
     before = outputs(tmp_path / "out")
@@ -149,7 +150,7 @@ def test_cli_bad_input_exits_2(registry, dataset, tmp_path):
     base = score_args(dataset, tmp_path / "out", registry)
     done = run(*base, "--text-column", "body", prefect_home=tmp_path / "home")
     assert done.returncode == 2 and "no text column 'body'" in done.stderr
-    assert "Starting temporary server" not in done.stderr  # refused before any start-up
+    assert "temporary Prefect API" not in done.stderr  # refused before any flow run
     done = run(*base, "--model", "19990101T000000000Z-deadbeef", prefect_home=tmp_path / "home")
     assert done.returncode == 2 and "no version or alias" in done.stderr
     done = run(*base, "--workers", "2")

@@ -10,9 +10,9 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distilq.attest import write_selfcheck
-from distilq.autoquant import Candidate
 from distilq.checkpoint import Checkpoint, sha256_file
 from distilq.config import BatchingPolicy, GateThresholds
 from distilq.hardware import platform_record
@@ -26,10 +26,12 @@ from distilq.manifest import (
     VersionMetrics,
 )
 from distilq.metrics import Metrics
-from distilq.quantization import save_int8
 from distilq.recipes import Recipe
 from distilq.report import render_report
 from distilq.validation import SPLIT_RULE, Predictions, ValidationSet
+
+if TYPE_CHECKING:
+    from distilq.autoquant import Candidate  # imports torch
 
 STAGING_PREFIX = "distilq-stage-"
 
@@ -159,6 +161,8 @@ def stage_version(
     candidate = gated.candidate
     candidate.model.config.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    from distilq.quantization import save_int8  # torch: only once there is a model to save
+
     weights = save_int8(candidate.model, candidate.recipe, model_dir)
     write_selfcheck(staging, gated.confirmation, gated.fp32.labels, gated.int8.probs)
     now = datetime.now(UTC)

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import os
+import socket
+import subprocess
 import sys
 import threading
+import time
 import types
 import typing
 from collections.abc import Iterator
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -26,6 +31,7 @@ from distilq.errors import DistilqError, GateRejected, InputError, IntegrityErro
 from distilq.recipes import recipes_help
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
+log = logging.getLogger("distilq")
 
 QUANTIZE_HELP = f"""\
 Quantize a sentiment classifier to INT8, measure its agreement with FP32 on a validation
@@ -186,14 +192,13 @@ def _print_json(data) -> None:
     sys.stdout.write("\n")
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
+def cmd_quantize(args: argparse.Namespace, api: EphemeralApi) -> int:
     """Run the flow; map its outcome to an exit code."""
     config = _config(QuantizeConfig, args)
-    api_start = _start_prefect_api_early()
     from flows.quantize_and_promote import quantize_and_promote
 
     _console_tracebacks(args.verbose)
-    with _ephemeral_api(api_start):
+    with api.serving():
         try:
             result, rejected = quantize_and_promote(config), None
         except GateRejected as e:
@@ -249,23 +254,24 @@ def _agreement_line(figures, confidence: float | None) -> str:
     )
 
 
-def cmd_score(args: argparse.Namespace) -> int:
+def cmd_score(args: argparse.Namespace, api: EphemeralApi) -> int:
     """Run the scoring flow; print its summary."""
     from distilq.pipelines import preflight
 
     config = _config(ScoreConfig, args)
-    version = preflight(config)  # seconds, instead of after the Prefect API has started
-    api_start = _start_prefect_api_early()
-    from distilq.classifier import load_cached
+    version, pending = preflight(config)  # seconds, and before any engine starts
     from distilq.errors import ScoringFailed
     from flows.score_parquet import score_parquet
 
     _console_tracebacks(args.verbose)
-    # Load the model while the API starts (the local runner's tasks reuse it), and refuse,
-    # exit 3, a version that fails its self-check on this machine before any file is scored.
-    classifier = load_cached(config.registry, version, config.allow_unattested)
-    print(f"model {version}: {classifier.attestation}", file=sys.stderr)
-    with _ephemeral_api(api_start):
+    if pending:
+        # Load the model while the API starts (the local runner's tasks reuse it), and
+        # refuse, exit 3, a version that fails its self-check here before any file is scored.
+        from distilq.classifier import load_cached
+
+        classifier = load_cached(config.registry, version, config.allow_unattested)
+        print(f"model {version}: {classifier.attestation}", file=sys.stderr)
+    with api.serving():
         try:
             summary, failed = score_parquet(config), None
         except ScoringFailed as e:
@@ -465,65 +471,143 @@ def _console_tracebacks(show: bool) -> None:
             handler.setFormatter(_WithoutTraceback(handler.formatter))
 
 
-def _start_prefect_api_early() -> threading.Thread | None:
-    """Start the ephemeral Prefect API in the background, when the flow will need one.
+class EphemeralApi:
+    """Prefect's temporary local API server for one `distilq` run, started before anything
+    else so that its start-up (several seconds of its own CPU) overlaps the run's imports,
+    checks and model load.
 
-    Prefect starts it (a server subprocess, 10 s or more) only when the flow begins, after
-    torch and Prefect are imported; started now, the two overlap. The flow then finds the
-    same server running (Prefect keeps one per process) and starts nothing twice. A reaper
-    stops the server if this process dies without stopping it (SIGKILL).
+    It is the server Prefect would start (the same `uvicorn` command and environment), but
+    launched without importing `prefect.server` here (2.5 s of the run's own CPU) and only
+    when the user has named no API: with PREFECT_API_URL in the environment nothing starts,
+    and one named in a Prefect profile wins over this server, which is then stopped. A
+    thread waits for it to answer and warms it up (its first queries are slow) while the run
+    goes on. A reaper stops the server if this process dies without stopping it (SIGKILL).
     """
-    from prefect.settings import get_current_settings
 
-    settings = get_current_settings()
-    if settings.api.url or not settings.server.ephemeral.enabled:
-        return None  # a running server is named: use it
+    APP = "prefect.server.api.server:create_app"
+    PORT_IN_USE = 3  # uvicorn's exit code when it cannot bind
+    STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
-    from distilq.reaper import Reaper
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.url: str | None = None
+        self._ready: threading.Thread | None = None
+        self._problem: str | None = None  # why the server never answered
+        self._reaper = None
 
-    reaper = Reaper()
+    def start(self) -> None:
+        """Launch the server unless an API is named in the environment; do not wait."""
+        if os.environ.get("PREFECT_API_URL"):
+            return
+        self._launch()
+        self._ready = threading.Thread(target=self._wait_ready, name="prefect-api", daemon=True)
+        self._ready.start()
 
-    def start() -> None:
-        from prefect.server.api.server import SubprocessASGIServer
+    def _launch(self) -> None:
+        from distilq.reaper import Reaper
 
-        class GuardedServer(SubprocessASGIServer):
-            # Prefect's one launch point of the uvicorn process (also on a port retry).
-            def _run_uvicorn_command(self):
-                process = super()._run_uvicorn_command()
-                reaper.guard(process.pid, "prefect.server.api.server:create_app")
-                return process
+        self._reaper = self._reaper or Reaper()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        prefect_dir = importlib.util.find_spec("prefect").submodule_search_locations[0]
+        # What Prefect's SubprocessASGIServer runs (no UI, an ephemeral server's services),
+        # less block-type registration: a third of the server's start-up, checked at every
+        # start, for block types that only a UI or a long-lived server's users look up.
+        env = {
+            **os.environ,
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+            "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
+            "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect_dir).parent),
+             "--factory", self.APP, "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "error", "--lifespan", "on"],
+            env=env,
+        )  # fmt: skip
+        self._reaper.guard(self.process.pid, self.APP)
+        self.url = f"http://127.0.0.1:{port}/api"
 
+    def _wait_ready(self) -> None:
+        """Until the server answers (relaunched on another port if its port was taken),
+        then the queries a flow run's start makes, so that they find it warm."""
+        import httpx
+
+        timeout = float(os.environ.get(self.STARTUP_TIMEOUT, "20"))
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=timeout) as client:
+            while time.monotonic() < deadline:
+                code = self.process.poll()
+                if code == self.PORT_IN_USE:  # another process took the port meanwhile
+                    self._launch()
+                elif code is not None:
+                    self._problem = f"exited with code {code} before answering (see above)"
+                    return
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get(f"{self.url}/health").status_code == 200:
+                        with contextlib.suppress(httpx.HTTPError):
+                            client.get(f"{self.url}/admin/version")
+                            client.post(f"{self.url}/flows/filter", json={"limit": 1})
+                            client.post(f"{self.url}/flow_runs/filter", json={"limit": 1})
+                        return
+                time.sleep(0.05)
+        self._problem = f"did not answer within {timeout:.0f} s ({self.STARTUP_TIMEOUT})"
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Around a flow run: point Prefect at this server once it answers (unless the user
+        named another API), deliver the run's last logs and events, then stop the server,
+        so that its closing lines come before distilq's own last line."""
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+            PREFECT_UI_URL,
+            get_current_settings,
+            temporary_settings,
+        )
+
+        if self.process is None or get_current_settings().api.url:
+            self.stop()
+            yield
+            return
+        self._ready.join()
+        if self._problem:
+            self.stop()
+            raise DistilqError(f"the temporary Prefect API server {self._problem}")
+        log.info("temporary Prefect API on %s (PREFECT_API_URL names a lasting one)", self.url)
+        # No "View at" links (this server has no UI) and no heartbeats (they tell a lasting
+        # server that a run died; this one dies with the run).
+        updates = {
+            PREFECT_API_URL: self.url,
+            PREFECT_UI_URL: "",
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+        }
+        os.environ["PREFECT_API_URL"] = self.url  # for worker processes this run starts
         try:
-            GuardedServer().start()
-        except Exception:  # noqa: BLE001  the flow's own start then reports it
-            pass
+            with temporary_settings(updates=updates):
+                yield
+                from prefect.events.worker import EventsWorker
+                from prefect.logging.handlers import APILogWorker
 
-    thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)
-    thread.start()
-    return thread
+                APILogWorker.drain_all(timeout=30)
+                EventsWorker.drain_all(timeout=30)
+        finally:
+            del os.environ["PREFECT_API_URL"]
+            self.stop()
 
-
-@contextlib.contextmanager
-def _ephemeral_api(api_start: threading.Thread | None) -> Iterator[None]:
-    """Around a flow run: wait for the early API start (until it is done, the server may
-    not answer), and stop the server after the run, so that its closing log line comes
-    before distilq's own last line rather than after it."""
-    if api_start is None:
-        yield
-        return
-    api_start.join()
-    try:
-        yield
-    finally:
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-        from prefect.server.api.server import SubprocessASGIServer
-
-        # What Prefect does at exit, done now: deliver the run's last logs and events,
-        # then stop the server it keeps for this process.
-        APILogWorker.drain_all(timeout=30)
-        EventsWorker.drain_all(timeout=30)
-        SubprocessASGIServer().stop()
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -533,11 +617,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_prefect_defaults()  # before prefect is imported
     configure_logging()
+    api = EphemeralApi()
     try:
         if args.command == "quantize":
-            return cmd_quantize(args)
+            api.start()  # first: its start-up overlaps all that follows
+            return cmd_quantize(args, api)
         if args.command == "score":
-            return cmd_score(args)
+            api.start()
+            return cmd_score(args, api)
         return cmd_models(args)
     except InputError as e:
         print(f"distilq: error: {e}", file=sys.stderr)
@@ -553,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
         # interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    finally:
+        api.stop()
 
 
 if __name__ == "__main__":

@@ -118,13 +118,7 @@ def prepare_output(
     manifest = OutputManifest(output_dir)
     existing = manifest.load()
     files = manifest.store.list()
-    _refuse_foreign_files(output_dir, files, existing, plan)
-    problems = _conflicts(existing, plan, model_version, settings)
-    if problems and not overwrite:
-        raise InputError(
-            f"output {output_dir}: {'; '.join(problems)}. Use another --output, or --overwrite "
-            "to replace distilq's results there"
-        )
+    problems = _check_output(output_dir, files, existing, plan, model_version, settings, overwrite)
     store = manifest.store
     store.makedirs()
     for name in files:
@@ -138,6 +132,43 @@ def prepare_output(
     )
     manifest.save()
     return manifest, [s for s in plan.shards if s.output not in manifest.record.shards]
+
+
+def pending_shards(
+    output_dir: str, plan: Plan, model_version: str, settings: dict, overwrite: bool
+) -> list[Shard]:
+    """The shards a run would score, read without changing anything: those this model has
+    not scored into the output yet with these inputs and settings (all of them if the output
+    holds anything else and `overwrite`). Refuses what `prepare_output` refuses."""
+    manifest = OutputManifest(output_dir)
+    existing = manifest.load()
+    files = manifest.store.list()
+    problems = _check_output(output_dir, files, existing, plan, model_version, settings, overwrite)
+    if problems or overwrite or existing is None:
+        return list(plan.shards)
+    done = {k for k in existing.shards if manifest.store.exists(k)}
+    return [s for s in plan.shards if s.output not in done]
+
+
+def _check_output(
+    output_dir: str,
+    files: list[str],
+    existing: OutputRecord | None,
+    plan: Plan,
+    model_version: str,
+    settings: dict,
+    overwrite: bool,
+) -> list[str]:
+    """Refuse an output this run must not write to; return why its results cannot be
+    resumed (to be replaced: `overwrite` is set)."""
+    _refuse_foreign_files(output_dir, files, existing, plan)
+    problems = _conflicts(existing, plan, model_version, settings)
+    if problems and not overwrite:
+        raise InputError(
+            f"output {output_dir}: {'; '.join(problems)}. Use another --output, or --overwrite "
+            "to replace distilq's results there"
+        )
+    return problems
 
 
 def _refuse_foreign_files(

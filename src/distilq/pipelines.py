@@ -23,12 +23,12 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from distilq import artifact, attest, autoquant, checkpoint, gate, validation
+from distilq import artifact, attest, checkpoint, gate, validation
 from distilq.config import QuantizeConfig, ScoreConfig
 from distilq.errors import GateRejected, ScoringFailed
 from distilq.inputs import Plan, Shard, plan_shards
 from distilq.manifest import Decision, ScoreSummary, VersionManifest
-from distilq.output import OutputManifest, output_lock, prepare_output
+from distilq.output import OutputManifest, output_lock, pending_shards, prepare_output
 from distilq.recipes import get_recipe
 from distilq.registry import Registry
 from distilq.scoring import ScoreOptions, ShardStats, options_for, score_shard
@@ -248,6 +248,8 @@ def predict_fp32(model, tokenizer, data: validation.ValidationSet, config: Quant
 def quantize(model, tokenizer, tuning, fp32, confirmation, config: QuantizeConfig):
     """Quantize by the recipe (a fallback recipe keeps the most sensitive layers FP32,
     chosen on the tuning part only)."""
+    from distilq import autoquant  # torch: imported only by a run that quantizes
+
     target = autoquant.target_agreement(confirmation, config.thresholds, config.margin)
     candidate = autoquant.quantize_for_gate(
         model, tokenizer, config.recipe, tuning, fp32, config.batching, target
@@ -347,13 +349,15 @@ def score_dataset(config: ScoreConfig, run: Runner | None = None) -> ScoreSummar
     return summary
 
 
-def preflight(config: ScoreConfig) -> str:
+def preflight(config: ScoreConfig) -> tuple[str, int]:
     """The checks of `score_dataset` that need no engine: unknown model, a --max-length the
     model cannot take, missing paths or columns, an output that overlaps the inputs or
-    cannot be made. Returns the model version `config.model` names now."""
+    cannot be made. Returns the model version `config.model` names now and the number of
+    shards left to score (0: the output is complete, no model is needed)."""
     version, options = resolve_model(config)
-    plan_inputs(config, options)
-    return version
+    plan = plan_inputs(config, options)
+    todo = pending_shards(config.output, plan, version, options.model_dump(), config.overwrite)
+    return version, len(todo)
 
 
 # The steps of score_dataset, in order.

@@ -12,7 +12,6 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from distilq.config import BatchingPolicy
 from distilq.errors import InputError, SourceUnavailable
@@ -330,6 +329,8 @@ def predict(
 
     `lengths` (from `token_lengths`) saves tokenizing twice when the caller has them.
     """
+    import torch  # here: loading and splitting validation data needs no torch
+
     batches = batch_order(lengths or token_lengths(tokenizer, texts), policy)
     n_classes = model.config.num_labels
     probs = np.zeros((len(texts), n_classes), dtype=np.float32)
