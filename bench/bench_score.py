@@ -285,7 +285,7 @@ def score_rate(inputs: Path, output: Path, registry: Path, env: dict, *flags: st
     API start-up: a deployment or a long-lived worker does not pay those per run)."""
     _, _, out = run_measured(score_cmd(inputs, output, registry, "--json", *flags), env)
     summary = json.loads(out)
-    return summary["rows_written"] / summary["seconds"]
+    return summary["rows_scored"] / summary["seconds"]
 
 
 def section_dask(tmp, env, full, reg_full, reg_real, sst2_dev, imdb) -> list[str]:

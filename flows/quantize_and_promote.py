@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from distilq import pipelines
 from distilq.config import QuantizeConfig
@@ -12,7 +13,14 @@ from tasks.runner import PrefectRunner
 __all__ = ["QuantizeResult", "quantize_and_promote"]
 
 
-@flow(name="quantize_and_promote")
+def run_name() -> str:
+    """`quantize <source>[@<revision>] <recipe>`: what ran, in the runs list."""
+    config = QuantizeConfig.model_validate(flow_run.parameters.get("config") or {})
+    revision = f"@{config.revision}" if config.revision else ""
+    return f"quantize {config.source}{revision} {config.recipe}"
+
+
+@flow(name="quantize_and_promote", flow_run_name=run_name)
 def quantize_and_promote(config: QuantizeConfig | None = None) -> QuantizeResult:
     """Quantize a checkpoint to INT8, validate it against FP32, publish it, and promote it
     to `production` only if the gate approved it. A failed gate fails the run."""

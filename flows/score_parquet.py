@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from distilq import pipelines
 from distilq.config import ScoreConfig
@@ -10,7 +11,13 @@ from distilq.manifest import ScoreSummary
 from tasks.runner import PrefectRunner, task_runner_for
 
 
-@flow(name="score_parquet")
+def run_name() -> str:
+    """`score <inputs> -> <output>`: what ran, in the runs list."""
+    config = ScoreConfig.model_validate(flow_run.parameters["config"])
+    return f"score {', '.join(config.inputs)} -> {config.output}"
+
+
+@flow(name="score_parquet", flow_run_name=run_name)
 def score_parquet(config: ScoreConfig) -> ScoreSummary:
     """Score Parquet files with the registry's model into `config.output`; files already
     scored by the same model from the same inputs are skipped. Fails, listing them, if any

@@ -9,7 +9,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.futures import as_completed
@@ -19,7 +24,8 @@ from distilq import report
 from distilq.config import ScoreConfig
 from distilq.errors import SourceUnavailable
 from distilq.manifest import ScoreSummary, VersionManifest
-from distilq.pipelines import Runner
+from distilq.output import OutputManifest
+from distilq.pipelines import Outcome, Runner
 from distilq.runtime import configure_logging
 
 PROMOTED_EVENT = "distilq.model.promoted"
@@ -88,10 +94,13 @@ def task_runner_for(config: ScoreConfig) -> TaskRunner:
 
 
 class PrefectRunner(Runner):
-    """Runs pipeline steps as Prefect tasks of the current flow run."""
+    """Runs pipeline steps as Prefect tasks of the current flow run, and shows what the run
+    did where a Prefect user looks: artifacts that lead with the outcome, a progress bar,
+    and tags on the flow run (promoted, rejected, reused, resumed, the recipe)."""
 
     def __init__(self, shard_runner: TaskRunner | None = None):
         self.shard_runner = shard_runner
+        self._progress_id = None
         log_to_run()
 
     def step(self, fn: Callable, *args: Any, retries: int = 0):
@@ -102,7 +111,10 @@ class PrefectRunner(Runner):
         names = list(inspect.signature(fn).parameters)
         with self.shard_runner or ThreadPoolTaskRunner(max_workers=1) as runner:
             futures = {
-                runner.submit(shard_task, dict(zip(names, (shard, *args), strict=True))): shard
+                runner.submit(
+                    shard_task.with_options(task_run_name=f"score {shard.output}"),
+                    dict(zip(names, (shard, *args), strict=True)),
+                ): shard
                 for shard in shards
             }
             for future in as_completed(list(futures)):
@@ -112,13 +124,19 @@ class PrefectRunner(Runner):
                     result = e
                 on_done(futures[future], result)
 
-    def staged(self, manifest: VersionManifest) -> None:
-        """The report and the metrics table, as Prefect artifacts."""
+    def decided(self, manifest: VersionManifest, outcome: Outcome) -> None:
+        """The report, outcome first, and the metrics table as artifacts; outcome tags."""
+        add_tags(outcome.tags)
+        if "reused" in outcome.tags:
+            where = f"{manifest.version} in the registry (its report.md)"
+            markdown = f"## {outcome.headline}\n\nNothing was quantized: the report is {where}."
+        else:
+            markdown = f"## {outcome.headline}\n\n{report.render_report(manifest)}"
         create_markdown_artifact(
-            key="quantize-report",
-            markdown=report.render_report(manifest),
-            description=f"distilq candidate {manifest.version}",
+            key="quantize-report", markdown=markdown, description=outcome.headline
         )
+        if "reused" in outcome.tags:
+            return
         rows = report.metrics_table(manifest)
         create_table_artifact(
             key="quantize-metrics",
@@ -129,12 +147,43 @@ class PrefectRunner(Runner):
     def promoted(self, version: str, registry: str, entry: dict) -> None:
         emit_promoted(version, registry, entry)
 
-    def scored(self, summary: ScoreSummary, config: ScoreConfig) -> None:
+    def progress(self, done_rows: int, total_rows: int) -> None:
+        """A progress artifact, made at the start and moved as shards finish."""
+        percent = 100.0 * done_rows / total_rows if total_rows else 100.0
+        description = f"{done_rows:,} of {total_rows:,} rows to score in this run"
+        if self._progress_id is None:
+            self._progress_id = create_progress_artifact(
+                percent, key="score-progress", description=description
+            )
+        else:
+            update_progress_artifact(self._progress_id, percent, description=description)
+
+    def scored(self, summary: ScoreSummary, manifest: OutputManifest) -> None:
+        """The summary in words and a table per output file; `resumed` if shards were
+        already done."""
+        if summary.files_skipped:
+            add_tags(["resumed"])
+        line = report.score_summary_line(summary)
+        failed = [f"- {uri}: {why}" for uri, why in summary.failed.items()]
+        markdown = "\n".join([f"## {line}", "", *(["Failed:", "", *failed] if failed else [])])
+        create_markdown_artifact(key="score-summary", markdown=markdown, description=line)
         create_table_artifact(
-            key="score-summary",
-            table=[{"metric": k, "value": str(v)} for k, v in summary.model_dump().items()],
-            description=f"scoring {', '.join(config.inputs)} with {summary.model_version}",
+            key="score-files",
+            table=report.score_files_table(manifest.record),
+            description=f"{summary.files} file(s) in {summary.output}",
         )
+
+
+def add_tags(tags: list[str]) -> None:
+    """Add `tags` to the current flow run (they filter the runs list in the UI)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if flow_run.id is None:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(flow_run.id).tags
+        client.update_flow_run(flow_run.id, tags=sorted(set(current) | set(tags)))
 
 
 def emit_promoted(version: str, registry: str, entry: dict) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -27,21 +26,25 @@ def _config(checkpoint, validation, registry, **overrides) -> QuantizeConfig:
     return QuantizeConfig(**(values | overrides))
 
 
-def _artifact_keys() -> set[str]:
+def as_shown(state) -> tuple:
+    """A finished flow run as the Prefect server shows it: the run, and its artifacts by key."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    async def read():
-        async with get_client() as client:
-            return {a.key for a in await client.read_artifacts()}
-
-    return asyncio.run(read())
+    run_id = state.state_details.flow_run_id
+    only_this_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        artifacts = client.read_artifacts(artifact_filter=only_this_run)
+    return run, {a.key: a for a in artifacts}
 
 
 def test_passing_gate_publishes_and_promotes_then_rerun_is_reused(
     tiny_checkpoint, tiny_validation, tmp_path
 ):
     config = _config(tiny_checkpoint, tiny_validation, tmp_path / "reg")
-    result = quantize_and_promote(config)
+    state = quantize_and_promote(config, return_state=True)
+    result = state.result()
     assert result.approved and result.promoted and not result.reused
     registry = Registry(tmp_path / "reg")
     assert registry.alias() == result.version == registry.versions()[-1]
@@ -50,11 +53,25 @@ def test_passing_gate_publishes_and_promotes_then_rerun_is_reused(
         .read_text()
         .startswith(f"# distilq INT8 candidate {result.version}")
     )
-    assert {"quantize-report", "quantize-metrics"} <= _artifact_keys()
+    run, artifacts = as_shown(state)
+    assert run.name == f"quantize {tiny_checkpoint} dynamic-int8-pc"
+    assert run.tags == ["dynamic-int8-pc", "promoted"]
+    headline = f"APPROVED and promoted: production none -> {result.version}"
+    assert artifacts["quantize-report"].description.startswith(headline)
+    assert artifacts["quantize-report"].data.startswith(f"## {headline}")
+    assert "quantize-metrics" in artifacts
 
-    again = quantize_and_promote(config)
+    state = quantize_and_promote(config, return_state=True)
+    again = state.result()
     assert again.reused and again.version == result.version
     assert len(registry.versions()) == 1
+    run, artifacts = as_shown(state)
+    assert run.tags == ["approved", "dynamic-int8-pc", "reused"]
+    assert artifacts["quantize-report"].description.startswith(
+        f"Unchanged inputs, {result.version} reused. APPROVED {result.version}: production "
+        "already holds it or a newer version; production unchanged."
+    )
+    assert "quantize-metrics" not in artifacts  # nothing was measured again
 
 
 def test_failed_gate_fails_the_run_keeps_the_candidate_and_production(
@@ -73,6 +90,11 @@ def test_failed_gate_fails_the_run_keeps_the_candidate_and_production(
     assert version in registry.versions()
     assert registry.manifest(version).decision.approved is False
     assert registry.alias() == good.version
+    run, artifacts = as_shown(state)
+    assert run.tags == ["dynamic-int8-pc", "rejected"]
+    headline = f"REJECTED {version}: kept in the registry with its report; production unchanged."
+    assert artifacts["quantize-report"].description.startswith(headline)
+    assert "agreement lower bound" in artifacts["quantize-report"].description
 
 
 def test_dry_run_publishes_nothing(tiny_checkpoint, tiny_validation, tmp_path):

@@ -196,3 +196,34 @@ def test_sigkill_half_way_then_resume_equals_an_uninterrupted_run(registry, tmp_
     assert sorted(p.name for p in out.iterdir()) == ["_manifest.json"] + [
         f"p{i}.parquet" for i in range(8)
     ]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_ui_shows_what_ran_progress_and_a_resume(registry, dataset, tmp_path):
+    from tests.test_flow import as_shown
+
+    out = tmp_path / "out"
+    config = ScoreConfig(inputs=[str(dataset)], output=str(out), registry=str(registry))
+    state = score_parquet(config, return_state=True)
+    summary = state.result()
+    run, artifacts = as_shown(state)
+    assert run.name == f"score {dataset} -> {out}" and run.tags == []
+    assert artifacts["score-progress"].data == 100.0
+    line = artifacts["score-summary"].description
+    assert line.startswith("scored 480 rows in 4 file(s) in ")
+    assert "skipped" not in line and f"mean score {summary.mean_score:.4f};" in line
+    files = json.loads(artifacts["score-files"].data)
+    assert [f["file"] for f in files] == [f"f{i}.parquet" for i in range(4)]
+    assert sum(f["rows"] for f in files) == 480
+
+    (out / "f2.parquet").unlink()  # lost: the resume scores it again, and only it
+    state = score_parquet(config, return_state=True)
+    again = state.result()
+    assert (again.files_scored, again.rows_scored) == (1, 120)
+    assert (again.files_skipped, again.rows_skipped) == (3, 360)
+    run, artifacts = as_shown(state)
+    assert run.tags == ["resumed"]
+    assert (
+        artifacts["score-summary"].description.startswith("scored 120 rows in 1 file(s) in ")
+        and "skipped 3 file(s) already done (360 rows)" in artifacts["score-summary"].description
+    )

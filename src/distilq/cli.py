@@ -281,16 +281,9 @@ def cmd_score(args: argparse.Namespace, api: EphemeralApi) -> int:
     if args.json:
         _print_json(summary.model_dump())
     else:
-        rows_s = summary.rows_written / summary.seconds if summary.seconds else 0
-        print(
-            f"scored {summary.rows_written} rows in {summary.files} file(s) with "
-            f"{summary.model_version} -> {summary.output}"
-        )
-        print(
-            f"  labels {summary.labels}, {summary.rows_error} row(s) with errors, "
-            f"{summary.rows_truncated} truncated, "
-            f"{summary.seconds:.1f} s ({rows_s:.1f} rows/s)"
-        )
+        from distilq.report import score_summary_line
+
+        print(score_summary_line(summary))
     return EXIT_FAILED if failed is not None else EXIT_OK
 
 

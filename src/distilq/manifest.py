@@ -200,7 +200,8 @@ class ShardRecord(_Record):
 
 class ScoreSummary(BaseModel):
     """Totals over every shard in an output (this run's or before); `seconds` is the last
-    run's wall time."""
+    run's wall time, and the `*_scored` / `*_skipped` counts say what the last run did:
+    shards it scored, and shards it found already done (a resume)."""
 
     model_version: str
     output: str
@@ -213,6 +214,10 @@ class ScoreSummary(BaseModel):
     labels: dict[str, int]
     mean_score: float | None
     seconds: float
+    files_scored: int = 0
+    rows_scored: int = 0
+    files_skipped: int = 0
+    rows_skipped: int = 0
 
 
 class OutputRecord(_Record):

@@ -73,14 +73,17 @@ class OutputManifest:
         self.record.failed[name] = error
         self.save()
 
-    def finalize(self, seconds: float) -> ScoreSummary:
+    def finalize(self, seconds: float, this_run: set[str]) -> ScoreSummary:
         """Totals over every shard scored into this output (this run or before), also saved
-        as `summary`; `seconds` is this run's wall time."""
+        as `summary`; `seconds` is this run's wall time, `this_run` the shards (by output
+        name) it set out to score: the others were skipped, already done."""
         shards = self.record.shards.values()
+        scored = [s for name, s in self.record.shards.items() if name in this_run]
+        skipped = [s for name, s in self.record.shards.items() if name not in this_run]
         labels: Counter[str] = Counter()
         for s in shards:
             labels.update(s.labels)
-        scored = sum(labels.values())
+        labelled = sum(labels.values())
         summary = ScoreSummary(
             model_version=self.record.model_version,
             output=self.output_dir,
@@ -91,8 +94,12 @@ class OutputManifest:
             rows_error=sum(s.rows_error for s in shards),
             rows_truncated=sum(s.rows_truncated for s in shards),
             labels=dict(sorted(labels.items())),
-            mean_score=(sum(s.score_sum for s in shards) / scored) if scored else None,
+            mean_score=(sum(s.score_sum for s in shards) / labelled) if labelled else None,
             seconds=round(seconds, 3),
+            files_scored=len(scored),
+            rows_scored=sum(s.rows_written for s in scored),
+            files_skipped=len(skipped),
+            rows_skipped=sum(s.rows_written for s in skipped),
         )
         self.record.summary = summary
         self.save()

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from distilq import artifact, attest, checkpoint, gate, validation
+from distilq import artifact, attest, checkpoint, gate, report, validation
 from distilq.config import QuantizeConfig, ScoreConfig
 from distilq.errors import GateRejected, ScoringFailed
 from distilq.inputs import Plan, Shard, plan_shards
@@ -64,14 +64,24 @@ class Runner:
                 result = e
             on_done(shard, result)
 
-    def staged(self, manifest: VersionManifest) -> None:
-        """A candidate is staged and judged: its report can be shown."""
+    def decided(self, manifest: VersionManifest, outcome: Outcome) -> None:
+        """A quantize run knows its outcome (published, promoted, rejected or reused)."""
 
     def promoted(self, version: str, registry: str, entry: dict) -> None:
         """`production` moved to `version`."""
 
-    def scored(self, summary: ScoreSummary, config: ScoreConfig) -> None:
+    def progress(self, done_rows: int, total_rows: int) -> None:
+        """Rows scored so far by this run, of `total_rows`; called as shards finish."""
+
+    def scored(self, summary: ScoreSummary, manifest: OutputManifest) -> None:
         """A scoring run is done (some files may have failed)."""
+
+
+class Outcome(BaseModel):
+    """How a quantize run ended, said first wherever the run is shown."""
+
+    tags: list[str]  # promoted | approved | rejected | reused | dry-run, and the recipe
+    headline: str  # one sentence: the decision, and what happened to production
 
 
 # -- quantize_and_promote --------------------------------------------------------------------
@@ -113,14 +123,14 @@ def quantize_and_promote(config: QuantizeConfig, run: Runner | None = None) -> Q
     staging = artifact.staging_dir()
     try:
         manifest = run.step(stage, staging, gated, tokenizer, found, data, config, key)
-        run.staged(manifest)
         if config.dry_run:
             report = artifact.keep_report(staging, manifest)
+            run.decided(manifest, outcome(manifest, gated.decision, config))
             return _result(manifest, config, gated.decision, None, str(report))
         run.step(publish, staging, manifest, config, retries=2)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # published, reported, or failed for good
-    _raise_if_rejected(manifest, gated.decision, config)
+    _raise_if_rejected(manifest, gated.decision, config, run)
     return _promote(manifest, config, run, gated.decision, reused=False)
 
 
@@ -131,8 +141,9 @@ def _finish_existing(
     after publishing an approved version had not promoted it yet."""
     log.info("unchanged inputs: %s already holds this result, nothing to do", existing.version)
     decision = gate.decide_manifest(existing)
-    _raise_if_rejected(existing, decision, config)
+    _raise_if_rejected(existing, decision, config, run, reused=True)
     if config.dry_run:
+        run.decided(existing, outcome(existing, decision, config, reused=True))
         where = _location(config, existing)
         return _result(existing, config, decision, where, f"{where}/report.md", reused=True)
     return _promote(existing, config, run, decision, reused=True)
@@ -148,21 +159,58 @@ def _promote(
     entry = run.step(promote, manifest.version, config)
     if entry is not None:
         run.promoted(manifest.version, config.registry, entry)
+    run.decided(manifest, outcome(manifest, decision, config, reused, entry))
     where = _location(config, manifest)
     return _result(
         manifest, config, decision, where, f"{where}/report.md", reused, entry is not None
     )
 
 
-def _raise_if_rejected(manifest: VersionManifest, decision: Decision, config: QuantizeConfig):
+def _raise_if_rejected(
+    manifest: VersionManifest,
+    decision: Decision,
+    config: QuantizeConfig,
+    run: Runner,
+    reused: bool = False,
+):
     """A published candidate the gate rejected fails the run (CLI exit 3)."""
     if config.dry_run or decision.approved:
         return
+    run.decided(manifest, outcome(manifest, decision, config, reused))
     raise GateRejected(
         f"gate rejected {manifest.version}: {'; '.join(decision.reasons)}. It is kept in "
         f"{config.registry} with its report; production is unchanged.",
         manifest,
     )
+
+
+def outcome(
+    manifest: VersionManifest,
+    decision: Decision,
+    config: QuantizeConfig,
+    reused: bool = False,
+    promotion: dict | None = None,
+) -> Outcome:
+    """The run's outcome in one sentence, decision first, and its tags."""
+    verdict = "APPROVED" if decision.approved else "REJECTED"
+    version = manifest.version
+    if config.dry_run:
+        tags, said = ["dry-run"], f"Dry run, gate {verdict} {version}: nothing published"
+    elif not decision.approved:
+        tags, said = ["rejected"], f"{verdict} {version}: kept in the registry with its report"
+    elif promotion is not None:
+        tags = ["promoted"]
+        said = f"{verdict} and promoted: production {promotion['from'] or 'none'} -> {version}"
+    else:
+        tags = ["approved"]
+        said = f"{verdict} {version}: production already holds it or a newer version"
+    if promotion is None:
+        said += "; production unchanged"
+    if reused:
+        tags.insert(0, "reused")
+        said = f"Unchanged inputs, {version} reused. {said}"
+    reasons = "; ".join(decision.reasons)
+    return Outcome(tags=[*tags, manifest.recipe.name], headline=f"{said}. Gate: {reasons}")
 
 
 def _location(config: QuantizeConfig, manifest: VersionManifest) -> str:
@@ -326,7 +374,9 @@ def score_dataset(config: ScoreConfig, run: Runner | None = None) -> ScoreSummar
         manifest, todo = run.step(prepare, config, plan, version, options)
         for uri, error in plan.unreadable.items():
             manifest.record_failure(uri, error)
-        bar = tqdm(total=sum(s.rows for s in todo), unit="rows", file=sys.stderr, desc="scoring")
+        total = sum(s.rows for s in todo)
+        bar = tqdm(total=total, unit="rows", file=sys.stderr, desc="scoring")
+        run.progress(0, total)
 
         def done(shard: Shard, result: ShardStats | BaseException) -> None:
             if isinstance(result, BaseException):
@@ -335,11 +385,14 @@ def score_dataset(config: ScoreConfig, run: Runner | None = None) -> ScoreSummar
             else:
                 manifest.record_shard(shard, result)
             bar.update(shard.rows)
+            run.progress(bar.n, total)
 
         run.map_shards(score_one_shard, todo, (config, version, options), done)
         bar.close()
-        summary = manifest.finalize(time.perf_counter() - start)
-    run.scored(summary, config)
+        this_run = {s.output for s in todo}
+        summary = manifest.finalize(time.perf_counter() - start, this_run)
+    log.info(report.score_summary_line(summary))
+    run.scored(summary, manifest)
     if summary.failed:
         raise ScoringFailed(
             f"{len(summary.failed)} input file(s) failed: "

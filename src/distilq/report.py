@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from distilq.manifest import FallbackRecord, RecipeRecord, VersionManifest, VersionMetrics
+from distilq.manifest import (
+    FallbackRecord,
+    OutputRecord,
+    RecipeRecord,
+    ScoreSummary,
+    VersionManifest,
+    VersionMetrics,
+)
 
 MIB = 2**20
 
@@ -212,3 +219,45 @@ def render_report(manifest: VersionManifest) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+# -- scoring ---------------------------------------------------------------------------------
+
+
+def labels_text(labels: dict[str, int]) -> str:
+    """`NEGATIVE 226, POSITIVE 274`."""
+    return ", ".join(f"{label} {n:,}" for label, n in labels.items()) or "none"
+
+
+def score_summary_line(summary: ScoreSummary) -> str:
+    """What a scoring run did, then what its output holds, in one line a person reads."""
+    s = summary
+    line = f"scored {s.rows_scored:,} rows in {s.files_scored} file(s) in {s.seconds:.1f} s"
+    if s.rows_scored and s.seconds:
+        line += f" ({s.rows_scored / s.seconds:,.1f} rows/s)"
+    if s.files_skipped:
+        line += f", skipped {s.files_skipped} file(s) already done ({s.rows_skipped:,} rows)"
+    if s.failed:
+        line += f", {len(s.failed)} file(s) FAILED"
+    mean = "n/a" if s.mean_score is None else f"{s.mean_score:.4f}"
+    return (
+        f"{line}. Output {s.output} holds {s.rows_written:,} rows from {s.files} file(s) "
+        f"scored by {s.model_version}: {labels_text(s.labels)}; mean score {mean}; "
+        f"{s.rows_error:,} row(s) with errors, {s.rows_truncated:,} truncated."
+    )
+
+
+def score_files_table(record: OutputRecord) -> list[dict]:
+    """One row per output file: rows, errors, truncated, seconds, labels."""
+    return [
+        {
+            "file": name,
+            "rows": shard.rows_written,
+            "errors": shard.rows_error,
+            "truncated": shard.rows_truncated,
+            "seconds": round(shard.seconds, 2),
+            "labels": labels_text(shard.labels),
+            "input": shard.input,
+        }
+        for name, shard in sorted(record.shards.items())
+    ]
