@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import inspect
 import logging
@@ -131,7 +132,11 @@ class PrefectRunner(Runner):
             where = f"{manifest.version} in the registry (its report.md)"
             markdown = f"## {outcome.headline}\n\nNothing was quantized: the report is {where}."
         else:
-            markdown = f"## {outcome.headline}\n\n{report.render_report(manifest)}"
+            # The UI cannot reach the registry's report.png: the chart goes in the artifact.
+            chart = outcome.chart_png and "data:image/png;base64," + base64.b64encode(
+                outcome.chart_png
+            ).decode("ascii")
+            markdown = f"## {outcome.headline}\n\n{report.render_report(manifest, chart)}"
         create_markdown_artifact(
             key="quantize-report", markdown=markdown, description=outcome.headline
         )

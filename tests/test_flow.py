@@ -53,7 +53,12 @@ def test_passing_gate_publishes_and_promotes_then_rerun_is_reused(
         .read_text()
         .startswith(f"# distilq INT8 candidate {result.version}")
     )
+    chart = tmp_path / "reg" / "versions" / result.version / "report.png"
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "report.png" in result.manifest.files
+    report = (chart.parent / "report.md").read_text()
+    assert "![agreement with FP32 and layer sensitivity](report.png)" in report
     run, artifacts = as_shown(state)
+    assert "](data:image/png;base64," in artifacts["quantize-report"].data  # the UI shows it
     assert run.name == f"quantize {tiny_checkpoint} dynamic-int8-pc"
     assert run.tags == ["dynamic-int8-pc", "promoted"]
     headline = f"APPROVED and promoted: production none -> {result.version}"

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from distilq import charts
 from distilq.attest import write_selfcheck
 from distilq.checkpoint import Checkpoint, sha256_file
 from distilq.config import BatchingPolicy, GateThresholds
@@ -60,7 +61,11 @@ def keep_report(staging: Path, manifest: VersionManifest) -> Path:
     """A dry run's report, copied out of its staging directory (which is removed) to the
     temporary directory, where the user reads it."""
     target = Path(tempfile.gettempdir()) / f"distilq-dry-run-{manifest.version}.md"
-    shutil.copyfile(staging / "report.md", target)
+    chart = None
+    if (staging / charts.CHART).exists():
+        chart = target.with_suffix(".png")
+        shutil.copyfile(staging / charts.CHART, chart)
+    target.write_text(render_report(manifest, chart and chart.name))
     return target
 
 
@@ -189,7 +194,11 @@ def stage_version(
         # Where the gate measured: INT8 predictions differ between CPUs.
         platform=platform_record(candidate.recipe.engine),
     )
-    (staging / "report.md").write_text(render_report(manifest))
+    chart = None
+    if charts.available():
+        charts.write_chart(manifest, staging / charts.CHART)
+        chart = charts.CHART
+    (staging / "report.md").write_text(render_report(manifest, chart))
     files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest.files = {str(p.relative_to(staging)): sha256_file(p) for p in files}
     return manifest

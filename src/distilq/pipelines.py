@@ -20,10 +20,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
-from distilq import artifact, attest, checkpoint, gate, report, validation
+from distilq import artifact, attest, charts, checkpoint, gate, report, validation
 from distilq.config import QuantizeConfig, ScoreConfig
 from distilq.errors import GateRejected, ScoringFailed
 from distilq.inputs import Plan, Shard, plan_shards
@@ -82,6 +82,7 @@ class Outcome(BaseModel):
 
     tags: list[str]  # promoted | approved | rejected | reused | dry-run, and the recipe
     headline: str  # one sentence: the decision, and what happened to production
+    chart_png: bytes | None = Field(None, repr=False)  # the report's chart, when one was drawn
 
 
 # -- quantize_and_promote --------------------------------------------------------------------
@@ -123,15 +124,17 @@ def quantize_and_promote(config: QuantizeConfig, run: Runner | None = None) -> Q
     staging = artifact.staging_dir()
     try:
         manifest = run.step(stage, staging, gated, tokenizer, found, data, config, key)
+        chart = staging / charts.CHART
+        chart_png = chart.read_bytes() if chart.exists() else None
         if config.dry_run:
             report = artifact.keep_report(staging, manifest)
-            run.decided(manifest, outcome(manifest, gated.decision, config))
+            run.decided(manifest, outcome(manifest, gated.decision, config, chart_png=chart_png))
             return _result(manifest, config, gated.decision, None, str(report))
         run.step(publish, staging, manifest, config, retries=2)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # published, reported, or failed for good
-    _raise_if_rejected(manifest, gated.decision, config, run)
-    return _promote(manifest, config, run, gated.decision, reused=False)
+    _raise_if_rejected(manifest, gated.decision, config, run, chart_png=chart_png)
+    return _promote(manifest, config, run, gated.decision, reused=False, chart_png=chart_png)
 
 
 def _finish_existing(
@@ -155,11 +158,12 @@ def _promote(
     run: Runner,
     decision: Decision,
     reused: bool,
+    chart_png: bytes | None = None,
 ) -> QuantizeResult:
     entry = run.step(promote, manifest.version, config)
     if entry is not None:
         run.promoted(manifest.version, config.registry, entry)
-    run.decided(manifest, outcome(manifest, decision, config, reused, entry))
+    run.decided(manifest, outcome(manifest, decision, config, reused, entry, chart_png))
     where = _location(config, manifest)
     return _result(
         manifest, config, decision, where, f"{where}/report.md", reused, entry is not None
@@ -172,11 +176,12 @@ def _raise_if_rejected(
     config: QuantizeConfig,
     run: Runner,
     reused: bool = False,
+    chart_png: bytes | None = None,
 ):
     """A published candidate the gate rejected fails the run (CLI exit 3)."""
     if config.dry_run or decision.approved:
         return
-    run.decided(manifest, outcome(manifest, decision, config, reused))
+    run.decided(manifest, outcome(manifest, decision, config, reused, chart_png=chart_png))
     raise GateRejected(
         f"gate rejected {manifest.version}: {'; '.join(decision.reasons)}. It is kept in "
         f"{config.registry} with its report; production is unchanged.",
@@ -190,6 +195,7 @@ def outcome(
     config: QuantizeConfig,
     reused: bool = False,
     promotion: dict | None = None,
+    chart_png: bytes | None = None,
 ) -> Outcome:
     """The run's outcome in one sentence, decision first, and its tags."""
     verdict = "APPROVED" if decision.approved else "REJECTED"
@@ -210,7 +216,8 @@ def outcome(
         tags.insert(0, "reused")
         said = f"Unchanged inputs, {version} reused. {said}"
     reasons = "; ".join(decision.reasons)
-    return Outcome(tags=[*tags, manifest.recipe.name], headline=f"{said}. Gate: {reasons}")
+    tags.append(manifest.recipe.name)
+    return Outcome(tags=tags, headline=f"{said}. Gate: {reasons}", chart_png=chart_png)
 
 
 def _location(config: QuantizeConfig, manifest: VersionManifest) -> str:

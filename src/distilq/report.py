@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+from distilq.charts import CHART, MISSING
 from distilq.manifest import (
     FallbackRecord,
     OutputRecord,
@@ -74,9 +77,16 @@ def speed_note(metrics: VersionMetrics) -> str:
     )
 
 
+NUMBER = re.compile(r"^[-+]?[\d.,]+( ?(%|x|MiB|s))?$|^n/a$|^$")
+
+
 def _table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    """A Markdown table, header first; columns of numbers are right-aligned."""
+    body = rows[1:]
+    numeric = [bool(body) and all(NUMBER.match(r[i]) for r in body) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(rows[0]) + " |"]
+    lines.append("|" + "".join("---:|" if n else "---|" for n in numeric))
+    lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines)
 
 
@@ -136,14 +146,24 @@ def _recipe_section(r: RecipeRecord) -> list[str]:
     ]
 
 
-def _fallback_section(auto: FallbackRecord | None) -> list[str]:
-    """How a fallback recipe chose its FP32 layers: sensitivities and attempts."""
+SENSITIVITY_ROWS = 15
+FLIPS_SHOWN = 25
+
+
+def _fallback_section(auto: FallbackRecord | None, kept: list[str]) -> list[str]:
+    """How a fallback recipe chose its FP32 layers (`kept`): sensitivities and attempts."""
     if auto is None or not auto.sensitivity:
         return []
     reached = "reached" if auto.reached_target else "NOT reached"
-    sensitivity = [["layer", "flips alone", "mean abs prob change"]] + [
-        [f"`{s.layer}`", str(s.flips), f"{s.mean_abs_prob_change:.5f}"]
-        for s in auto.sensitivity[:15]
+    shown = auto.sensitivity[:SENSITIVITY_ROWS]
+    sensitivity = [["layer", "kept FP32", "flips alone", "mean abs prob change"]] + [
+        [
+            f"`{s.layer}`",
+            "**yes**" if s.layer in kept else "",
+            str(s.flips),
+            f"{s.mean_abs_prob_change:.5f}",
+        ]
+        for s in shown
     ]
     attempts = [["FP32 layers", "agreement", "rows/s"]] + [
         [str(len(a.fp32_layers)), _pct(a.agreement), f"{a.rows_per_second:.1f}"]
@@ -151,25 +171,33 @@ def _fallback_section(auto: FallbackRecord | None) -> list[str]:
     ]
     return [
         "",
-        f"### auto: layer sensitivity (target agreement {auto.target_agreement:.4f}, {reached})",
+        f"### auto: attempts (target agreement {auto.target_agreement:.4f}, {reached})",
         "",
-        _table(sensitivity),
+        "Each attempt keeps the most sensitive layers FP32, more each time, until the "
+        "agreement on the tuning part reaches the target.",
         "",
         _table(attempts),
+        "",
+        f"### auto: layer sensitivity ({len(shown)} of {len(auto.sensitivity)} layers, most "
+        "sensitive first)",
+        "",
+        _table(sensitivity),
     ]
 
 
 def _flips_section(m: VersionMetrics) -> list[str]:
+    """The examples whose label INT8 changed: labels first, texts shortened (the manifest
+    holds them whole)."""
     if not m.flipped:
         return []
-    shown = m.flipped[:25]
-    rows = [["#", "text", "true", "FP32", "INT8"]] + [
+    shown = m.flipped[:FLIPS_SHOWN]
+    rows = [["#", "true", "FP32", "INT8", "text"]] + [
         [
             str(f.index),
-            _escape(f.text),
             f.label or "",
             f"{f.fp32_label} {f.fp32_score:.3f}",
             f"{f.int8_label} {f.int8_score:.3f}",
+            _escape(f.text, 80),
         ]
         for f in shown
     ]
@@ -187,9 +215,14 @@ def _provenance(manifest: VersionManifest) -> str:
     return line
 
 
-def render_report(manifest: VersionManifest) -> str:
-    """The Markdown report of one candidate version."""
+def render_report(manifest: VersionManifest, chart: str | None = "") -> str:
+    """The Markdown report of one candidate version. `chart`: where the report's image is
+    (a path relative to the report, or a data URI), None if there is none; by default the
+    version's own `report.png` when it has one."""
     m, d = manifest.metrics, manifest.decision
+    if chart == "":
+        chart = CHART if CHART in manifest.files else None
+    picture = f"![agreement with FP32 and layer sensitivity]({chart})" if chart else MISSING
     out = [
         f"# distilq INT8 candidate {manifest.version}",
         "",
@@ -211,8 +244,10 @@ def render_report(manifest: VersionManifest) -> str:
         "",
         speed_note(m),
         "",
+        picture,
+        "",
         *_recipe_section(manifest.recipe),
-        *_fallback_section(manifest.recipe.auto),
+        *_fallback_section(manifest.recipe.auto, manifest.recipe.fp32_layers),
         *_flips_section(m),
         "",
         _provenance(manifest),
