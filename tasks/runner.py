@@ -101,7 +101,7 @@ class PrefectRunner(Runner):
 
     def __init__(self, shard_runner: TaskRunner | None = None):
         self.shard_runner = shard_runner
-        self._progress_id = None
+        self._progress: dict[str, Any] = {}  # artifact ids by key
         log_to_run()
 
     def step(self, fn: Callable, *args: Any, retries: int = 0):
@@ -152,16 +152,13 @@ class PrefectRunner(Runner):
     def promoted(self, version: str, registry: str, entry: dict) -> None:
         emit_promoted(version, registry, entry)
 
-    def progress(self, done_rows: int, total_rows: int) -> None:
-        """A progress artifact, made at the start and moved as shards finish."""
-        percent = 100.0 * done_rows / total_rows if total_rows else 100.0
-        description = f"{done_rows:,} of {total_rows:,} rows to score in this run"
-        if self._progress_id is None:
-            self._progress_id = create_progress_artifact(
-                percent, key="score-progress", description=description
-            )
+    def progress(self, key: str, done: int, total: int, note: str) -> None:
+        """A progress artifact per `key`, made at the first call and moved at each next."""
+        percent = 100.0 * done / total if total else 100.0
+        if key not in self._progress:
+            self._progress[key] = create_progress_artifact(percent, key=key, description=note)
         else:
-            update_progress_artifact(self._progress_id, percent, description=description)
+            update_progress_artifact(self._progress[key], percent, description=note)
 
     def scored(self, summary: ScoreSummary, manifest: OutputManifest) -> None:
         """The summary in words and a table per output file; `resumed` if shards were

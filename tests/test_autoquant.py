@@ -25,14 +25,21 @@ def _setup(checkpoint, validation):
 
 def test_auto_keeps_the_sensitive_layer_fp32(sensitive_checkpoint, tiny_validation, caplog, capsys):
     model, tokenizer, data, policy, fp32 = _setup(sensitive_checkpoint, tiny_validation)
+    told = []
     with caplog.at_level(logging.INFO, logger="distilq"):
         candidate = quantize_for_gate(
-            model, tokenizer, "auto", data, fp32, policy, target_agreement=0.95
-        )
+            model, tokenizer, "auto", data, fp32, policy, target_agreement=0.95,
+            progress=lambda done, total, note: told.append((done, total, note)),
+        )  # fmt: skip
     # The long phase says what it does, in the logs and with a progress bar on stderr.
     n = len(linear_names(model))
     assert f"measuring the sensitivity of {n} Linear layers" in caplog.text
     assert re.search(rf"sensitivity: .*\d+/{n} .*layers/s", capsys.readouterr().err)
+    # ... and tells a progress display, layer by layer, then attempt by attempt.
+    assert told[:n] == [(i, n, f"layer sensitivity measured for {i} of {n} layers")
+                        for i in range(1, n + 1)]  # fmt: skip
+    done, total, note = told[-1]
+    assert done == total and note.startswith(f"attempt {len(candidate.attempts)}: ")
     start = candidate.attempts[0]
     assert start.fp32_layers == [] and start.agreement < 0.8  # per-channel alone fails badly
     assert candidate.sensitivity[0].layer == SENSITIVE_LAYER

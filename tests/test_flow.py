@@ -102,6 +102,18 @@ def test_failed_gate_fails_the_run_keeps_the_candidate_and_production(
     assert "agreement lower bound" in artifacts["quantize-report"].description
 
 
+def test_auto_shows_its_search_as_it_goes(sensitive_checkpoint, tiny_validation, tmp_path):
+    config = _config(sensitive_checkpoint, tiny_validation, tmp_path / "reg", recipe="auto")
+    state = quantize_and_promote(config, return_state=True)
+    result = state.result()
+    attempts = result.manifest.recipe.auto.attempts
+    assert len(attempts) > 1  # the start failed: it fell back
+    _, artifacts = as_shown(state)
+    progress = artifacts["auto-progress"]
+    assert progress.data == 100.0
+    assert progress.description.startswith(f"attempt {len(attempts)}: ")
+
+
 def test_dry_run_publishes_nothing(tiny_checkpoint, tiny_validation, tmp_path):
     config = _config(tiny_checkpoint, tiny_validation, tmp_path / "reg", dry_run=True)
     result = quantize_and_promote(config)

@@ -10,6 +10,7 @@ layers in FP32, one more at a time, until the target is met or no layer is left.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -30,6 +31,13 @@ from distilq.validation import (
 )
 
 log = logging.getLogger("distilq")
+
+# How far a long search went: (done, total, what was just done), for a progress display.
+Progress = Callable[[int, int, str], None]
+
+
+def _no_progress(done: int, total: int, note: str) -> None:
+    pass
 
 
 @dataclass
@@ -118,6 +126,7 @@ def layer_sensitivity(
     fp32: Predictions,
     recipe: Recipe,
     policy: BatchingPolicy,
+    progress: Progress = _no_progress,
 ) -> list[LayerSensitivity]:
     """Each Linear layer quantized alone, scored on `texts`; most sensitive first."""
     reference = fp32.labels
@@ -127,13 +136,14 @@ def layer_sensitivity(
     log.info(
         "auto: measuring the sensitivity of %d Linear layers on %d examples", len(names), len(texts)
     )
-    for name in progress_bar(names, "sensitivity", unit="layers"):
+    for i, name in enumerate(progress_bar(names, "sensitivity", unit="layers"), 1):
         pred = predict(quantize(model, recipe, only=[name]), tokenizer, texts, policy)
         change = np.abs(pred.probs[rows, reference] - fp32.probs[rows, reference])
         flips = int((pred.labels != reference).sum())
         table.append(
             LayerSensitivity(layer=name, flips=flips, mean_abs_prob_change=float(change.mean()))
         )
+        progress(i, len(names), f"layer sensitivity measured for {i} of {len(names)} layers")
     return sorted(table, key=lambda s: (-s.flips, -s.mean_abs_prob_change))
 
 
@@ -146,12 +156,13 @@ def quantize_for_gate(
     policy: BatchingPolicy,
     target_agreement: float,
     sensitivity_examples: int = 128,
+    progress: Progress = _no_progress,
 ) -> Candidate:
     """Quantize `model` by `recipe` and predict the validation set with the result.
 
     A fallback recipe (`auto`) then keeps Linear layers FP32, most sensitive first, until
     agreement with `fp32` reaches `target_agreement` (or every Linear layer is FP32;
-    `reached_target` then says so).
+    `reached_target` then says so), telling `progress` how far its search went.
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     base = base_reason = None
@@ -172,7 +183,9 @@ def quantize_for_gate(
         base_reason=base_reason,
     )
     if recipe.fallback and not candidate.reached_target:
-        _fall_back(candidate, model, tokenizer, validation, fp32, policy, sensitivity_examples)
+        _fall_back(
+            candidate, model, tokenizer, validation, fp32, policy, sensitivity_examples, progress
+        )
     return candidate
 
 
@@ -184,6 +197,7 @@ def _fall_back(
     fp32: Predictions,
     policy: BatchingPolicy,
     sensitivity_examples: int,
+    progress: Progress,
 ) -> None:
     """Keep the most sensitive Linear layers FP32, one more at a time, until the candidate
     reaches its target."""
@@ -196,7 +210,7 @@ def _fall_back(
     subset = boundary_examples(fp32, candidate.predictions, sensitivity_examples)
     sub_fp32 = Predictions(fp32.probs[subset], fp32.seconds, fp32.n_batches)
     candidate.sensitivity = layer_sensitivity(
-        model, tokenizer, [texts[i] for i in subset], sub_fp32, candidate.recipe, policy
+        model, tokenizer, [texts[i] for i in subset], sub_fp32, candidate.recipe, policy, progress
     )
     ranked = [s.layer for s in candidate.sensitivity]
     for k in range(1, len(ranked) + 1):
@@ -205,7 +219,10 @@ def _fall_back(
         pred = predict(qmodel, tokenizer, texts, policy, progress=f"auto, {k} FP32")
         candidate.attempts.append(_attempt(keep, fp32, pred, validation))
         candidate.model, candidate.predictions, candidate.fp32_layers = qmodel, pred, keep
-        log.info("auto: %d layer(s) FP32 -> agreement %.4f", k, candidate.attempts[-1].agreement)
+        reached = candidate.attempts[-1].agreement
+        log.info("auto: %d layer(s) FP32 -> agreement %.4f", k, reached)
+        note = f"attempt {k + 1}: {k} layer(s) FP32, agreement {reached:.4f} (target {target:.4f})"
+        progress(len(ranked) if candidate.reached_target else k, len(ranked), note)
         if candidate.reached_target:
             return
     log.warning("auto: cannot reach agreement %.4f even with every Linear layer FP32", target)

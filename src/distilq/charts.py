@@ -69,22 +69,28 @@ def _agreement(ax, manifest: VersionManifest) -> None:
         if bound is not None
         else "gate: confirmation part",
     )
-    ax.axhline(
-        100 * thresholds.min_agreement,
-        color="tab:red",
-        linestyle="--",
-        label=f"min agreement {thresholds.min_agreement:.2%}",
-    )
+    # Zoom on the measures; a threshold far below them is named, not drawn.
+    shown = [100 * a.agreement for a in attempts] + [100 * m.agreement - below]
+    low, high = min(shown), max(*shown, 100 * m.agreement)
+    threshold = 100 * thresholds.min_agreement
+    label = f"min agreement {thresholds.min_agreement:.2%}"
+    if threshold >= low - 2 * max(high - low, 0.5):
+        low = min(low, threshold)
+        ax.axhline(threshold, color="tab:red", linestyle="--", label=label)
+    else:
+        ax.plot([], [], " ", label=f"{label} (below the plot)")
+    pad = max(high - low, 0.2) * 0.15
+    ax.set_ylim(low - pad, min(100.0, high) + pad)
     mib = m.size_bytes_int8 / 2**20
     ax.set_title(
-        f"{recipe.name}: {kept} FP32 layer(s), {mib:.1f} MiB "
+        f"{recipe.name}: {kept} FP32 layer(s), {mib:.2f} MiB "
         f"({m.size_bytes_int8 / m.size_bytes_fp32:.0%} of FP32)"
     )
     ax.set_xlabel("Linear layers kept FP32")
     ax.set_ylabel("agreement with FP32 (%)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
 
 
 def _sensitivity(ax, sensitivity, kept: set[str]) -> None:

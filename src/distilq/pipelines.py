@@ -12,6 +12,7 @@ Prefect task runner (tasks/runner.py). Nothing else sequences these steps.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import sys
@@ -70,8 +71,8 @@ class Runner:
     def promoted(self, version: str, registry: str, entry: dict) -> None:
         """`production` moved to `version`."""
 
-    def progress(self, done_rows: int, total_rows: int) -> None:
-        """Rows scored so far by this run, of `total_rows`; called as shards finish."""
+    def progress(self, key: str, done: int, total: int, note: str) -> None:
+        """How far a long part of the run (`key`: scoring, auto's search) went."""
 
     def scored(self, summary: ScoreSummary, manifest: OutputManifest) -> None:
         """A scoring run is done (some files may have failed)."""
@@ -119,7 +120,10 @@ def quantize_and_promote(config: QuantizeConfig, run: Runner | None = None) -> Q
 
     model, tokenizer = run.step(load_fp32, found)
     fp32_tuning = run.step(predict_fp32, model, tokenizer, tuning, config)
-    candidate = run.step(quantize, model, tokenizer, tuning, fp32_tuning, confirmation, config)
+    progress = functools.partial(run.progress, "auto-progress")
+    candidate = run.step(
+        quantize, model, tokenizer, tuning, fp32_tuning, confirmation, config, progress
+    )
     gated = run.step(confirm, model, tokenizer, candidate, confirmation, config)
     staging = artifact.staging_dir()
     try:
@@ -300,14 +304,14 @@ def predict_fp32(model, tokenizer, data: validation.ValidationSet, config: Quant
     return validation.predict(model, tokenizer, data.texts, config.batching, progress="FP32")
 
 
-def quantize(model, tokenizer, tuning, fp32, confirmation, config: QuantizeConfig):
+def quantize(model, tokenizer, tuning, fp32, confirmation, config: QuantizeConfig, progress):
     """Quantize by the recipe (a fallback recipe keeps the most sensitive layers FP32,
-    chosen on the tuning part only)."""
+    chosen on the tuning part only, and tells `progress` how its search goes)."""
     from distilq import autoquant  # torch: imported only by a run that quantizes
 
     target = autoquant.target_agreement(confirmation, config.thresholds, config.margin)
     candidate = autoquant.quantize_for_gate(
-        model, tokenizer, config.recipe, tuning, fp32, config.batching, target
+        model, tokenizer, config.recipe, tuning, fp32, config.batching, target, progress=progress
     )
     layers = ", ".join(candidate.fp32_layers) or "none"
     log.info("recipe %s: FP32 layers: %s", config.recipe, layers)
@@ -383,7 +387,8 @@ def score_dataset(config: ScoreConfig, run: Runner | None = None) -> ScoreSummar
             manifest.record_failure(uri, error)
         total = sum(s.rows for s in todo)
         bar = tqdm(total=total, unit="rows", file=sys.stderr, desc="scoring")
-        run.progress(0, total)
+        progress = functools.partial(run.progress, "score-progress")
+        progress(0, total, f"0 of {total:,} rows to score in this run")
 
         def done(shard: Shard, result: ShardStats | BaseException) -> None:
             if isinstance(result, BaseException):
@@ -392,7 +397,7 @@ def score_dataset(config: ScoreConfig, run: Runner | None = None) -> ScoreSummar
             else:
                 manifest.record_shard(shard, result)
             bar.update(shard.rows)
-            run.progress(bar.n, total)
+            progress(bar.n, total, f"{bar.n:,} of {total:,} rows to score in this run")
 
         run.map_shards(score_one_shard, todo, (config, version, options), done)
         bar.close()
