@@ -17,7 +17,8 @@ def run_name() -> str:
     return f"score {', '.join(config.inputs)} -> {config.output}"
 
 
-@flow(name="score_parquet", flow_run_name=run_name)
+# persist_result=False: nothing reads a stored result (a failed run pickled its error).
+@flow(name="score_parquet", flow_run_name=run_name, persist_result=False)
 def score_parquet(config: ScoreConfig) -> ScoreSummary:
     """Score Parquet files with the registry's model into `config.output`; files already
     scored by the same model from the same inputs are skipped. Fails, listing them, if any

@@ -128,18 +128,19 @@ class PrefectRunner(Runner):
     def decided(self, manifest: VersionManifest, outcome: Outcome) -> None:
         """The report, outcome first, and the metrics table as artifacts; outcome tags."""
         add_tags(outcome.tags)
+        said = f"{outcome.headline}. Gate: {'; '.join(outcome.reasons)}"
         if "reused" in outcome.tags:
-            where = f"{manifest.version} in the registry (its report.md)"
-            markdown = f"## {outcome.headline}\n\nNothing was quantized: the report is {where}."
+            reasons = "\n".join(f"- {reason}" for reason in outcome.reasons)
+            body = f"Gate:\n\n{reasons}\n\nNothing was quantized; the version's report.md is in"
+            body += " the registry."
         else:
             # The UI cannot reach the registry's report.png: the chart goes in the artifact.
             chart = outcome.chart_png and "data:image/png;base64," + base64.b64encode(
                 outcome.chart_png
             ).decode("ascii")
-            markdown = f"## {outcome.headline}\n\n{report.render_report(manifest, chart)}"
-        create_markdown_artifact(
-            key="quantize-report", markdown=markdown, description=outcome.headline
-        )
+            body = report.render_report(manifest, chart)
+        markdown = f"**{outcome.headline}.**\n\n{body}"
+        create_markdown_artifact(key="quantize-report", markdown=markdown, description=said)
         if "reused" in outcome.tags:
             return
         rows = report.metrics_table(manifest)
@@ -161,14 +162,19 @@ class PrefectRunner(Runner):
             update_progress_artifact(self._progress[key], percent, description=note)
 
     def scored(self, summary: ScoreSummary, manifest: OutputManifest) -> None:
-        """The summary in words and a table per output file; `resumed` if shards were
-        already done."""
+        """The summary in words and as a table, and a table per output file; `resumed` if
+        shards were already done."""
         if summary.files_skipped:
             add_tags(["resumed"])
-        line = report.score_summary_line(summary)
-        failed = [f"- {uri}: {why}" for uri, why in summary.failed.items()]
-        markdown = "\n".join([f"## {line}", "", *(["Failed:", "", *failed] if failed else [])])
-        create_markdown_artifact(key="score-summary", markdown=markdown, description=line)
+        rows = report.score_summary_table(summary)
+        table = ["| | |", "|---|---:|", *(f"| {name} | {value} |" for name, value in rows)]
+        failed = [f"- `{uri}`: {why}" for uri, why in summary.failed.items()]
+        markdown = "\n".join([*table, *(["", "**Failed:**", "", *failed] if failed else [])])
+        create_markdown_artifact(
+            key="score-summary",
+            markdown=markdown,
+            description=report.score_summary_line(summary),
+        )
         create_table_artifact(
             key="score-files",
             table=report.score_files_table(manifest.record),

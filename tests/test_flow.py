@@ -61,9 +61,9 @@ def test_passing_gate_publishes_and_promotes_then_rerun_is_reused(
     assert "](data:image/png;base64," in artifacts["quantize-report"].data  # the UI shows it
     assert run.name == f"quantize {tiny_checkpoint} dynamic-int8-pc"
     assert run.tags == ["dynamic-int8-pc", "promoted"]
-    headline = f"APPROVED and promoted: production none -> {result.version}"
-    assert artifacts["quantize-report"].description.startswith(headline)
-    assert artifacts["quantize-report"].data.startswith(f"## {headline}")
+    headline = f"APPROVED and promoted: production {result.version} (was no version before)"
+    assert artifacts["quantize-report"].description.startswith(f"{headline}. Gate: agreement")
+    assert artifacts["quantize-report"].data.startswith(f"**{headline}.**\n\n# distilq INT8")
     assert "quantize-metrics" in artifacts
 
     state = quantize_and_promote(config, return_state=True)

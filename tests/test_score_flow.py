@@ -212,6 +212,8 @@ def test_the_ui_shows_what_ran_progress_and_a_resume(registry, dataset, tmp_path
     line = artifacts["score-summary"].description
     assert line.startswith("scored 480 rows in 4 file(s) in ")
     assert "skipped" not in line and f"mean score {summary.mean_score:.4f};" in line
+    labels = [f"| label {k} | {v:,} |" for k, v in sorted(summary.labels.items())]
+    assert all(row in artifacts["score-summary"].data for row in labels)
     files = json.loads(artifacts["score-files"].data)
     assert [f["file"] for f in files] == [f"f{i}.parquet" for i in range(4)]
     assert sum(f["rows"] for f in files) == 480

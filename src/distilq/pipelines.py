@@ -83,6 +83,7 @@ class Outcome(BaseModel):
 
     tags: list[str]  # promoted | approved | rejected | reused | dry-run, and the recipe
     headline: str  # one sentence: the decision, and what happened to production
+    reasons: list[str]  # the gate's, one per threshold
     chart_png: bytes | None = Field(None, repr=False)  # the report's chart, when one was drawn
 
 
@@ -132,7 +133,7 @@ def quantize_and_promote(config: QuantizeConfig, run: Runner | None = None) -> Q
         chart_png = chart.read_bytes() if chart.exists() else None
         if config.dry_run:
             report = artifact.keep_report(staging, manifest)
-            run.decided(manifest, outcome(manifest, gated.decision, config, chart_png=chart_png))
+            _decided(run, manifest, outcome(manifest, gated.decision, config, chart_png=chart_png))
             return _result(manifest, config, gated.decision, None, str(report))
         run.step(publish, staging, manifest, config, retries=2)
     finally:
@@ -150,7 +151,7 @@ def _finish_existing(
     decision = gate.decide_manifest(existing)
     _raise_if_rejected(existing, decision, config, run, reused=True)
     if config.dry_run:
-        run.decided(existing, outcome(existing, decision, config, reused=True))
+        _decided(run, existing, outcome(existing, decision, config, reused=True))
         where = _location(config, existing)
         return _result(existing, config, decision, where, f"{where}/report.md", reused=True)
     return _promote(existing, config, run, decision, reused=True)
@@ -167,7 +168,7 @@ def _promote(
     entry = run.step(promote, manifest.version, config)
     if entry is not None:
         run.promoted(manifest.version, config.registry, entry)
-    run.decided(manifest, outcome(manifest, decision, config, reused, entry, chart_png))
+    _decided(run, manifest, outcome(manifest, decision, config, reused, entry, chart_png))
     where = _location(config, manifest)
     return _result(
         manifest, config, decision, where, f"{where}/report.md", reused, entry is not None
@@ -185,12 +186,17 @@ def _raise_if_rejected(
     """A published candidate the gate rejected fails the run (CLI exit 3)."""
     if config.dry_run or decision.approved:
         return
-    run.decided(manifest, outcome(manifest, decision, config, reused, chart_png=chart_png))
+    _decided(run, manifest, outcome(manifest, decision, config, reused, chart_png=chart_png))
     raise GateRejected(
         f"gate rejected {manifest.version}: {'; '.join(decision.reasons)}. It is kept in "
         f"{config.registry} with its report; production is unchanged.",
         manifest,
     )
+
+
+def _decided(run: Runner, manifest: VersionManifest, said: Outcome) -> None:
+    log.info("%s. Gate: %s", said.headline, "; ".join(said.reasons))  # in the run's logs too
+    run.decided(manifest, said)
 
 
 def outcome(
@@ -210,7 +216,8 @@ def outcome(
         tags, said = ["rejected"], f"{verdict} {version}: kept in the registry with its report"
     elif promotion is not None:
         tags = ["promoted"]
-        said = f"{verdict} and promoted: production {promotion['from'] or 'none'} -> {version}"
+        before = promotion["from"] or "no version before"
+        said = f"{verdict} and promoted: production {version} (was {before})"
     else:
         tags = ["approved"]
         said = f"{verdict} {version}: production already holds it or a newer version"
@@ -219,9 +226,8 @@ def outcome(
     if reused:
         tags.insert(0, "reused")
         said = f"Unchanged inputs, {version} reused. {said}"
-    reasons = "; ".join(decision.reasons)
     tags.append(manifest.recipe.name)
-    return Outcome(tags=tags, headline=f"{said}. Gate: {reasons}", chart_png=chart_png)
+    return Outcome(tags=tags, headline=said, reasons=decision.reasons, chart_png=chart_png)
 
 
 def _location(config: QuantizeConfig, manifest: VersionManifest) -> str:

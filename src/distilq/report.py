@@ -261,7 +261,7 @@ def render_report(manifest: VersionManifest, chart: str | None = "") -> str:
 
 def labels_text(labels: dict[str, int]) -> str:
     """`NEGATIVE 226, POSITIVE 274`."""
-    return ", ".join(f"{label} {n:,}" for label, n in labels.items()) or "none"
+    return ", ".join(f"{label} {n:,}" for label, n in sorted(labels.items())) or "none"
 
 
 def score_summary_line(summary: ScoreSummary) -> str:
@@ -280,6 +280,27 @@ def score_summary_line(summary: ScoreSummary) -> str:
         f"scored by {s.model_version}: {labels_text(s.labels)}; mean score {mean}; "
         f"{s.rows_error:,} row(s) with errors, {s.rows_truncated:,} truncated."
     )
+
+
+def score_summary_table(summary: ScoreSummary) -> list[tuple[str, str]]:
+    """(what, figure) rows: what this run did, then the output's totals, a row per label."""
+    s = summary
+    rate = f"{s.rows_scored / s.seconds:,.1f}" if s.rows_scored and s.seconds else "n/a"
+    mean = "n/a" if s.mean_score is None else f"{s.mean_score:.4f}"
+    return [
+        ("files scored by this run", f"{s.files_scored:,}"),
+        ("rows scored by this run", f"{s.rows_scored:,}"),
+        ("files skipped, already done", f"{s.files_skipped:,}"),
+        ("rows skipped, already done", f"{s.rows_skipped:,}"),
+        ("files failed", f"{len(s.failed):,}"),
+        ("seconds", f"{s.seconds:.1f}"),
+        ("rows/s", rate),
+        ("rows in the output", f"{s.rows_written:,}"),
+        *((f"label {label}", f"{n:,}") for label, n in sorted(s.labels.items())),
+        ("mean score", mean),
+        ("rows with errors", f"{s.rows_error:,}"),
+        ("rows truncated", f"{s.rows_truncated:,}"),
+    ]
 
 
 def score_files_table(record: OutputRecord) -> list[dict]:
