@@ -20,7 +20,7 @@ def run_name() -> str:
     return f"quantize {config.source}{revision} {config.recipe}"
 
 
-# persist_result=False: nothing reads a stored result (a failed run pickled its error).
+# persist_result=False: nothing reads a stored copy of the run's result.
 @flow(name="quantize_and_promote", flow_run_name=run_name, persist_result=False)
 def quantize_and_promote(config: QuantizeConfig | None = None) -> QuantizeResult:
     """Quantize a checkpoint to INT8, validate it against FP32, publish it, and promote it

@@ -17,7 +17,7 @@ def run_name() -> str:
     return f"score {', '.join(config.inputs)} -> {config.output}"
 
 
-# persist_result=False: nothing reads a stored result (a failed run pickled its error).
+# persist_result=False: nothing reads a stored copy of the run's result.
 @flow(name="score_parquet", flow_run_name=run_name, persist_result=False)
 def score_parquet(config: ScoreConfig) -> ScoreSummary:
     """Score Parquet files with the registry's model into `config.output`; files already

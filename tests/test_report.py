@@ -63,6 +63,6 @@ def test_chart_is_a_png_with_a_sensitivity_panel_when_a_fallback_chose_layers(tm
     charts.write_chart(_manifest(), plain)
     charts.write_chart(_with_auto(_manifest()), fallback)
     (w1, h1), (w2, h2) = _png_size(plain), _png_size(fallback)
-    assert h1 == h2 and w2 > 1.9 * w1  # a second panel beside the first
+    assert w1 == w2 and h2 > 1.9 * h1  # a second panel below the first
     text = render_report(_manifest(), "report.png")
     assert "![agreement with FP32 and layer sensitivity](report.png)" in text

@@ -24,7 +24,7 @@ def available() -> bool:
 
 def write_chart(manifest: VersionManifest, path: Path) -> None:
     """Agreement with FP32 (each attempt of a fallback recipe, and the gate's confirmation
-    measure with its lower bound) against the FP32 layers kept, beside the most sensitive
+    measure with its lower bound) against the FP32 layers kept, above the most sensitive
     layers with those kept FP32 marked. Needs matplotlib (see `available`)."""
     import matplotlib
 
@@ -34,10 +34,11 @@ def write_chart(manifest: VersionManifest, path: Path) -> None:
     auto = manifest.recipe.auto
     sensitivity = auto.sensitivity[:SENSITIVE_LAYERS_SHOWN] if auto else []
     panels = 2 if sensitivity else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+    # Panels stacked: reports and Prefect's artifact pages are narrow.
+    fig, axes = plt.subplots(panels, 1, figsize=(7.5, 4.2 * panels), squeeze=False)
     _agreement(axes[0][0], manifest)
     if sensitivity:
-        _sensitivity(axes[0][1], sensitivity, set(manifest.recipe.fp32_layers))
+        _sensitivity(axes[1][0], sensitivity, set(manifest.recipe.fp32_layers))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -88,7 +89,9 @@ def _agreement(ax, manifest: VersionManifest) -> None:
     )
     ax.set_xlabel("Linear layers kept FP32")
     ax.set_ylabel("agreement with FP32 (%)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    most = max([kept, *(len(a.fp32_layers) for a in attempts)])
+    ax.set_xlim(-0.5, most + 0.5)
+    ax.set_xticks(range(most + 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
 

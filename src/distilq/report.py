@@ -27,7 +27,7 @@ def _escape(text: str, limit: int = 120) -> str:
 
 
 def _interval(interval: list[float] | None) -> str:
-    return "n/a" if interval is None else f"{interval[0]:+.4f} to {interval[1]:+.4f}"
+    return "n/a" if interval is None else f"{interval[0]:+.4f}..{interval[1]:+.4f}"
 
 
 def _split(manifest: VersionManifest) -> str:
@@ -96,8 +96,8 @@ def _sets_section(metrics: VersionMetrics) -> list[str]:
     if len(sets) < 2 and confidence is None:
         return []
     bound = f"lower bound ({confidence:.0%})" if confidence else "lower bound"
-    header = ["validation set", "examples", "agreement", bound, "flips", "accuracy FP32", "INT8"]
-    rows = [[*header, "drop interval"]]
+    header = ["validation set", "examples", "agreement", bound, "flips", "acc. FP32", "INT8"]
+    rows = [[*header, "acc. drop"]]
     rows += [
         [
             f"`{s.name}`",
@@ -197,7 +197,7 @@ def _flips_section(m: VersionMetrics) -> list[str]:
             f.label or "",
             f"{f.fp32_label} {f.fp32_score:.3f}",
             f"{f.int8_label} {f.int8_score:.3f}",
-            _escape(f.text, 80),
+            _escape(f.text, 60),
         ]
         for f in shown
     ]
