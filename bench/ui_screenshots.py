@@ -123,6 +123,8 @@ def screenshots(ui: str, out: Path) -> None:
     for i, run in enumerate(runs, 1):
         name = run["name"].split()[0]
         shoot(f"{ui}/runs/flow-run/{run['id']}", out / f"{i:02d}-run-{name}.png")
+        where = f"{ui}/runs/flow-run/{run['id']}?tab=Parameters"
+        shoot(where, out / f"{i:02d}-run-{name}-parameters.png")
     for i, artifact in enumerate(artifacts, 1):
         tall = 4200 if artifact["type"] == "markdown" else 1100  # a report is long
         where = f"{ui}/artifacts/artifact/{artifact['id']}"

@@ -167,7 +167,7 @@ class PrefectRunner(Runner):
         if summary.files_skipped:
             add_tags(["resumed"])
         rows = report.score_summary_table(summary)
-        table = ["| | |", "|---|---:|", *(f"| {name} | {value} |" for name, value in rows)]
+        table = ["| what | figure |", "|---|---:|", *(f"| {n} | {v} |" for n, v in rows)]
         failed = [f"- `{uri}`: {why}" for uri, why in summary.failed.items()]
         markdown = "\n".join([*table, *(["", "**Failed:**", "", *failed] if failed else [])])
         create_markdown_artifact(
