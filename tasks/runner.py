@@ -131,8 +131,8 @@ class PrefectRunner(Runner):
         said = f"{outcome.headline}. Gate: {'; '.join(outcome.reasons)}"
         if "reused" in outcome.tags:
             reasons = "\n".join(f"- {reason}" for reason in outcome.reasons)
-            body = f"Gate:\n\n{reasons}\n\nNothing was quantized; the version's report.md is in"
-            body += " the registry."
+            where = f"`versions/{manifest.version}/report.md` in the registry"
+            body = f"Gate:\n\n{reasons}\n\nNothing was quantized: the version's report is {where}."
         else:
             # The UI cannot reach the registry's report.png: the chart goes in the artifact.
             chart = outcome.chart_png and "data:image/png;base64," + base64.b64encode(

@@ -73,9 +73,11 @@ def test_passing_gate_publishes_and_promotes_then_rerun_is_reused(
     run, artifacts = as_shown(state)
     assert run.tags == ["approved", "dynamic-int8-pc", "reused"]
     assert artifacts["quantize-report"].description.startswith(
-        f"Unchanged inputs, {result.version} reused. APPROVED {result.version}: production "
-        "already holds it or a newer version; production unchanged."
+        f"Unchanged inputs, {result.version} reused. APPROVED {result.version}: already in "
+        "production. Gate: agreement"
     )
+    where = f"`versions/{result.version}/report.md` in the registry"
+    assert artifacts["quantize-report"].data.endswith(f"the version's report is {where}.")
     assert "quantize-metrics" not in artifacts  # nothing was measured again
 
 

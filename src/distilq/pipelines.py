@@ -168,7 +168,11 @@ def _promote(
     entry = run.step(promote, manifest.version, config)
     if entry is not None:
         run.promoted(manifest.version, config.registry, entry)
-    _decided(run, manifest, outcome(manifest, decision, config, reused, entry, chart_png))
+        production = manifest.version
+    else:
+        production = Registry(config.registry).alias()
+    said = outcome(manifest, decision, config, reused, entry, production, chart_png)
+    _decided(run, manifest, said)
     where = _location(config, manifest)
     return _result(
         manifest, config, decision, where, f"{where}/report.md", reused, entry is not None
@@ -205,24 +209,29 @@ def outcome(
     config: QuantizeConfig,
     reused: bool = False,
     promotion: dict | None = None,
+    production: str | None = None,
     chart_png: bytes | None = None,
 ) -> Outcome:
-    """The run's outcome in one sentence, decision first, and its tags."""
+    """The run's outcome in one sentence, decision first, and its tags. `promotion`: the
+    history entry if this run moved production; `production`: what it holds after."""
     verdict = "APPROVED" if decision.approved else "REJECTED"
     version = manifest.version
+    unchanged = "; production unchanged"
     if config.dry_run:
-        tags, said = ["dry-run"], f"Dry run, gate {verdict} {version}: nothing published"
+        tags = ["dry-run"]
+        said = f"Dry run, gate {verdict} {version}: nothing published{unchanged}"
     elif not decision.approved:
-        tags, said = ["rejected"], f"{verdict} {version}: kept in the registry with its report"
+        tags = ["rejected"]
+        said = f"{verdict} {version}: kept in the registry with its report{unchanged}"
     elif promotion is not None:
         tags = ["promoted"]
         before = promotion["from"] or "no version before"
         said = f"{verdict} and promoted: production {version} (was {before})"
+    elif production == version:
+        tags, said = ["approved"], f"{verdict} {version}: already in production"
     else:
         tags = ["approved"]
-        said = f"{verdict} {version}: production already holds it or a newer version"
-    if promotion is None:
-        said += "; production unchanged"
+        said = f"{verdict} {version}, not promoted: production holds the newer {production}"
     if reused:
         tags.insert(0, "reused")
         said = f"Unchanged inputs, {version} reused. {said}"
