@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_gate.py
 	$(PY) bench/bench_score.py
 	$(PY) bench/bench_int8.py
+	$(PY) bench/bench_startup.py
 
 clean:
 	rm -rf $(VENV) registry .pytest_cache
