@@ -135,9 +135,10 @@ class PrefectRunner(Runner):
             body = f"Gate:\n\n{reasons}\n\nNothing was quantized: the version's report is {where}."
         else:
             # The UI cannot reach the registry's report.png: the chart goes in the artifact.
-            chart = outcome.chart_png and "data:image/png;base64," + base64.b64encode(
-                outcome.chart_png
-            ).decode("ascii")
+            chart = None
+            if outcome.chart_png:
+                encoded = base64.b64encode(outcome.chart_png).decode("ascii")
+                chart = f"data:image/png;base64,{encoded}"
             body = report.render_report(manifest, chart)
         markdown = f"**{outcome.headline}.**\n\n{body}"
         create_markdown_artifact(key="quantize-report", markdown=markdown, description=said)

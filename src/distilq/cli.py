@@ -562,8 +562,9 @@ class EphemeralApi:
             temporary_settings,
         )
 
-        if self.process is None or get_current_settings().api.url:
-            self.stop()
+        settings = get_current_settings()
+        if self.process is None or settings.api.url or not settings.server.ephemeral.enabled:
+            self.stop()  # the user named an API, or wants no temporary one: Prefect decides
             yield
             return
         self._ready.join()
@@ -581,12 +582,14 @@ class EphemeralApi:
         os.environ["PREFECT_API_URL"] = self.url  # for worker processes this run starts
         try:
             with temporary_settings(updates=updates):
-                yield
-                from prefect.events.worker import EventsWorker
-                from prefect.logging.handlers import APILogWorker
+                try:
+                    yield
+                finally:  # a failed run's last lines matter most
+                    from prefect.events.worker import EventsWorker
+                    from prefect.logging.handlers import APILogWorker
 
-                APILogWorker.drain_all(timeout=30)
-                EventsWorker.drain_all(timeout=30)
+                    APILogWorker.drain_all(timeout=30)
+                    EventsWorker.drain_all(timeout=30)
         finally:
             del os.environ["PREFECT_API_URL"]
             self.stop()

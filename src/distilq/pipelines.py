@@ -132,9 +132,9 @@ def quantize_and_promote(config: QuantizeConfig, run: Runner | None = None) -> Q
         chart = staging / charts.CHART
         chart_png = chart.read_bytes() if chart.exists() else None
         if config.dry_run:
-            report = artifact.keep_report(staging, manifest)
+            kept = artifact.keep_report(staging, manifest)
             _decided(run, manifest, outcome(manifest, gated.decision, config, chart_png=chart_png))
-            return _result(manifest, config, gated.decision, None, str(report))
+            return _result(manifest, config, gated.decision, None, str(kept))
         run.step(publish, staging, manifest, config, retries=2)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # published, reported, or failed for good
