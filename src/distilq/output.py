@@ -131,11 +131,10 @@ def prepare_output(
     for name in files:
         if is_temporary(name) or ((problems or overwrite) and name != MANIFEST):
             store.remove(name)
-    done = {} if problems or overwrite or existing is None else existing.shards
     manifest.record = OutputRecord(
         model_version=model_version,
         settings=settings,
-        shards={k: v for k, v in done.items() if store.exists(k)},
+        shards=_still_done(store, existing, problems, overwrite),
     )
     manifest.save()
     return manifest, [s for s in plan.shards if s.output not in manifest.record.shards]
@@ -151,10 +150,18 @@ def pending_shards(
     existing = manifest.load()
     files = manifest.store.list()
     problems = _check_output(output_dir, files, existing, plan, model_version, settings, overwrite)
-    if problems or overwrite or existing is None:
-        return list(plan.shards)
-    done = {k for k in existing.shards if manifest.store.exists(k)}
+    done = _still_done(manifest.store, existing, problems, overwrite)
     return [s for s in plan.shards if s.output not in done]
+
+
+def _still_done(
+    store: Store, existing: OutputRecord | None, problems: list[str], overwrite: bool
+) -> dict[str, ShardRecord]:
+    """The shards recorded done whose files are still there; none if the results there are
+    to be replaced."""
+    if problems or overwrite or existing is None:
+        return {}
+    return {name: shard for name, shard in existing.shards.items() if store.exists(name)}
 
 
 def _check_output(
