@@ -14,18 +14,22 @@ Writes its table between markers in bench/RESULTS.md. Usage: python bench/bench_
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench_score import DISTILQ, quantize_into, score_cmd, setup_full, write_texts
 
 from distilq.hardware import cpu_features, cpu_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.procs import VENV_BIN, free_port, http_ok, running, wait_until  # noqa: E402
 
 RUNS = 3
 FLOOR = "import sys, distilq; m = distilq.load(sys.argv[1]); m.predict(['a fine film'])"
@@ -45,38 +49,15 @@ def best_of(cmd: list[str], env: dict, before=None) -> float:
     return min(times)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(env: dict) -> tuple[subprocess.Popen, dict]:
-    """A real `prefect server` on loopback, and the environment that points at it."""
-    port = free_port()
-    prefect = str(Path(sys.executable).parent / "prefect")
-    server = subprocess.Popen(
-        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/api"
-    for _ in range(240):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    health = [
-        sys.executable,
-        "-c",
-        f"import urllib.request; urllib.request.urlopen('{url}/health')",
-    ]
-    for _ in range(120):
-        if subprocess.run(health, capture_output=True).returncode == 0:
-            return server, {**env, "PREFECT_API_URL": url}
-        time.sleep(0.5)
-    server.terminate()
-    raise SystemExit("prefect server did not answer within 60 s")
+@contextlib.contextmanager
+def prefect_server(env: dict, log: Path) -> Iterator[dict]:
+    """A real `prefect server` on a free loopback port (its UI finds its API); yields the
+    environment that points runs at it."""
+    url = f"http://127.0.0.1:{(port := free_port())}/api"
+    cmd = [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with running(cmd, log, {**env, "PREFECT_UI_API_URL": url}) as server:
+        wait_until(http_ok(f"{url}/health"), 120, "prefect server", server, log)
+        yield {**env, "PREFECT_API_URL": url}
 
 
 def measure(tmp: Path, env: dict) -> dict[str, float]:
@@ -96,13 +77,9 @@ def measure(tmp: Path, env: dict) -> dict[str, float]:
     figures["score re-run, output complete, ephemeral API"] = best_of(score, env)
     quantize = [DISTILQ, "quantize", "--source", str(full), "--registry", str(registry)]
     figures["quantize reusing a version, ephemeral API"] = best_of(quantize + open_gate, env)
-    server, server_env = start_server(env)
-    try:
+    with prefect_server(env, tmp / "server.log") as server_env:
         figures["score, running server"] = best_of(score, server_env, fresh_output)
         figures["score re-run, output complete, running server"] = best_of(score, server_env)
-    finally:
-        server.terminate()
-        server.wait()
     return figures
 
 

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,16 +21,18 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_startup import free_port  # noqa: E402
+from bench_startup import prefect_server  # noqa: E402
 
 from tests.conftest import make_checkpoint, make_texts, write_tsv  # noqa: E402
+from tests.procs import VENV_BIN  # noqa: E402
 
 SHARED_MODEL = ROOT.parent / "shared" / "models" / "distilbert-sst2-minilm"
-BIN = Path(sys.executable).parent
 
 
 def distilq(env: dict, *args: str) -> None:
-    done = subprocess.run([str(BIN / "distilq"), *args], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [str(VENV_BIN / "distilq"), *args], env=env, capture_output=True, text=True
+    )
     print(f"distilq {args[0]} -> exit {done.returncode}", flush=True)
 
 
@@ -48,36 +49,12 @@ def shoot(url: str, path: Path, height: int = 1100) -> None:
 def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    ui = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env |= {"PREFECT_HOME": str(tmp / "home"), "PREFECT_UI_API_URL": f"{ui}/api"}
-        server = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            env["PREFECT_API_URL"] = f"{ui}/api"
-            wait_for(f"{ui}/api/health")
+        env = {**os.environ, "PREFECT_HOME": str(tmp / "home")}
+        with prefect_server(env, tmp / "server.log") as env:
             run_flows(tmp, env)
-            screenshots(ui, out)
-        finally:
-            server.terminate()
-            server.wait()
-
-
-def wait_for(url: str) -> None:
-    import urllib.request
-
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"{url} did not answer")
+            screenshots(env["PREFECT_API_URL"].removesuffix("/api"), out)
 
 
 def run_flows(tmp: Path, env: dict) -> None:
