@@ -129,7 +129,8 @@ class PrefectRunner(Runner):
         """The report, outcome first, and the metrics table as artifacts; outcome tags."""
         add_tags(outcome.tags)
         said = f"{outcome.headline}. Gate: {'; '.join(outcome.reasons)}"
-        if "reused" in outcome.tags:
+        reused = "reused" in outcome.tags  # nothing was measured: no report, no metrics
+        if reused:
             reasons = "\n".join(f"- {reason}" for reason in outcome.reasons)
             where = f"`versions/{manifest.version}/report.md` in the registry"
             body = f"Gate:\n\n{reasons}\n\nNothing was quantized: the version's report is {where}."
@@ -142,7 +143,7 @@ class PrefectRunner(Runner):
             body = report.render_report(manifest, chart)
         markdown = f"**{outcome.headline}.**\n\n{body}"
         create_markdown_artifact(key="quantize-report", markdown=markdown, description=said)
-        if "reused" in outcome.tags:
+        if reused:
             return
         rows = report.metrics_table(manifest)
         create_table_artifact(

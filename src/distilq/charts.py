@@ -12,7 +12,7 @@ from distilq.manifest import VersionManifest
 
 CHART = "report.png"
 MISSING = "No chart with this report: charts need matplotlib (`pip install 'distilq[charts]'`)."
-SENSITIVE_LAYERS_SHOWN = 15
+SENSITIVE_LAYERS_SHOWN = 15  # in the chart and in the report's table alike
 
 
 def available() -> bool:

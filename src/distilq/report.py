@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from distilq.charts import CHART, MISSING
+from distilq.charts import CHART, MISSING, SENSITIVE_LAYERS_SHOWN
 from distilq.manifest import (
     FallbackRecord,
     OutputRecord,
@@ -146,7 +146,6 @@ def _recipe_section(r: RecipeRecord) -> list[str]:
     ]
 
 
-SENSITIVITY_ROWS = 15
 FLIPS_SHOWN = 25
 
 
@@ -155,7 +154,7 @@ def _fallback_section(auto: FallbackRecord | None, kept: list[str]) -> list[str]
     if auto is None or not auto.sensitivity:
         return []
     reached = "reached" if auto.reached_target else "NOT reached"
-    shown = auto.sensitivity[:SENSITIVITY_ROWS]
+    shown = auto.sensitivity[:SENSITIVE_LAYERS_SHOWN]
     sensitivity = [["layer", "kept FP32", "flips alone", "mean abs prob change"]] + [
         [
             f"`{s.layer}`",
