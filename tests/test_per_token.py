@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 import distilq
 from distilq.checkpoint import load_checkpoint
 from distilq.config import BatchingPolicy, ScoreConfig
 from distilq.hardware import cpu_features
 from distilq.pipelines import quantize_and_promote, score_dataset
-from distilq.quantization import quantize
+from distilq.quantization import TOKEN_KERNELS, TokenKernels, quantize, token_linear
 from distilq.recipes import fallback_base
 from distilq.report import render_report
 from distilq.validation import predict
@@ -70,6 +73,41 @@ def test_a_scored_row_is_what_predict_says_of_its_text_alone(
     for text, row in zip(TEXTS[:12], one, strict=False):
         alone = classifier.predict([text])[0]["probabilities"]
         assert abs(alone["NEGATIVE"] - row[0]) <= 1e-5 and abs(alone["POSITIVE"] - row[1]) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def compiled_kernel():
+    if shutil.which("g++") is None:
+        pytest.skip("torch.compile needs a C++ compiler")
+    kernels = TokenKernels()
+    assert kernels.compile(), "the compiled kernel failed or did not give eager's bits"
+    return kernels.compiled
+
+
+def test_the_compiled_kernel_gives_every_row_the_answer_eager_gives(
+    tiny_checkpoint, compiled_kernel, monkeypatch
+):
+    model, tokenizer = load_checkpoint(tiny_checkpoint)
+    token = quantize(model, "dynamic-int8-token")
+    monkeypatch.setattr(TOKEN_KERNELS, "linear", token_linear)
+    eager = {size: _probs(token, tokenizer, TEXTS, size, True) for size in (1, 7)}
+    monkeypatch.setattr(TOKEN_KERNELS, "linear", compiled_kernel)
+    for size, probs in eager.items():
+        assert np.array_equal(_probs(token, tokenizer, TEXTS, size, True), probs), size
+
+
+def test_a_process_compiles_the_kernel_only_once_it_has_run_many_rows(compiled_kernel, monkeypatch):
+    kernels = TokenKernels()
+    kernels.COMPILE_AFTER_ROWS = 100
+    kernels.ran(60)
+    assert kernels.compiled is None and kernels.linear is token_linear  # a short run: eager
+    kernels.ran(60)
+    assert kernels.compiled is not None and kernels.linear is kernels.compiled
+    monkeypatch.setenv("DISTILQ_COMPILE", "0")
+    kept_eager = TokenKernels()
+    kept_eager.COMPILE_AFTER_ROWS = 100
+    kept_eager.ran(1000)
+    assert not kept_eager.compile() and kept_eager.linear is token_linear
 
 
 def test_auto_starts_from_the_recipe_that_is_faithful_and_fast_on_the_cpu():
