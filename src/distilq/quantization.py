@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import logging
 import os
@@ -231,12 +232,16 @@ def _rowwise_attention(module, query, key, value, attention_mask, scaling=None, 
     counts = keys.sum(dim=1, keepdim=True)
     if not bool((keys == (torch.arange(length) < counts)).all()):
         raise ValueError("per-token attention needs right padding (the tokenizer's default)")
-    for i, n in enumerate(counts.squeeze(1).tolist()):
-        # Views with the strides the text alone has: [1, heads, n, dim], strides set by the
+    first = 0
+    for n, texts in itertools.groupby(counts.squeeze(1).tolist()):
+        # Neighbours of one length n (length-sorted batches have many) in one call: each
+        # computed as if alone, through views with the strides a text alone has, set by the
         # projections' (token, head, dim) layout, not by the padded length.
-        q, k, v = (t[i : i + 1, :, :n] for t in (query, key, value))
+        last = first + len(list(texts))
+        q, k, v = (t[first:last, :, :n] for t in (query, key, value))
         attended = F.scaled_dot_product_attention(q, k, v, scale=scaling)
-        out[i, :n] = attended[0].transpose(0, 1)
+        out[first:last, :n] = attended.transpose(1, 2)
+        first = last
     return out, None
 
 
