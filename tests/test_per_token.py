@@ -8,13 +8,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import distilq
 from distilq.checkpoint import load_checkpoint
 from distilq.config import BatchingPolicy, ScoreConfig
 from distilq.hardware import cpu_features
 from distilq.pipelines import quantize_and_promote, score_dataset
-from distilq.quantization import TOKEN_KERNELS, TokenKernels, quantize, token_linear
+from distilq.quantization import (
+    TOKEN_KERNELS,
+    Int8TokenLinear,
+    TokenKernels,
+    quantize,
+    token_linear,
+)
 from distilq.recipes import fallback_base
 from distilq.report import render_report
 from distilq.validation import predict
@@ -94,6 +101,17 @@ def test_the_compiled_kernel_gives_every_row_the_answer_eager_gives(
     monkeypatch.setattr(TOKEN_KERNELS, "linear", compiled_kernel)
     for size, probs in eager.items():
         assert np.array_equal(_probs(token, tokenizer, TEXTS, size, True), probs), size
+
+
+def test_long_inputs_run_in_chunks_that_change_no_bit():
+    torch.manual_seed(0)
+    layer = Int8TokenLinear.from_float(torch.nn.Linear(48, 40))
+    x = torch.randn(3, 2000, 48) * torch.rand(3, 2000, 1) * 10  # 6,000 rows: 3 chunks
+    with torch.inference_mode():
+        chunked = layer(x)
+        whole = token_linear(x.reshape(-1, 48), layer.weight_t, layer.weight_scale, layer.bias)
+    assert len(x.reshape(-1, 48)) > 2 * Int8TokenLinear.CHUNK_ROWS
+    assert torch.equal(chunked, whole.reshape(3, 2000, 40))
 
 
 def test_a_process_compiles_the_kernel_only_once_it_has_run_many_rows(compiled_kernel, monkeypatch):

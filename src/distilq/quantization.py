@@ -207,10 +207,23 @@ class Int8TokenLinear(nn.Module):
         """The weights as [out, in] int8, the layout on disk."""
         return self.weight_t.t()
 
+    # Rows per kernel call: its temporaries (int8 rows, int32 product, float output) stay
+    # under glibc's 32 MiB mmap threshold, so long inputs reuse heap memory instead of
+    # page-faulting fresh mappings in every layer (a quarter of eager time on 512-token
+    # reviews here). Rows are independent: the result is the same to the bit.
+    CHUNK_ROWS = 2048
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         TOKEN_KERNELS.ran(rows.shape[0])
-        out = TOKEN_KERNELS.linear(rows, self.weight_t, self.weight_scale, self.bias)
+        kernel, args = TOKEN_KERNELS.linear, (self.weight_t, self.weight_scale, self.bias)
+        if len(rows) <= self.CHUNK_ROWS:
+            out = kernel(rows, *args)
+        else:
+            out = rows.new_empty(len(rows), self.out_features)
+            chunks = zip(rows.split(self.CHUNK_ROWS), out.split(self.CHUNK_ROWS), strict=True)
+            for part, into in chunks:
+                into.copy_(kernel(part, *args))
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
