@@ -114,18 +114,14 @@ def test_long_inputs_run_in_chunks_that_change_no_bit():
     assert torch.equal(chunked, whole.reshape(3, 2000, 40))
 
 
-def test_a_process_compiles_the_kernel_only_once_it_has_run_many_rows(compiled_kernel, monkeypatch):
-    kernels = TokenKernels()
-    kernels.COMPILE_AFTER_ROWS = 100
-    kernels.ran(60)
-    assert kernels.compiled is None and kernels.linear is token_linear  # a short run: eager
-    kernels.ran(60)
-    assert kernels.compiled is not None and kernels.linear is kernels.compiled
-    monkeypatch.setenv("DISTILQ_COMPILE", "0")
-    kept_eager = TokenKernels()
-    kept_eager.COMPILE_AFTER_ROWS = 100
-    kept_eager.ran(1000)
-    assert not kept_eager.compile() and kept_eager.linear is token_linear
+def test_the_kernel_is_compiled_only_when_asked(compiled_kernel, monkeypatch):
+    monkeypatch.delenv("DISTILQ_COMPILE", raising=False)
+    default = TokenKernels()
+    assert default.kernel() is token_linear and default.compiled is None
+    monkeypatch.setenv("DISTILQ_COMPILE", "1")
+    asked = TokenKernels()
+    assert asked.compiled is None  # not before a per-token layer runs
+    assert asked.kernel() is asked.compiled is not None
 
 
 def test_auto_starts_from_the_recipe_that_is_faithful_and_fast_on_the_cpu():
