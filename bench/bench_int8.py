@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +32,7 @@ import torch
 
 from distilq.config import BatchingPolicy
 from distilq.hardware import cpu_features, cpu_model
-from distilq.quantization import quantize
+from distilq.quantization import TOKEN_KERNELS, quantize, token_linear
 from distilq.validation import PACKAGED_VALIDATION, load_validation, predict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,11 @@ from bench_score import quantize_into, run_measured, score_cmd  # noqa: E402
 csv.field_size_limit(1 << 24)
 POLICY = BatchingPolicy()
 RECIPES = ("dynamic-int8-pc", "dynamic-int8-token")
+COMPILED = ", compiled kernel"
+COMPILE_ONLY = (
+    "import time; from distilq.quantization import TOKEN_KERNELS; start = time.perf_counter(); "
+    "assert TOKEN_KERNELS.compile(); print(time.perf_counter() - start)"
+)
 
 
 def imdb_reviews(n: int = 120) -> list[str]:
@@ -115,9 +121,21 @@ def rates_and_agreement(model, tokenizer, texts: dict[str, list[str]], tmp: Path
         ),
         "distilq FP32": lambda t: _rate(lambda: predict(model, tokenizer, t, POLICY), len(t)),
     }
-    int8 = {name: quantize(model, name) for name in RECIPES}
-    for name, q in int8.items():
-        runners[name] = lambda t, q=q: _rate(lambda: predict(q, tokenizer, t, POLICY), len(t))
+    # Each INT8 path with the per-token kernel it runs (set before each run: one model, two
+    # kernels, for the per-token recipe).
+    int8 = {name: (quantize(model, name), token_linear) for name in RECIPES}
+    if TOKEN_KERNELS.compile():
+        int8[f"dynamic-int8-token{COMPILED}"] = (
+            int8["dynamic-int8-token"][0],
+            TOKEN_KERNELS.compiled,
+        )
+
+    def int8_predict(t, name):
+        q, TOKEN_KERNELS.linear = int8[name]
+        return predict(q, tokenizer, t, POLICY)
+
+    for name in int8:
+        runners[name] = lambda t, name=name: _rate(lambda: int8_predict(t, name), len(t))
     ort_model = OrtClassifier(model, tokenizer, tmp)
     runners["ONNX Runtime INT8 pc"] = lambda t: _rate(lambda: ort_model.predict(t), len(t))
     rates = {(name, kind): 0.0 for name in runners for kind in texts}
@@ -126,7 +144,7 @@ def rates_and_agreement(model, tokenizer, texts: dict[str, list[str]], tmp: Path
             for name, run in runners.items():
                 rates[name, kind] = max(rates[name, kind], run(batch))
     first = next(iter(texts.values()))
-    labels = {name: predict(q, tokenizer, first, POLICY).labels for name, q in int8.items()}
+    labels = {name: int8_predict(first, name).labels for name in int8}
     labels["ONNX Runtime INT8 pc"] = ort_model.predict(first).argmax(1)
     return rates, labels, list(runners)
 
@@ -174,6 +192,18 @@ def batch_independence_and_startup(tmp: Path) -> list[str]:
         table = pq.read_table(out / "dev.parquet")
         probs[size] = np.stack([table[c].to_numpy() for c in table.column_names if "prob_" in c])
     diff = max(float(np.abs(probs[s] - probs[1]).max()) for s in (7, 32))
+    reviews = tmp / "imdb.parquet"
+    pq.write_table(pa.table({"text": imdb_reviews(1000)}), reviews)
+    whole = {}
+    for name, extra in (("default", {}), ("compiled", {"DISTILQ_COMPILE": "1"})):
+        cmd = score_cmd(reviews, tmp / f"imdb-{name}", registries["dynamic-int8-token"])
+        start = time.perf_counter()
+        done = subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True, check=True)
+        compiled = "per-token INT8 kernel compiled in" in done.stderr
+        whole[name] = f"{time.perf_counter() - start:.1f} s ({'compiled' if compiled else 'eager'})"
+    cold_cache = {**env, "TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor")}
+    compile_cold = float(run_measured([sys.executable, "-c", COMPILE_ONLY], cold_cache)[2])
+    compile_warm = float(run_measured([sys.executable, "-c", COMPILE_ONLY], cold_cache)[2])
     startup = {}
     for recipe, registry in registries.items():
         times = []
@@ -186,7 +216,10 @@ def batch_independence_and_startup(tmp: Path) -> list[str]:
         f"`dynamic-int8-token` version at batch sizes 1, 7 and 32: largest difference of any "
         f"probability {diff:.1e}. One row, whole process, best of 3: "
         + ", ".join(f"`{r}` {s:.1f} s" for r, s in startup.items())
-        + ".",
+        + f". 1,000 IMDB reviews, whole process, `dynamic-int8-token`: {whole['default']} by "
+        f"default, {whole['compiled']} with DISTILQ_COMPILE=1 (compile included). Compiling "
+        "the per-token kernel: "
+        f"{compile_cold:.1f} s with an empty inductor cache, {compile_warm:.1f} s from it.",
     ]
 
 
