@@ -113,12 +113,11 @@ class TokenKernels:
 
     Eager unless DISTILQ_COMPILE=1: then, at the first per-token layer a process runs,
     torch.compile fuses the kernel's quantize and dequantize passes into vectorised loops.
-    That is worth it for long jobs only: here it makes full-size 512-token reviews about
-    15% faster, sentences and the small shared model a few percent, and compiling costs
-    about 5 s with inductor's on-disk cache warm, 18 s the first time on a machine. The
-    compiled kernel must give the very bits eager gives, checked on the spot, so that a row's
-    answer never depends on which one ran; if it does not, or there is no C++ compiler,
-    eager stays, with a warning.
+    That is worth it for long jobs only: in-process it ran 0-21% faster here (bench_int8),
+    and compiling costs about 5 s with inductor's on-disk cache warm, 18 s the first time
+    on a machine. The compiled kernel must give the very bits eager gives, checked on the
+    spot, so that a row's answer never depends on which one ran; if it does not, or there
+    is no C++ compiler, eager stays, with a warning.
     """
 
     def __init__(self) -> None:
@@ -254,7 +253,7 @@ def _rowwise_attention(module, query, key, value, attention_mask, scaling=None, 
 
 
 def use_rowwise_attention(model: nn.Module) -> None:
-    """Run `model`'s attention one sequence at a time (see `_rowwise_attention`)."""
+    """Run `model`'s attention for each sequence over its own tokens (`_rowwise_attention`)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
