@@ -2,14 +2,15 @@
 independence and one-row start-up, with the CPU named.
 
 - In-process rows/s, best of interleaved passes: transformers pipeline FP32 (best of batch
-  8 and 32), distilq FP32, `dynamic-int8-pc`, `dynamic-int8-token`, and ONNX Runtime
-  dynamic INT8 per-channel (exported and quantized here only; not a distilq dependency),
-  on SST-2 dev and on 120 IMDB reviews, for the real shared model and the full-size
-  DistilBertConfig() shape (random weights).
+  8 and 32), distilq FP32, `dynamic-int8-pc`, `dynamic-int8-token` (eager, and with its
+  kernel compiled), and ONNX Runtime dynamic INT8 per-channel (exported and quantized
+  here only; not a distilq dependency), on SST-2 dev and on 120 IMDB reviews, for the real
+  shared model and the full-size DistilBertConfig() shape (random weights).
 - Agreement with FP32 on SST-2 dev (real model), no FP32 layer for any of them.
 - Batch independence: `distilq score --probabilities` of SST-2 dev with a per-token version
   at batch sizes 1, 7 and 32, largest probability difference.
-- Whole process, one row, `distilq score`: a per-token version vs a per-channel one.
+- Whole process, one row, `distilq score`: a per-token version vs a per-channel one; 1,000
+  IMDB reviews by default and with DISTILQ_COMPILE=1; compiling alone, cold and warm cache.
 
 Writes its tables between markers in bench/RESULTS.md. Usage: python bench/bench_int8.py
 (needs `pip install -e '.[bench]'` for ONNX Runtime).
