@@ -168,10 +168,11 @@ class PrefectRunner(Runner):
         shards were already done."""
         if summary.files_skipped:
             add_tags(["resumed"])
-        rows = report.score_summary_table(summary)
-        table = ["| what | figure |", "|---|---:|", *(f"| {n} | {v} |" for n, v in rows)]
+        rows = [["what", "figure"], *map(list, report.score_summary_table(summary))]
         failed = [f"- `{uri}`: {why}" for uri, why in summary.failed.items()]
-        markdown = "\n".join([*table, *(["", "**Failed:**", "", *failed] if failed else [])])
+        markdown = "\n".join(
+            [report.markdown_table(rows), *(["", "**Failed:**", "", *failed] if failed else [])]
+        )
         create_markdown_artifact(
             key="score-summary",
             markdown=markdown,

@@ -80,7 +80,7 @@ def speed_note(metrics: VersionMetrics) -> str:
 NUMBER = re.compile(r"^[-+]?[\d.,]+( ?(%|x|MiB|s))?$|^n/a$|^$")
 
 
-def _table(rows: list[list[str]]) -> str:
+def markdown_table(rows: list[list[str]]) -> str:
     """A Markdown table, header first; columns of numbers are right-aligned."""
     body = rows[1:]
     numeric = [bool(body) and all(NUMBER.match(r[i]) for r in body) for i in range(len(rows[0]))]
@@ -117,7 +117,7 @@ def _sets_section(metrics: VersionMetrics) -> list[str]:
             ", on its confirmation part: the lower bound is what the agreement certifies for "
             "texts like these, with the stated confidence"
         )
-    return [intro + ":", "", _table(rows), ""]
+    return [intro + ":", "", markdown_table(rows), ""]
 
 
 ACTIVATIONS = {
@@ -175,12 +175,12 @@ def _fallback_section(auto: FallbackRecord | None, kept: list[str]) -> list[str]
         "Each attempt keeps the most sensitive layers FP32, more each time, until the "
         "agreement on the tuning part reaches the target.",
         "",
-        _table(attempts),
+        markdown_table(attempts),
         "",
         f"### auto: layer sensitivity ({len(shown)} of {len(auto.sensitivity)} layers, most "
         "sensitive first)",
         "",
-        _table(sensitivity),
+        markdown_table(sensitivity),
     ]
 
 
@@ -200,7 +200,7 @@ def _flips_section(m: VersionMetrics) -> list[str]:
         ]
         for f in shown
     ]
-    return ["", f"## Flipped examples ({len(shown)} of {m.flips})", "", _table(rows)]
+    return ["", f"## Flipped examples ({len(shown)} of {m.flips})", "", markdown_table(rows)]
 
 
 def _provenance(manifest: VersionManifest) -> str:
@@ -234,7 +234,7 @@ def render_report(manifest: VersionManifest, chart: str | None = "") -> str:
         "",
         "## FP32 vs INT8",
         "",
-        _table(metrics_table(manifest)),
+        markdown_table(metrics_table(manifest)),
         "",
         *_sets_section(m),
         f"Agreement {_pct(m.agreement)} ({m.flips} flips); probability of the FP32 label "
