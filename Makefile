@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+# The quick tier for your own loop: everything not marked slow (no subprocess CLI, no
+# real servers, no real model).
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tasks flows tests bench deployments

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import csv
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -19,6 +24,41 @@ WORDS = (
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SHARED_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "distilbert-sst2-minilm"
 SENSITIVE_LAYER = "distilbert.transformer.layer.1.ffn.lin2"
+DISTILQ = str(Path(sys.executable).parent / "distilq")
+
+
+def run(
+    *args: str, prefect_home: Path | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """`distilq ARGS` as a user runs it, on its own temporary Prefect API."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    if prefect_home is not None:
+        env["PREFECT_HOME"] = str(prefect_home)
+    return subprocess.run(
+        [DISTILQ, *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def quantize(source: Path, validation: Path, registry: Path, *extra: str) -> list[str]:
+    """Arguments of a `distilq quantize` run."""
+    return [
+        "quantize",
+        "--source",
+        str(source),
+        "--validation",
+        str(validation),
+        "--registry",
+        str(registry),
+        *extra,
+    ]
+
+
+def write_parquet(path, texts, row_group_size=None, **extra) -> str:
+    """A Parquet file of `id` and `text` columns (and `extra` ones)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"id": list(range(len(texts))), "text": texts, **extra})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return str(path)
 
 
 def make_texts(n: int, seed: int = 0) -> list[str]:

@@ -21,8 +21,7 @@ import pytest
 from distilq.attest import SELFCHECK
 from distilq.checkpoint import sha256_file
 from distilq.registry import Registry
-from tests.conftest import make_texts, stage_tiny_version
-from tests.test_cli import DISTILQ
+from tests.conftest import DISTILQ, make_texts, stage_tiny_version
 
 pytestmark = pytest.mark.slow
 OTHER_PLATFORM = {"ATEN_CPU_CAPABILITY": "default"}

@@ -6,41 +6,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from distilq.registry import Registry
-from tests.conftest import stage_tiny_version
-
-DISTILQ = str(Path(sys.executable).parent / "distilq")
-
-
-def run(
-    *args: str, prefect_home: Path | None = None, timeout: int = 600
-) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    if prefect_home is not None:
-        env["PREFECT_HOME"] = str(prefect_home)
-    return subprocess.run(
-        [DISTILQ, *args], capture_output=True, text=True, env=env, timeout=timeout
-    )
-
-
-def quantize(source: Path, validation: Path, registry: Path, *extra: str) -> list[str]:
-    """Arguments of a `distilq quantize` run."""
-    return [
-        "quantize",
-        "--source",
-        str(source),
-        "--validation",
-        str(validation),
-        "--registry",
-        str(registry),
-        *extra,
-    ]
+from tests.conftest import quantize, run, stage_tiny_version
 
 
 @pytest.fixture

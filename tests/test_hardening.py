@@ -27,9 +27,7 @@ from distilq.output import MANIFEST, prepare_output
 from distilq.registry import MANIFEST_SHA256, Registry
 from distilq.scoring import ScoreOptions, options_for, score_shard
 from distilq.validation import NO_TOKENS
-from tests.conftest import make_texts, stage_tiny_version
-from tests.test_cli import DISTILQ, quantize, run
-from tests.test_scoring import write_parquet
+from tests.conftest import DISTILQ, make_texts, quantize, run, stage_tiny_version, write_parquet
 
 
 @pytest.fixture

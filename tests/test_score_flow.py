@@ -16,9 +16,8 @@ import pytest
 from distilq.config import ScoreConfig
 from distilq.errors import ScoringFailed
 from flows.score_parquet import score_parquet
-from tests.conftest import make_texts
+from tests.conftest import DISTILQ, make_texts, run
 from tests.procs import VENV_BIN, free_port, running
-from tests.test_cli import DISTILQ, run
 
 pytestmark = pytest.mark.slow
 

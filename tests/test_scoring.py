@@ -17,7 +17,7 @@ from distilq.output import MANIFEST, OutputManifest, output_lock, prepare_output
 from distilq.pipelines import score_dataset
 from distilq.registry import Registry
 from distilq.scoring import ScoreOptions, score_shard
-from tests.conftest import make_texts, stage_tiny_version
+from tests.conftest import make_texts, stage_tiny_version, write_parquet
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +33,6 @@ def classifier(tmp_path_factory, tiny_checkpoint, tiny_validation):
     loaded = distilq.load(root / "reg")
     loaded.registry_dir = str(root / "reg")  # for run_all
     return loaded
-
-
-def write_parquet(path, texts, row_group_size=None, **extra) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"id": list(range(len(texts))), "text": texts, **extra})
-    pq.write_table(table, path, row_group_size=row_group_size)
-    return str(path)
 
 
 def run_all(classifier, inputs, out, options, overwrite=False):
