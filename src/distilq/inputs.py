@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distilq.errors import InputError
@@ -50,6 +51,12 @@ def kept_column(column: str, options) -> bool:
     """Whether an input column is copied to the output (`ScoreOptions.id_columns`, else
     every column but the text)."""
     return column in options.id_columns if options.id_columns else column != options.text_column
+
+
+def copied_to_output(column: str, options) -> bool:
+    """Whether an input column is in the output: kept (`kept_column`), or the text with
+    `keep_text`."""
+    return kept_column(column, options) or (options.keep_text and column == options.text_column)
 
 
 @contextlib.contextmanager
@@ -140,9 +147,21 @@ def check_output(output: str, input_dirs: list[str], input_files: list[str]) -> 
             )
 
 
-def _partitions(relative: str) -> dict[str, str]:
-    parts = PurePosixPath(relative).parts[:-1]
-    return dict(p.split("=", 1) for p in parts if "=" in p and not p.startswith("="))
+def _partitions(uri: str, relative: str) -> dict[str, str]:
+    """The hive `key=value` directories of a file's path; a key given twice with two values
+    is refused (which one would the rows hold?)."""
+    partitions: dict[str, str] = {}
+    for part in PurePosixPath(relative).parts[:-1]:
+        if "=" not in part or part.startswith("="):
+            continue
+        key, value = part.split("=", 1)
+        if partitions.get(key, value) != value:
+            raise InputError(
+                f"{uri}: the hive partition {key!r} is given twice in its path, as "
+                f"{partitions[key]!r} and {value!r}; rename a directory"
+            )
+        partitions[key] = value
+    return partitions
 
 
 def plan_shards(inputs: list[str], options, output: str | None = None) -> Plan:
@@ -155,6 +174,7 @@ def plan_shards(inputs: list[str], options, output: str | None = None) -> Plan:
     shards: list[Shard] = []
     unreadable: dict[str, str] = {}
     names: Counter[str] = Counter()
+    types: dict[str, tuple[pa.DataType, str]] = {}  # kept column -> its type, first file
     entries = []
     files, walked = discover_inputs(inputs)
     if output is not None:
@@ -167,8 +187,9 @@ def plan_shards(inputs: list[str], options, output: str | None = None) -> Plan:
         except Exception as e:
             unreadable[uri] = f"not a readable Parquet file: {e}"
             continue
-        partitions = _partitions(relative)
+        partitions = _partitions(uri, relative)
         _check_columns(uri, schema.names, partitions, options)
+        _check_types(uri, schema, partitions, options, types)
         base = relative.removesuffix(".parquet").replace("/", "__")
         groups = _group_runs(meta, options.shard_rows)
         for run in groups:
@@ -185,8 +206,36 @@ def plan_shards(inputs: list[str], options, output: str | None = None) -> Plan:
     return Plan(shards, unreadable)
 
 
+def _check_types(
+    uri: str, schema: pa.Schema, partitions: dict, options, types: dict[str, tuple]
+) -> None:
+    """Every kept column has one type across the output (a hive partition value is a
+    string): one output file with `year` int64 and another with it as a string is no
+    dataset a reader can open."""
+    kept = {f.name: f.type for f in schema if copied_to_output(f.name, options)}
+    kept |= {k: pa.string() for k in partitions if copied_to_output(k, options)}
+    for column, kind in kept.items():
+        first_kind, first_uri = types.setdefault(column, (kind, uri))
+        if kind != first_kind:
+            raise InputError(
+                f"column {column!r} is {first_kind} in {first_uri} but {kind} in {uri}; the "
+                "output would hold two types in one column. Score them as separate runs, or "
+                "write the inputs with one type"
+            )
+
+
 def _check_columns(uri: str, names: list[str], partitions: dict, options) -> None:
-    """The text and id columns must be there, and no kept column may clash with a score's."""
+    """The text and id columns must be there, no kept hive partition may also be a column of
+    the file (one of the two values would be lost), and no kept column may clash with a
+    score's."""
+    both = [k for k in partitions if k in names and copied_to_output(k, options)]
+    if both:
+        raise InputError(
+            f"{uri}: {', '.join(repr(k) for k in both)} is both a column of the file and a hive "
+            f"partition of its path ({', '.join(f'{k}={partitions[k]}' for k in both)}); one "
+            "value would be lost. Rename the column or the directory, or keep other columns "
+            "with --id-column"
+        )
     columns = set(names) | set(partitions)
     if options.text_column not in columns:
         raise InputError(

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from distilq.config import BatchingPolicy, ScoreConfig
 from distilq.errors import InputError
-from distilq.inputs import Shard, kept_column, open_parquet
+from distilq.inputs import Shard, copied_to_output, open_parquet
 from distilq.storage import Store
 
 
@@ -100,11 +100,7 @@ class _ShardWriter:
         self.labels = [classifier.id2label[i] for i in sorted(classifier.id2label)]
         names = list(input_schema.names)
         names += [k for k in shard.partitions if k not in input_schema.names]
-        self.kept = [
-            c
-            for c in names
-            if kept_column(c, options) or (options.keep_text and c == options.text_column)
-        ]
+        self.kept = [c for c in names if copied_to_output(c, options)]
         self.read = [
             c for c in dict.fromkeys([*self.kept, options.text_column]) if c in input_schema.names
         ]
