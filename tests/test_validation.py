@@ -93,7 +93,7 @@ def test_prediction_is_deterministic_and_in_input_order(tiny_checkpoint):
     model, tokenizer = load_checkpoint(tiny_checkpoint)
     texts = make_texts(70, seed=11)
     policy = BatchingPolicy(batch_size=16)
-    batches = batch_order(token_lengths(tokenizer, texts), policy)
+    batches = batch_order(token_lengths(tokenizer, texts, policy.max_length), policy)
     lengths = [len(tokenizer(texts[b[-1]])["input_ids"]) for b in batches]
     assert lengths == sorted(lengths) and sorted(i for b in batches for i in b) == list(range(70))
     first = predict(model, tokenizer, texts, policy)

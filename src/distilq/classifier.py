@@ -21,7 +21,11 @@ class Classifier:
         self.tokenizer = tokenizer
         self.manifest = manifest
         self.version = manifest.version
-        self.batching = manifest.recipe.batching
+        # The validated policy, its max_length capped at the model's positions (a longer
+        # text would overflow them): what `distilq score` uses too (`scoring.options_for`).
+        policy = manifest.recipe.batching
+        positions = getattr(model.config, "max_position_embeddings", None) or policy.max_length
+        self.batching = policy.model_copy(update={"max_length": min(policy.max_length, positions)})
         self.id2label = {int(k): v for k, v in model.config.id2label.items()}
         self.attestation = ""  # how this platform is attested (set by `load`)
 
@@ -33,12 +37,12 @@ class Classifier:
         that can. Batched as validated unless told otherwise."""
         if isinstance(values, str):
             raise TypeError("predict takes a sequence of texts; wrap a single text in a list")
-        errors, lengths = screen_texts(self.tokenizer, list(values))
+        policy = batching or self.batching
+        errors, lengths = screen_texts(self.tokenizer, list(values), policy.max_length)
         valid = [i for i, e in enumerate(errors) if e is None]
         probs = np.full((len(errors), len(self.id2label)), np.nan, dtype=np.float32)
         if valid:
             texts = [values[i] for i in valid]
-            policy = batching or self.batching
             probs[valid] = predict(self.model, self.tokenizer, texts, policy, lengths=lengths).probs
         return probs, errors, lengths
 
