@@ -6,7 +6,11 @@ import base64
 import functools
 import inspect
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -17,30 +21,31 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
 from prefect.events import emit_event
 from prefect.futures import as_completed
+from prefect.states import Crashed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from distilq import report
 from distilq.config import ScoreConfig
-from distilq.errors import SourceUnavailable
+from distilq.errors import DistilqError, worth_retrying
 from distilq.manifest import ScoreSummary, VersionManifest
 from distilq.output import OutputManifest
 from distilq.pipelines import Outcome, Runner
 from distilq.runtime import configure_logging
 
 PROMOTED_EVENT = "distilq.model.promoted"
+STARTED_DIR = "DISTILQ_STARTED_DIR"  # where shard tasks say they started
 RETRY_DELAYS = [2, 10, 30]
 
 
 def _retry_unreachable(task, task_run, state) -> bool:
-    """Retry only what may pass on a second try: an unreachable source or store."""
+    """Retry only what may pass on a second try (`distilq.errors.worth_retrying`)."""
     try:
         state.result()
-    except (SourceUnavailable, OSError):
-        return True
-    except Exception:
-        return False
+    except Exception as e:  # noqa: BLE001  judged, not handled
+        return worth_retrying(e)
     return False
 
 
@@ -62,6 +67,9 @@ def as_task(fn: Callable, retries: int = 0):
     @functools.wraps(fn)
     def step(*args, **kwargs):
         log_to_run()  # in worker processes too
+        started = os.environ.get(STARTED_DIR)
+        if started:  # see `map_shards`
+            (Path(started) / str(TaskRunContext.get().task_run.id)).touch()
         return fn(*args, **kwargs)
 
     return task(
@@ -108,9 +116,39 @@ class PrefectRunner(Runner):
         return as_task(fn, retries)(*args)
 
     def map_shards(self, fn, shards: Sequence, args: tuple, on_done) -> None:
+        """Shards over the task runner. A worker process that dies (killed, out of memory)
+        breaks a process pool: the shard it was scoring fails, and the shards the pool had
+        not started yet run on a fresh pool. Which ones started, each task says by a file
+        it touches first (pool workers share this machine's disk)."""
         shard_task = as_task(fn)
         names = list(inspect.signature(fn).parameters)
-        with self.shard_runner or ThreadPoolTaskRunner(max_workers=1) as runner:
+        runner = self.shard_runner or ThreadPoolTaskRunner(max_workers=1)
+        pending = list(shards)
+        with tempfile.TemporaryDirectory(prefix="distilq-started-") as started:
+            os.environ[STARTED_DIR] = started  # read by the tasks, in workers too
+            try:
+                while pending:
+                    round_args = (shard_task, names, pending, args, Path(started), on_done)
+                    not_started = self._run_round(runner, *round_args)
+                    if len(not_started) == len(pending):  # nothing ran: a new pool won't help
+                        for shard in not_started:
+                            on_done(shard, WorkerDied("not attempted: the worker pool broke"))
+                        return
+                    if not_started:
+                        logging.getLogger("distilq").warning(
+                            "a worker process died: %d shard(s) not started yet run on a fresh "
+                            "pool",
+                            len(not_started),
+                        )
+                    pending, runner = not_started, runner.duplicate()
+            finally:
+                del os.environ[STARTED_DIR]
+
+    @staticmethod
+    def _run_round(runner, shard_task, names, shards, args, started: Path, on_done) -> list:
+        """Every shard on `runner`; return those it never started because its pool broke."""
+        not_started = []
+        with runner:
             futures = {
                 runner.submit(
                     shard_task.with_options(task_run_name=f"score {shard.output}"),
@@ -119,11 +157,22 @@ class PrefectRunner(Runner):
                 for shard in shards
             }
             for future in as_completed(list(futures)):
+                shard = futures[future]
                 try:
                     result = future.result()
+                except BrokenProcessPool:
+                    if not (started / str(future.task_run_id)).exists():
+                        not_started.append(shard)
+                        continue
+                    result = WorkerDied(
+                        "its worker process died while scoring it (killed, or out of memory); "
+                        "the other files went on, and a re-run scores this one"
+                    )
+                    _mark_crashed(future.task_run_id, str(result))
                 except Exception as e:  # noqa: BLE001  one bad file must not stop the others
                     result = e
-                on_done(futures[future], result)
+                on_done(shard, result)
+        return not_started
 
     def decided(self, manifest: VersionManifest, outcome: Outcome) -> None:
         """The report, outcome first, and the metrics table as artifacts; outcome tags."""
@@ -183,6 +232,18 @@ class PrefectRunner(Runner):
             table=report.score_files_table(manifest.record),
             description=f"{summary.files} file(s) in {summary.output}",
         )
+
+
+class WorkerDied(DistilqError):
+    """A shard's worker process died under it (or the pool broke before it started)."""
+
+
+def _mark_crashed(task_run_id, message: str) -> None:
+    """A task run whose process died stays Running in the API: say it crashed."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
 
 
 def add_tags(tags: list[str]) -> None:
