@@ -48,23 +48,21 @@ def _set_figures(sets: list[SetMetrics]) -> list[dict]:
     return [m.model_dump(include={"name", "n_examples", "agreement", "flips"}) for m in sets]
 
 
-def record_gate(registry, manifest: VersionManifest) -> None:
-    """The attestation of a published version's own platform: the gate's figures."""
+def gate_attestation(manifest: VersionManifest) -> dict[str, dict]:
+    """The attestation of a version's own platform (the gate's figures), by platform key:
+    written by `Registry.publish` with the version, before its manifest."""
     m = manifest.metrics
-    registry.write_attestation(
-        manifest.version,
-        manifest.platform.key,
-        {
-            "version": manifest.version,
-            "platform": manifest.platform.model_dump(),
-            "agreement": min(s.agreement for s in m.sets),
-            "agreement_lower_bound": m.agreement_lower_bound,
-            "sets": _set_figures(m.sets),
-            "approved": manifest.decision.approved,
-            "reasons": manifest.decision.reasons,
-            "max_abs_prob_diff": 0.0,  # the very outputs the gate measured
-        },
-    )
+    record = {
+        "version": manifest.version,
+        "platform": manifest.platform.model_dump(),
+        "agreement": min(s.agreement for s in m.sets),
+        "agreement_lower_bound": m.agreement_lower_bound,
+        "sets": _set_figures(m.sets),
+        "approved": manifest.decision.approved,
+        "reasons": manifest.decision.reasons,
+        "max_abs_prob_diff": 0.0,  # the very outputs the gate measured
+    }
+    return {manifest.platform.key: record}
 
 
 def self_check(classifier, directory: str | Path) -> dict:

@@ -23,7 +23,7 @@ import typing
 from collections.abc import Iterator
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from distilq import __version__
 from distilq.config import QuantizeConfig, ScoreConfig, default_registry
@@ -82,7 +82,7 @@ def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) ->
     shown. Unset flags stay None, so the config applies its own default."""
     for name, field in model.model_fields.items():
         kind, choices, repeats = _flag_type(field.annotation)
-        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        flag = _flag(name)
         help_text = field.description or ""
         if not field.is_required():
             default = field.get_default(call_default_factory=True)
@@ -101,13 +101,44 @@ def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) ->
         parser.add_argument(flag, **kwargs)
 
 
+def _flag(field: str) -> str:
+    return FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
+
+
 def _config(model: type[BaseModel], args: argparse.Namespace):
-    """The config from the flags given; a bad value is a usage error."""
+    """The config from the flags given; a bad value is a usage error, said in one line."""
     fields = {k: v for k, v in vars(args).items() if k in model.model_fields and v is not None}
     try:
         return model(**fields)
-    except ValueError as e:
-        raise InputError(str(e)) from e
+    except ValidationError as e:
+        raise InputError("; ".join(map(_flag_problem, e.errors()))) from None
+
+
+# What a bounded field's pydantic error means, said of its flag.
+_BOUNDS = {
+    "greater_than_equal": ("ge", "must be at least"),
+    "greater_than": ("gt", "must be more than"),
+    "less_than_equal": ("le", "must be at most"),
+    "less_than": ("lt", "must be less than"),
+}
+
+
+def _flag_problem(error: dict) -> str:
+    """One pydantic error as `--batch-size must be at least 1 (got 0)`."""
+
+    def shown(value) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    ctx = error.get("ctx", {})
+    if not error["loc"]:  # a check across fields: its message names the flags
+        return str(ctx.get("error", error["msg"]))
+    flag = _flag(str(error["loc"][0]))
+    if error["type"] in _BOUNDS:
+        key, words = _BOUNDS[error["type"]]
+        return f"{flag} {words} {shown(ctx[key])} (got {shown(error['input'])})"
+    if error["type"] == "literal_error":
+        return f"{flag} must be one of {ctx['expected']} (got {error['input']!r})"
+    return f"{flag}: {error['msg']}"
 
 
 def _common_flags(parser: argparse.ArgumentParser, what: str) -> None:
@@ -554,6 +585,7 @@ class EphemeralApi:
         """Around a flow run: point Prefect at this server once it answers (unless the user
         named another API), deliver the run's last logs and events, then stop the server,
         so that its closing lines come before distilq's own last line."""
+        from prefect.context import refresh_global_settings_context
         from prefect.settings import (
             PREFECT_API_URL,
             PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
@@ -579,7 +611,11 @@ class EphemeralApi:
             PREFECT_UI_URL: "",
             PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
         }
-        os.environ["PREFECT_API_URL"] = self.url  # for worker processes this run starts
+        # For worker processes this run starts, and for Prefect's own threads (its process
+        # pool forwards its workers' logs and events from one), which read the global
+        # settings, not this thread's temporary ones.
+        os.environ["PREFECT_API_URL"] = self.url
+        refresh_global_settings_context()
         try:
             with temporary_settings(updates=updates):
                 try:
@@ -592,6 +628,7 @@ class EphemeralApi:
                     EventsWorker.drain_all(timeout=30)
         finally:
             del os.environ["PREFECT_API_URL"]
+            refresh_global_settings_context()
             self.stop()
 
     def stop(self) -> None:
@@ -636,6 +673,9 @@ def main(argv: list[str] | None = None) -> int:
         # interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except OSError as e:  # the machine said no (a full disk, a read-only mount): one line
+        print(f"distilq: {e}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         api.stop()
 

@@ -140,10 +140,10 @@ class QuantizeConfig(BaseModel):
     @model_validator(mode="after")
     def _target_reachable(self) -> QuantizeConfig:
         if self.min_agreement >= 1:
-            raise ValueError("min_agreement 1 cannot be certified: a lower bound never reaches 1")
+            raise ValueError("--min-agreement 1 cannot be certified: a lower bound never reaches 1")
         if RECIPES[self.recipe].fallback and self.min_agreement + self.margin > 1:
             raise ValueError(
-                f"min_agreement {self.min_agreement} + margin {self.margin} exceeds 1: "
+                f"--min-agreement {self.min_agreement} + --margin {self.margin} exceeds 1: "
                 f"{self.recipe} could never reach it; lower the margin"
             )
         return self

@@ -14,12 +14,16 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
 
-from distilq.errors import InputError, IntegrityError
+from distilq.errors import DistilqError, InputError, IntegrityError
 from distilq.inputs import Plan, Shard
 from distilq.manifest import OutputRecord, ScoreSummary, ShardRecord, read_output_manifest
 from distilq.storage import Store, WriteConflict, temporary_prefix
 
 MANIFEST = "_manifest.json"
+
+
+class ManifestNotSaved(DistilqError):
+    """`_manifest.json` could not be written (a full disk, a read-only mount)."""
 
 
 class OutputManifest:
@@ -56,6 +60,12 @@ class OutputManifest:
                 f"output {self.output_dir}: another run changed {MANIFEST} while this one was "
                 "writing; two runs must not write to one output at once"
             ) from None
+        except OSError as e:
+            raise ManifestNotSaved(
+                f"could not save {self.output_dir}/{MANIFEST} ({e.strerror or e}); the scored "
+                "files are kept, and a re-run once this is fixed rewrites those it did not "
+                "record"
+            ) from e
 
     def record_shard(self, shard: Shard, stats) -> None:
         """Mark a shard done (`stats`: its `ShardStats`) and save."""
@@ -218,6 +228,14 @@ def _conflicts(
             problems.append(f"{name} comes from another input ({entry.input})")
             break
     return problems
+
+
+def refuse_if_locked(output_dir: str) -> None:
+    """Refuse now, before a model is loaded, an output another run holds (`output_lock`);
+    an output that does not exist yet is held by no one, and is not created here."""
+    if Store(output_dir).exists():
+        with output_lock(output_dir):
+            pass
 
 
 @contextlib.contextmanager

@@ -26,10 +26,17 @@ from tqdm.auto import tqdm
 
 from distilq import artifact, attest, charts, checkpoint, gate, report, validation
 from distilq.config import QuantizeConfig, ScoreConfig
-from distilq.errors import GateRejected, ScoringFailed
+from distilq.errors import DistilqError, GateRejected, PromotionFailed, ScoringFailed
 from distilq.inputs import Plan, Shard, plan_shards
 from distilq.manifest import Decision, ScoreSummary, VersionManifest
-from distilq.output import OutputManifest, output_lock, pending_shards, prepare_output
+from distilq.output import (
+    ManifestNotSaved,
+    OutputManifest,
+    output_lock,
+    pending_shards,
+    prepare_output,
+    refuse_if_locked,
+)
 from distilq.recipes import get_recipe
 from distilq.registry import Registry
 from distilq.scoring import ScoreOptions, ShardStats, options_for, score_shard
@@ -109,6 +116,8 @@ def quantize_and_promote(config: QuantizeConfig, run: Runner | None = None) -> Q
     to `production` only if the gate approved it. A rejected candidate is published with
     its report and raises GateRejected; a dry run publishes nothing."""
     run = run or Runner()
+    if not config.dry_run:
+        run.step(check_registry, config)
     found = run.step(resolve_source, config, retries=3)
     data = run.step(load_validation, config, found, retries=2)
     tuning, confirmation = run.step(split_validation, data, config)
@@ -165,7 +174,12 @@ def _promote(
     reused: bool,
     chart_png: bytes | None = None,
 ) -> QuantizeResult:
-    entry = run.step(promote, manifest.version, config)
+    try:
+        entry = run.step(promote, manifest.version, config)
+    except DistilqError as e:
+        raise PromotionFailed(
+            f"{manifest.version} is published in {config.registry} but was not promoted: {e}"
+        ) from e
     if entry is not None:
         run.promoted(manifest.version, config.registry, entry)
         production = manifest.version
@@ -266,6 +280,11 @@ def _result(
 
 
 # The steps of quantize_and_promote, in order.
+
+
+def check_registry(config: QuantizeConfig) -> None:
+    """Refuse a registry this run could not publish to, before any work."""
+    Registry(config.registry).check_writable()
 
 
 def resolve_source(config: QuantizeConfig) -> checkpoint.Checkpoint:
@@ -369,8 +388,7 @@ def publish(staging: Path, manifest: VersionManifest, config: QuantizeConfig) ->
     """Publish the staged version (immutable; manifest written last) with the gate's own
     attestation of its platform."""
     registry = Registry(config.registry)
-    version = registry.publish(staging, manifest)
-    attest.record_gate(registry, manifest)
+    version = registry.publish(staging, manifest, attest.gate_attestation(manifest))
     log.info("published %s to %s", version, config.registry)
     return version
 
@@ -406,11 +424,14 @@ def score_dataset(config: ScoreConfig, run: Runner | None = None) -> ScoreSummar
         progress(0, total, f"0 of {total:,} rows to score in this run")
 
         def done(shard: Shard, result: ShardStats | BaseException) -> None:
-            if isinstance(result, BaseException):
-                log.error("%s failed: %s", shard.name, result)
-                manifest.record_failure(shard.name, str(result))
-            else:
-                manifest.record_shard(shard, result)
+            try:
+                if isinstance(result, BaseException):
+                    log.error("%s failed: %s", shard.name, result)
+                    manifest.record_failure(shard.name, str(result))
+                else:
+                    manifest.record_shard(shard, result)
+            except ManifestNotSaved as e:  # kept in memory: the next save may pass
+                log.error("%s; going on with the other files", e)
             bar.update(shard.rows)
             progress(bar.n, total, f"{bar.n:,} of {total:,} rows to score in this run")
 
@@ -431,11 +452,12 @@ def score_dataset(config: ScoreConfig, run: Runner | None = None) -> ScoreSummar
 
 def preflight(config: ScoreConfig) -> tuple[str, int]:
     """The checks of `score_dataset` that need no engine: unknown model, a --max-length the
-    model cannot take, missing paths or columns, an output that overlaps the inputs or
-    cannot be made. Returns the model version `config.model` names now and the number of
-    shards left to score (0: the output is complete, no model is needed)."""
+    model cannot take, missing paths or columns, an output that overlaps the inputs, cannot
+    be made or is held by another run. Returns the model version `config.model` names now
+    and the number of shards left to score (0: the output is complete, no model is needed)."""
     version, options = resolve_model(config)
     plan = plan_inputs(config, options)
+    refuse_if_locked(config.output)
     todo = pending_shards(config.output, plan, version, options.model_dump(), config.overwrite)
     return version, len(todo)
 

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import sys
 import time
 import uuid
@@ -45,8 +46,27 @@ MANIFEST = "manifest.json"
 MANIFEST_SHA256 = "manifest.sha256"
 HISTORY = "history.jsonl"
 CONFLICT_RETRIES = 20
+# A temporary file this old was left by a killed writer (writing one takes milliseconds).
+STALE_TEMPORARY_SECONDS = 600
+# A reference is an alias name or a plain version id: one path component, never a path.
+PLAIN_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 T = TypeVar("T")
 log = logging.getLogger("distilq")
+
+
+def is_plain_ref(ref: object) -> bool:
+    """Whether `ref` can name a version or alias: no path separator, no `..`, not absolute."""
+    return isinstance(ref, str) and bool(PLAIN_REF.fullmatch(ref)) and ".." not in ref
+
+
+def check_ref(ref: str, what: str = "version or alias") -> str:
+    """`ref`, or InputError if it is not a plain name (it could point outside the registry)."""
+    if not is_plain_ref(ref):
+        raise InputError(
+            f"{ref!r} is not a {what}: a reference is an alias name (production) or a version "
+            "id, never a path"
+        )
+    return ref
 
 
 def utc_now() -> str:
@@ -77,8 +97,16 @@ class Registry:
         """Whether the registry's root is there at all."""
         return self.store.exists()
 
+    def check_writable(self) -> None:
+        """Refuse, before any work, a registry that cannot be written here (read-only, not
+        creatable, not a directory)."""
+        problem = self.store.writable_problem("versions", "aliases")
+        if problem:
+            raise InputError(f"registry {self.uri} {problem}; choose a --registry you can write to")
+
     def manifest(self, version: str) -> VersionManifest:
         """The manifest of `version`, refused if it changed since it was published."""
+        check_ref(version, "version")
         base = self.store.uri_of("versions", version)
         try:
             data = self.store.read("versions", version, MANIFEST)
@@ -110,6 +138,7 @@ class Registry:
 
     def attestation(self, version: str, key: str) -> dict | None:
         """The attestation of `version` on platform `key`, if one was written."""
+        check_ref(version, "version")
         try:
             return json.loads(self.store.read("versions", version, "attestations", f"{key}.json"))
         except FileNotFoundError:
@@ -138,6 +167,7 @@ class Registry:
 
     def resolve(self, ref: str = PRODUCTION) -> str:
         """A version name from a version or an alias."""
+        check_ref(ref)
         if ref == PRODUCTION:
             version = self.alias(ref)
             if version is None:
@@ -177,9 +207,10 @@ class Registry:
                 entry = json.loads(line)
             except ValueError:
                 entry = None
-            if not isinstance(entry, dict) or "to" not in entry:
+            if not _is_move(entry):
                 log.warning(
-                    "%s line %d is damaged (cut off by a crash?); skipped: %.80s",
+                    "%s line %d is damaged (cut off by a crash, or not a move between "
+                    "versions); skipped: %.80s",
                     path,
                     number,
                     line,
@@ -213,6 +244,7 @@ class Registry:
         disk; on object stores retried while another writer's conditional write wins first."""
         if not self.exists():
             raise InputError(f"registry {self.uri} does not exist")
+        self.check_writable()
         with self.store.lock("aliases/.lock"):
             return self._retry_on_conflict(step, "the alias")
 
@@ -228,9 +260,11 @@ class Registry:
     def _read_alias(self, name: str = PRODUCTION, repair: bool = False) -> tuple[dict, str | None]:
         """The alias pointer ({} if none) and the token its conditional rewrite needs.
 
-        A damaged pointer is an error naming the file, or with `repair` (an explicit promote
-        or rollback, which rewrites it) read as no pointer.
+        A damaged pointer (not a pointer to a plain version id, or to a version that is not
+        in the registry) is an error naming the file, or with `repair` (a promotion or
+        rollback, which rewrites it) read as no pointer, with a warning.
         """
+        check_ref(name, "alias")
         path = self.store.uri_of("aliases", f"{name}.json")
         data, token = self.store.read_for_update("aliases", f"{name}.json")
         if data is None:
@@ -239,33 +273,70 @@ class Registry:
             pointer = json.loads(data)
         except ValueError:
             pointer = None
-        if isinstance(pointer, dict) and isinstance(pointer.get("version"), str):
+        target = pointer.get("version") if isinstance(pointer, dict) else None
+        if not is_plain_ref(target):
+            problem = "is damaged (not a pointer to a version)"
+        elif not self.store.exists("versions", target, MANIFEST):
+            problem = f"points at version {target!r}, which is not in the registry (deleted?)"
+        else:
             return pointer, token
         if repair:
-            log.warning("%s is damaged; rewriting it", path)
+            log.warning("%s %s; rewriting it", path, problem)
             return {}, token
         raise IntegrityError(
-            f"{path} is damaged (not a pointer to a version); repair it with `distilq models "
-            f"promote VERSION` or `distilq models rollback`"
+            f"{path} {problem}; repair it with `distilq models promote VERSION` or "
+            "`distilq models rollback`"
         )
 
-    def publish(self, staging: str | Path, manifest: VersionManifest) -> str:
-        """Copy a staged version (files listed in the manifest) in; the manifest goes last.
+    def publish(
+        self, staging: str | Path, manifest: VersionManifest, attestations: dict | None = None
+    ) -> str:
+        """Copy a staged version (files listed in the manifest) in, with `attestations` (the
+        gate's own, by platform key); the manifest goes last.
 
-        Versions are immutable: publishing a version that exists fails.
+        Versions are immutable: publishing a version that exists fails. On disk, the
+        version's directory is locked while it is written, and partial versions whose
+        publisher died (killed mid-copy) are removed first.
         """
         version = manifest.version
         if self.store.exists("versions", version, MANIFEST):
             raise InputError(f"registry {self.uri}: version {version} exists and is immutable")
         staging = Path(staging)
         verify_files(staging, manifest)
-        for rel in manifest.files:
-            self.store.put_file(staging / rel, f"versions/{version}/{rel}")
-        data = manifest_bytes(manifest.dump())
-        seal = (hashlib.sha256(data).hexdigest() + "\n").encode()
-        self.store.write_atomic(f"versions/{version}/{MANIFEST_SHA256}", seal)
-        self.store.write_atomic(f"versions/{version}/{MANIFEST}", data)
+        self.remove_partial_versions()
+        with self.store.lock(f"versions/{version}/"):
+            for rel in manifest.files:
+                self.store.put_file(staging / rel, f"versions/{version}/{rel}")
+            for key, record in (attestations or {}).items():
+                rel = f"versions/{version}/attestations/{key}.json"
+                self.store.write_atomic(rel, manifest_bytes({**record, "created_at": utc_now()}))
+            data = manifest_bytes(manifest.dump())
+            seal = (hashlib.sha256(data).hexdigest() + "\n").encode()
+            self.store.write_atomic(f"versions/{version}/{MANIFEST_SHA256}", seal)
+            self.store.write_atomic(f"versions/{version}/{MANIFEST}", data)
         return version
+
+    def remove_partial_versions(self) -> list[str]:
+        """Remove version directories without a manifest whose publisher is gone (no one
+        holds their lock), and attestation temporaries older than a few minutes; return the
+        versions removed. Local registries only: on an object store a partial version
+        cannot be told from one being uploaded, and stays invisible (it has no manifest)."""
+        if self.store.local_path() is None:
+            return []
+        removed = []
+        for name in self.store.list("versions"):
+            if self.store.exists("versions", name, MANIFEST):
+                self.store.remove_stale_temporaries(
+                    "versions", name, "attestations", older_than=STALE_TEMPORARY_SECONDS
+                )
+                continue
+            with self.store.lock(f"versions/{name}/", wait=False) as free:
+                if free and not self.store.exists("versions", name, MANIFEST):
+                    self.store.remove_tree("versions", name)
+                    removed.append(name)
+        if removed:
+            log.warning("removed partial version(s) left by a killed run: %s", ", ".join(removed))
+        return removed
 
     def _append_history(self, entry: dict) -> None:
         """Append one line to the history (the alias lock is held)."""
@@ -320,8 +391,8 @@ class Registry:
         A version the gate rejects is refused unless `force` (recorded in the history); the
         decision is derived again from the version's metrics, not read from its manifest.
         `newer_only` (automatic promotion) never moves production to an older version, so
-        two publishes racing leave it on the newer one. An explicit promotion rewrites a
-        damaged pointer.
+        two publishes racing leave it on the newer one. A damaged pointer (or one whose
+        version was deleted) never blocks a promotion: it is reported and rewritten.
         """
         manifest = self.manifest(version)
         decision = decide_manifest(manifest)
@@ -335,7 +406,7 @@ class Registry:
         command = command or command_line()
 
         def step() -> dict | None:
-            current, token = self._read_alias(repair=not newer_only)
+            current, token = self._read_alias(repair=True)
             if current.get("version") == version:
                 return None
             if newer_only and current:
@@ -368,7 +439,20 @@ class Registry:
                 stack.pop()
         if len(stack) < 2:
             raise InputError(f"registry {self.uri}: no earlier production version to roll back to")
-        return stack[-2]
+        target = stack[-2]
+        if not self.store.exists("versions", target, MANIFEST):
+            raise InputError(
+                f"registry {self.uri}: the production version before this one, {target}, is no "
+                "longer in the registry; promote a version with `distilq models promote VERSION`"
+            )
+        return target
+
+
+def _is_move(entry: object) -> bool:
+    """Whether a history line is an alias move between plain version ids."""
+    if not isinstance(entry, dict) or not is_plain_ref(entry.get("to")):
+        return False
+    return entry.get("from") is None or is_plain_ref(entry.get("from"))
 
 
 def manifest_bytes(data: dict) -> bytes:

@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -211,25 +212,53 @@ class Store:
         import fcntl
 
         path = self.path(rel)
-        if not rel or rel.endswith("/") or os.path.isdir(path):
-            os.makedirs(path, exist_ok=True)
-            fd = os.open(path, os.O_RDONLY)
-        else:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
+        directory = not rel or rel.endswith("/") or os.path.isdir(path)
+        while True:
+            try:
+                if directory:
+                    os.makedirs(path, exist_ok=True)
+                    fd = os.open(path, os.O_RDONLY)
+                else:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # removed between making and opening it: again
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
+                os.close(fd)
                 yield False
                 return
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # what we locked was removed meanwhile (stale-version removal)
+        try:
             yield True
         finally:
             os.close(fd)  # closing releases the lock
 
-    def writable_problem(self) -> str | None:
-        """Why this directory cannot be made or written here, if it cannot (checked on disk;
-        object stores answer only when written)."""
+    def remove_tree(self, *parts: str) -> None:
+        """Remove a directory and everything in it (local stores only)."""
+        shutil.rmtree(self.path(*parts), ignore_errors=True)
+
+    def remove_stale_temporaries(self, *parts: str, older_than: float) -> None:
+        """Remove temporary files (see `staged_file`) that a killed writer left in a
+        directory more than `older_than` seconds ago (local stores only: a temporary file
+        on an object store is never seen by others)."""
+        directory = self.local_path(*parts)
+        if directory is None or not directory.is_dir():
+            return
+        cutoff = time.time() - older_than
+        for path in directory.glob(".*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+
+    def writable_problem(self, *subdirs: str) -> str | None:
+        """Why this directory (and those of `subdirs` that exist) cannot be made or written
+        here, if it cannot: found by writing a probe file, so a read-only mount, a full
+        disk's quota or missing permissions show before any work. Object stores answer
+        only when written: None."""
         if not self._local:
             return None
         target = Path(self.root)
@@ -238,9 +267,24 @@ class Store:
         existing = next(p for p in [target, *target.parents] if p.exists())
         if not existing.is_dir():
             return f"cannot be created: {existing} is a file"
-        if not os.access(existing, os.W_OK | os.X_OK):
-            return f"cannot be created: {existing} is not writable"
+        places = [existing, *(target / d for d in subdirs if (target / d).is_dir())]
+        for place in places:
+            try:
+                fd, probe = tempfile.mkstemp(dir=place, prefix=".distilq-probe-")
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as e:
+                verb = "created" if place == existing != target else "written"
+                return f"cannot be {verb}: {place} is not writable ({e.strerror})"
         return None
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether `fd` is still the file at `path` (it was not removed and made anew)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _precondition_failed(error: OSError) -> bool:
