@@ -190,6 +190,22 @@ def promoted_registry(tmp_path_factory, tiny_checkpoint, tiny_validation) -> Pat
     return root / "reg"
 
 
+@pytest.fixture
+def staged_pair(tmp_path, tiny_checkpoint, tiny_validation) -> tuple[Path, list[str]]:
+    """A registry with two versions promoted in turn (the history has two entries)."""
+    from distilq.registry import Registry
+
+    registry = Registry(tmp_path / "pair")
+    versions = []
+    for i in range(2):
+        staging = tmp_path / f"stage{i}"
+        staging.mkdir()
+        manifest = stage_tiny_version(staging, tiny_checkpoint, tiny_validation)
+        versions.append(registry.publish(staging, manifest))
+        registry.promote(versions[-1], "setup", command="test")
+    return tmp_path / "pair", versions
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect API on SQLite for the whole session (flow tests only)."""

@@ -75,6 +75,16 @@ def in_mount_namespace(script: str, timeout: int = 600) -> subprocess.CompletedP
     )
 
 
+def logged(command: str, name: str, where: Path) -> str:
+    """A script line that runs `command`, keeping its stderr and exit code in `where`."""
+    return f"{command} 2> {where}/{name}.err; echo $? > {where}/{name}.rc\n"
+
+
+def outcome(name: str, where: Path) -> tuple[int, str]:
+    """The exit code and stderr `logged` kept."""
+    return int((where / f"{name}.rc").read_text()), (where / f"{name}.err").read_text()
+
+
 def last_line(stderr: str) -> str:
     return stderr.strip().splitlines()[-1]
 
@@ -168,20 +178,20 @@ def test_a_read_only_registry_is_refused_before_any_work(
     shutil.copytree(promoted_registry, registry)
     version = Registry(registry).alias()
     args = " ".join(quantize(tiny_checkpoint, tiny_validation, registry))
+    promote = f"{DISTILQ} models promote {version} --force --registry {registry}"
     script = (
         f"mount --bind {registry} {registry} && mount -o remount,bind,ro {registry} || exit 99\n"
-        f"{DISTILQ} {args} 2> {tmp_path}/q.err; echo $? > {tmp_path}/q.rc\n"
-        f"{DISTILQ} models promote {version} --force --registry {registry} "
-        f"2> {tmp_path}/p.err; echo $? > {tmp_path}/p.rc\n"
+        + logged(f"{DISTILQ} {args}", "q", tmp_path)
+        + logged(promote, "p", tmp_path)
     )
     done = in_mount_namespace(script)
     assert done.returncode == 0, done.stderr
     for name in ("q", "p"):
-        stderr = (tmp_path / f"{name}.err").read_text()
-        assert (tmp_path / f"{name}.rc").read_text().strip() == "2", stderr[-2000:]
+        code, stderr = outcome(name, tmp_path)
+        assert code == 2, stderr[-2000:]
         assert "Traceback" not in stderr and "Read-only file system" in last_line(stderr)
         assert last_line(stderr).startswith(f"distilq: error: registry {registry} cannot be")
-    q_err = (tmp_path / "q.err").read_text()
+    q_err = outcome("q", tmp_path)[1]
     assert "resolve_source" not in q_err and "Retrying" not in q_err  # refused before any work
 
 
@@ -235,21 +245,13 @@ def test_a_deleted_production_version_never_blocks_a_gated_promotion(
     assert Registry(registry).history()[-1]["to"] == result.version
 
 
-def test_rollback_to_a_deleted_version_is_refused_by_name(
-    tmp_path, tiny_checkpoint, tiny_validation
-):
-    registry = Registry(tmp_path / "reg")
-    versions = []
-    for i in range(2):
-        staging = tmp_path / f"stage{i}"
-        staging.mkdir()
-        manifest = stage_tiny_version(staging, tiny_checkpoint, tiny_validation)
-        versions.append(registry.publish(staging, manifest))
-        registry.promote(versions[-1], "setup", command="test")
-    shutil.rmtree(tmp_path / "reg" / "versions" / versions[0])
-    with pytest.raises(InputError, match=f"{versions[0]}, is no longer in the registry"):
+def test_rollback_to_a_deleted_version_is_refused_by_name(staged_pair):
+    reg_dir, (first, second) = staged_pair
+    registry = Registry(reg_dir)
+    shutil.rmtree(reg_dir / "versions" / first)
+    with pytest.raises(InputError, match=f"{first}, is no longer in the registry"):
         registry.rollback(command="test")
-    assert registry.alias() == versions[1]
+    assert registry.alias() == second
 
 
 # -- 5: a full disk while the output manifest is saved --------------------------------------------
@@ -271,20 +273,20 @@ def test_a_full_disk_ends_with_one_line_and_the_rerun_counts_each_row_once(regis
     script = (
         f"mount -t tmpfs -o size=64k tmpfs {mnt} || exit 99\n"
         f"head -c {13 * 4096} /dev/zero > {mnt}/filler\n"
-        f"{score} 2> {tmp_path}/1.err; echo $? > {tmp_path}/1.rc\n"
-        f"rm {mnt}/filler\n"
-        f"{score} --json > {tmp_path}/2.json 2> {tmp_path}/2.err; echo $? > {tmp_path}/2.rc\n"
-        f"cp -a {out} {tmp_path}/after\n"
+        + logged(score, "1", tmp_path)
+        + f"rm {mnt}/filler\n"
+        + logged(f"{score} --json > {tmp_path}/2.json", "2", tmp_path)
+        + f"cp -a {out} {tmp_path}/after\n"
     )
     done = in_mount_namespace(script)
     assert done.returncode == 0, done.stderr
-    first = (tmp_path / "1.err").read_text()
-    assert (tmp_path / "1.rc").read_text().strip() == "1", first[-3000:]
+    code, first = outcome("1", tmp_path)
+    assert code == 1, first[-3000:]
     assert "Traceback" not in first
     assert last_line(first).startswith(f"distilq: could not save {out}/_manifest.json (No space")
     assert "f2.parquet" in first  # the files after the failed save were still tried
-    second = (tmp_path / "2.err").read_text()
-    assert (tmp_path / "2.rc").read_text().strip() == "0", second[-3000:]
+    code, second = outcome("2", tmp_path)
+    assert code == 0, second[-3000:]
     summary = json.loads((tmp_path / "2.json").read_text())
     assert summary["rows_written"] == 120 and summary["files"] == 3 and not summary["failed"]
     after = tmp_path / "after"

@@ -27,7 +27,7 @@ from distilq.output import MANIFEST, prepare_output
 from distilq.registry import MANIFEST_SHA256, Registry
 from distilq.scoring import ScoreOptions, options_for, score_shard
 from distilq.validation import NO_TOKENS
-from tests.conftest import DISTILQ, make_texts, quantize, run, stage_tiny_version, write_parquet
+from tests.conftest import DISTILQ, make_texts, quantize, run, write_parquet
 
 
 @pytest.fixture
@@ -275,20 +275,6 @@ def test_commands_on_a_registry_that_is_not_there_create_nothing(tmp_path):
         done = run("models", *args, "--registry", str(missing))
         assert done.returncode == 2 and f"registry {missing} does not exist" in done.stderr
     assert not missing.exists()
-
-
-@pytest.fixture
-def staged_pair(tmp_path, tiny_checkpoint, tiny_validation) -> tuple[Path, list[str]]:
-    """A registry with two versions promoted in turn (the history has two entries)."""
-    registry = Registry(tmp_path / "pair")
-    versions = []
-    for i in range(2):
-        staging = tmp_path / f"stage{i}"
-        staging.mkdir()
-        manifest = stage_tiny_version(staging, tiny_checkpoint, tiny_validation)
-        versions.append(registry.publish(staging, manifest))
-        registry.promote(versions[-1], "setup", command="test")
-    return tmp_path / "pair", versions
 
 
 # -- 10: processes a killed run leaves -------------------------------------------------------
