@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import inspect
 import logging
@@ -68,8 +69,9 @@ def as_task(fn: Callable, retries: int = 0):
     def step(*args, **kwargs):
         log_to_run()  # in worker processes too
         started = os.environ.get(STARTED_DIR)
-        if started:  # see `map_shards`
-            (Path(started) / str(TaskRunContext.get().task_run.id)).touch()
+        if started:  # see `map_shards`; a worker on another machine has no such directory
+            with contextlib.suppress(OSError):
+                (Path(started) / str(TaskRunContext.get().task_run.id)).touch()
         return fn(*args, **kwargs)
 
     return task(
@@ -242,8 +244,13 @@ def _mark_crashed(task_run_id, message: str) -> None:
     """A task run whose process died stays Running in the API: say it crashed."""
     from prefect.client.orchestration import get_client
 
-    with get_client(sync_client=True) as client:
-        client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
+    except Exception as e:  # noqa: BLE001  the UI's record only: the run goes on
+        logging.getLogger("distilq").warning(
+            "could not mark task run %s crashed: %s", task_run_id, e
+        )
 
 
 def add_tags(tags: list[str]) -> None:
