@@ -21,11 +21,8 @@ class Classifier:
         self.tokenizer = tokenizer
         self.manifest = manifest
         self.version = manifest.version
-        # The validated policy, its max_length capped at the model's positions (a longer
-        # text would overflow them): what `distilq score` uses too (`scoring.options_for`).
-        policy = manifest.recipe.batching
-        positions = getattr(model.config, "max_position_embeddings", None) or policy.max_length
-        self.batching = policy.model_copy(update={"max_length": min(policy.max_length, positions)})
+        positions = getattr(model.config, "max_position_embeddings", None)
+        self.batching = manifest.recipe.batching.capped(positions)  # as `distilq score` does
         self.id2label = {int(k): v for k, v in model.config.id2label.items()}
         self.attestation = ""  # how this platform is attested (set by `load`)
 

@@ -33,6 +33,13 @@ class BatchingPolicy(BaseModel):
     sort_by_length: bool = True
     max_length: int = Field(512, ge=8, le=4096)
 
+    def capped(self, positions: int | None) -> BatchingPolicy:
+        """This policy with `max_length` at most the model's token positions (a longer text
+        would overflow them); unchanged when the model does not say how many it has."""
+        if not positions or positions >= self.max_length:
+            return self
+        return self.model_copy(update={"max_length": positions})
+
 
 class GateThresholds(BaseModel):
     """What an INT8 candidate must reach to be promoted.

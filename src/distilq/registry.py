@@ -308,8 +308,7 @@ class Registry:
             for rel in manifest.files:
                 self.store.put_file(staging / rel, f"versions/{version}/{rel}")
             for key, record in (attestations or {}).items():
-                rel = f"versions/{version}/attestations/{key}.json"
-                self.store.write_atomic(rel, manifest_bytes({**record, "created_at": utc_now()}))
+                self.write_attestation(version, key, record)
             data = manifest_bytes(manifest.dump())
             seal = (hashlib.sha256(data).hexdigest() + "\n").encode()
             self.store.write_atomic(f"versions/{version}/{MANIFEST_SHA256}", seal)

@@ -64,7 +64,7 @@ def options_for(config: ScoreConfig, registry, version: str) -> ScoreOptions:
     """
     batching = registry.manifest(version).recipe.batching
     positions = registry.model_config(version).get("max_position_embeddings")
-    limit = min(batching.max_length, positions or batching.max_length)
+    limit = batching.capped(positions).max_length
     if config.max_length is not None and positions and config.max_length > positions:
         raise InputError(
             f"--max-length {config.max_length} exceeds the {positions} token positions of model "
