@@ -27,13 +27,20 @@ SENSITIVE_LAYER = "distilbert.transformer.layer.1.ffn.lin2"
 DISTILQ = str(Path(sys.executable).parent / "distilq")
 
 
+def cli_env(prefect_home: Path | None = None) -> dict[str, str]:
+    """This environment without the test session's Prefect settings, so a `distilq` process
+    starts its own temporary API (under `prefect_home` when given)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    if prefect_home is not None:
+        env["PREFECT_HOME"] = str(prefect_home)
+    return env
+
+
 def run(
     *args: str, prefect_home: Path | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:
     """`distilq ARGS` as a user runs it, on its own temporary Prefect API."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    if prefect_home is not None:
-        env["PREFECT_HOME"] = str(prefect_home)
+    env = cli_env(prefect_home)
     return subprocess.run(
         [DISTILQ, *args], capture_output=True, text=True, env=env, timeout=timeout
     )

@@ -8,7 +8,6 @@ and AVX-512 alike, so these tests see a new platform on every machine.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,15 +20,14 @@ import pytest
 from distilq.attest import SELFCHECK
 from distilq.checkpoint import sha256_file
 from distilq.registry import Registry
-from tests.conftest import DISTILQ, make_texts, stage_tiny_version
+from tests.conftest import DISTILQ, cli_env, make_texts, stage_tiny_version
 
 pytestmark = pytest.mark.slow
 OTHER_PLATFORM = {"ATEN_CPU_CAPABILITY": "default"}
 
 
 def run(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(OTHER_PLATFORM, PREFECT_HOME=str(home))
+    env = cli_env(home) | OTHER_PLATFORM
     return subprocess.run([DISTILQ, *args], capture_output=True, text=True, env=env, timeout=600)
 
 

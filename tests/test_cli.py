@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distilq.registry import Registry
-from tests.conftest import quantize, run, stage_tiny_version
+from tests.conftest import cli_env, quantize, run, stage_tiny_version
 
 
 @pytest.fixture
@@ -157,8 +156,7 @@ def test_a_run_with_nothing_to_do_loads_no_model(tmp_path, tiny_checkpoint, tiny
         done = run(*first, prefect_home=home)
         assert done.returncode == 0, done.stderr[-3000:]
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env["PREFECT_HOME"] = str(home)
+    env = cli_env(home)
     again = [sys.executable, "-c", NOTHING_TO_DO, json.dumps(args), json.dumps(score)]
     done = subprocess.run(again, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

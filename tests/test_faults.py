@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -37,6 +36,7 @@ from distilq.scoring import ScoreOptions
 from distilq.validation import CHARS_PER_TOKEN_BOUND, cut_text
 from tests.conftest import (
     DISTILQ,
+    cli_env,
     make_texts,
     quantize,
     run,
@@ -53,10 +53,6 @@ def registry(promoted_registry, tmp_path) -> Path:
     return tmp_path / "reg"
 
 
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-
-
 def in_mount_namespace(script: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """`script` (sh) in a mount namespace of its own: its mounts vanish with it."""
     if shutil.which("unshare") is None:
@@ -70,7 +66,7 @@ def in_mount_namespace(script: str, timeout: int = 600) -> subprocess.CompletedP
         ["unshare", "-m", "sh", "-c", script],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=cli_env(),
         timeout=timeout,
     )
 
@@ -439,7 +435,7 @@ def test_a_killed_worker_fails_its_file_and_the_pool_goes_on(registry, tmp_path)
     for i in range(6):
         write_parquet(data / f"part{i}.parquet", make_texts(2500, seed=i))
     out = tmp_path / "out"
-    env = _env() | {"PREFECT_HOME": str(tmp_path / "home")}
+    env = cli_env(tmp_path / "home")
     cmd = [DISTILQ, "score", "--input", str(data), "--output", str(out),
            "--registry", str(registry), "--runner", "process", "--workers", "2", "--threads",
            "2", "--json"]  # fmt: skip

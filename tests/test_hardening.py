@@ -27,7 +27,7 @@ from distilq.output import MANIFEST, prepare_output
 from distilq.registry import MANIFEST_SHA256, Registry
 from distilq.scoring import ScoreOptions, options_for, score_shard
 from distilq.validation import NO_TOKENS
-from tests.conftest import DISTILQ, make_texts, quantize, run, write_parquet
+from tests.conftest import DISTILQ, cli_env, make_texts, quantize, run, write_parquet
 
 
 @pytest.fixture
@@ -282,8 +282,7 @@ def test_commands_on_a_registry_that_is_not_there_create_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_run_leaves_no_prefect_server(tmp_path, tiny_checkpoint, tiny_validation):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env["PREFECT_HOME"] = str(tmp_path / "home")
+    env = cli_env(tmp_path / "home")
     args = quantize(tiny_checkpoint, tiny_validation, tmp_path / "reg")
     cli = subprocess.Popen(
         [DISTILQ, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -374,7 +373,7 @@ def test_models_list_aligns_its_columns(staged_pair):
 
 def test_a_closed_pipe_ends_quietly(staged_pair):
     reg_dir, _ = staged_pair
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env = cli_env()
     proc = subprocess.Popen(
         [DISTILQ, "models", "show", "--registry", str(reg_dir)],
         stdout=subprocess.PIPE,

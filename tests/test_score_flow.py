@@ -16,7 +16,7 @@ import pytest
 from distilq.config import ScoreConfig
 from distilq.errors import ScoringFailed
 from flows.score_parquet import score_parquet
-from tests.conftest import DISTILQ, make_texts, run
+from tests.conftest import DISTILQ, cli_env, make_texts, run
 from tests.procs import VENV_BIN, free_port, running
 
 pytestmark = pytest.mark.slow
@@ -169,8 +169,7 @@ def test_sigkill_half_way_then_resume_equals_an_uninterrupted_run(registry, tmp_
     clean = run(*base, "--output", str(tmp_path / "clean"), prefect_home=tmp_path / "home")
     assert clean.returncode == 0, clean.stderr[-3000:]
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env["PREFECT_HOME"] = str(tmp_path / "home")
+    env = cli_env(tmp_path / "home")
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         [DISTILQ, *base, "--output", str(out)],
