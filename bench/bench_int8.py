@@ -32,9 +32,10 @@ import pyarrow.parquet as pq
 import torch
 
 from distilq.config import BatchingPolicy
+from distilq.gate.data import PACKAGED_VALIDATION, load_validation
 from distilq.hardware import cpu_features, cpu_model
-from distilq.quantization import TOKEN_KERNELS, quantize, token_linear
-from distilq.validation import PACKAGED_VALIDATION, load_validation, predict
+from distilq.quantize.int8 import TOKEN_KERNELS, quantize, token_linear
+from distilq.score.inference import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -48,7 +49,7 @@ POLICY = BatchingPolicy()
 RECIPES = ("dynamic-int8-pc", "dynamic-int8-token")
 COMPILED = ", compiled kernel"
 COMPILE_ONLY = (
-    "import time; from distilq.quantization import TOKEN_KERNELS; start = time.perf_counter(); "
+    "import time; from distilq.quantize.int8 import TOKEN_KERNELS; start = time.perf_counter(); "
     "assert TOKEN_KERNELS.compile(); print(time.perf_counter() - start)"
 )
 
@@ -229,7 +230,7 @@ def main() -> None:
         sys.exit(f"the shared model is not at {SHARED_MODEL}")
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    from distilq.checkpoint import load_checkpoint
+    from distilq.quantize.checkpoint import load_checkpoint
 
     texts = {"SST-2 dev": load_validation(PACKAGED_VALIDATION).texts, "IMDB": imdb_reviews()}
     real, tokenizer = load_checkpoint(SHARED_MODEL)

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from distilq.config import BatchingPolicy, QuantizeConfig
+from distilq.gate.compare import best_rows_per_second
+from distilq.gate.data import PACKAGED_VALIDATION, load_validation
 from distilq.hardware import cpu_features, cpu_model
-from distilq.pipelines import quantize_and_promote
-from distilq.quantization import save_int8
-from distilq.recipes import RECIPES
-from distilq.validation import PACKAGED_VALIDATION, best_rows_per_second, load_validation
+from distilq.pipelines.quantize import quantize_and_promote
+from distilq.quantize.int8 import save_int8
+from distilq.quantize.recipes import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODEL = ROOT.parent / "shared" / "models" / "distilbert-sst2-minilm"
@@ -79,7 +80,7 @@ def real_model(tmp: Path) -> list[str]:
 def full_size(tmp: Path) -> list[str]:
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
 
-    from distilq.quantization import quantize
+    from distilq.quantize.int8 import quantize
 
     torch.manual_seed(0)
     model = DistilBertForSequenceClassification(DistilBertConfig()).eval()

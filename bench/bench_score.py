@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from distilq.hardware import cpu_features, cpu_model
-from distilq.registry import Registry
+from distilq.registry.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -99,7 +99,7 @@ def in_process_rates(model_dir: Path, registry: Path, texts: dict[str, list[str]
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
     import distilq
-    from distilq.validation import predict
+    from distilq.score.inference import predict
 
     fp32 = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

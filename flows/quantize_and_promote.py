@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from distilq import pipelines
 from distilq.config import QuantizeConfig
-from distilq.pipelines import QuantizeResult
+from distilq.pipelines import quantize as pipeline
+from distilq.pipelines.quantize import QuantizeResult
 from tasks.runner import PrefectRunner
 
 __all__ = ["QuantizeResult", "quantize_and_promote"]
@@ -25,4 +25,4 @@ def run_name() -> str:
 def quantize_and_promote(config: QuantizeConfig | None = None) -> QuantizeResult:
     """Quantize a checkpoint to INT8, validate it against FP32, publish it, and promote it
     to `production` only if the gate approved it. A failed gate fails the run."""
-    return pipelines.quantize_and_promote(config or QuantizeConfig(), PrefectRunner())
+    return pipeline.quantize_and_promote(config or QuantizeConfig(), PrefectRunner())

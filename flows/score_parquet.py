@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from distilq import pipelines
 from distilq.config import ScoreConfig
 from distilq.manifest import ScoreSummary
+from distilq.pipelines import score as pipeline
 from tasks.runner import PrefectRunner, task_runner_for
 
 
@@ -23,4 +23,4 @@ def score_parquet(config: ScoreConfig) -> ScoreSummary:
     """Score Parquet files with the registry's model into `config.output`; files already
     scored by the same model from the same inputs are skipped. Fails, listing them, if any
     input file could not be scored."""
-    return pipelines.score_dataset(config, PrefectRunner(task_runner_for(config)))
+    return pipeline.score_dataset(config, PrefectRunner(task_runner_for(config)))

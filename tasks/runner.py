@@ -28,13 +28,13 @@ from prefect.futures import as_completed
 from prefect.states import Crashed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from distilq import report
 from distilq.config import ScoreConfig
 from distilq.errors import DistilqError, worth_retrying
 from distilq.manifest import ScoreSummary, VersionManifest
-from distilq.output import OutputManifest
-from distilq.pipelines import Outcome, Runner
+from distilq.pipelines.runner import Outcome, Runner
+from distilq.report import render as report
 from distilq.runtime import configure_logging
+from distilq.score.output import OutputManifest
 
 PROMOTED_EVENT = "distilq.model.promoted"
 STARTED_DIR = "DISTILQ_STARTED_DIR"  # where shard tasks say they started

@@ -170,7 +170,7 @@ def stage_tiny_version(staging: Path, checkpoint: Path, validation: Path, **fiel
     import tempfile
 
     from distilq.errors import GateRejected
-    from distilq.pipelines import quantize_and_promote
+    from distilq.pipelines.quantize import quantize_and_promote
 
     with tempfile.TemporaryDirectory() as scratch:
         config = tiny_config(checkpoint, validation, Path(scratch) / "reg", **fields)
@@ -188,7 +188,7 @@ def stage_tiny_version(staging: Path, checkpoint: Path, validation: Path, **fiel
 @pytest.fixture(scope="session")
 def promoted_registry(tmp_path_factory, tiny_checkpoint, tiny_validation) -> Path:
     """A registry with one approved tiny version in production. Shared: copy it to change it."""
-    from distilq.pipelines import quantize_and_promote
+    from distilq.pipelines.quantize import quantize_and_promote
 
     root = tmp_path_factory.mktemp("promoted")
     assert quantize_and_promote(
@@ -200,7 +200,7 @@ def promoted_registry(tmp_path_factory, tiny_checkpoint, tiny_validation) -> Pat
 @pytest.fixture
 def staged_pair(tmp_path, tiny_checkpoint, tiny_validation) -> tuple[Path, list[str]]:
     """A registry with two versions promoted in turn (the history has two entries)."""
-    from distilq.registry import Registry
+    from distilq.registry.registry import Registry
 
     registry = Registry(tmp_path / "pair")
     versions = []

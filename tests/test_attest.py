@@ -17,9 +17,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from distilq.attest import SELFCHECK
-from distilq.checkpoint import sha256_file
-from distilq.registry import Registry
+from distilq.gate.attest import SELFCHECK
+from distilq.quantize.checkpoint import sha256_file
+from distilq.registry.registry import Registry
 from tests.conftest import DISTILQ, cli_env, make_texts, stage_tiny_version
 
 pytestmark = pytest.mark.slow

@@ -8,11 +8,13 @@ import re
 
 import pytest
 
-from distilq.autoquant import quantize_for_gate
-from distilq.checkpoint import load_checkpoint
 from distilq.config import BatchingPolicy
-from distilq.quantization import linear_names
-from distilq.validation import combine, load_validation, predict, set_agreements
+from distilq.gate.compare import set_agreements
+from distilq.gate.data import combine, load_validation
+from distilq.quantize.autoquant import quantize_for_gate
+from distilq.quantize.checkpoint import load_checkpoint
+from distilq.quantize.int8 import linear_names
+from distilq.score.inference import predict
 from tests.conftest import SENSITIVE_LAYER
 
 

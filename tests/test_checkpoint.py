@@ -10,8 +10,8 @@ import fsspec
 import pytest
 import torch
 
-from distilq.checkpoint import load_checkpoint, resolve_checkpoint, sha256_file
 from distilq.errors import InputError, SourceUnavailable
+from distilq.quantize.checkpoint import load_checkpoint, resolve_checkpoint, sha256_file
 
 
 def _copy(src, dst):

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distilq.registry import Registry
+from distilq.registry.registry import Registry
 from tests.conftest import cli_env, quantize, run, stage_tiny_version
 
 
@@ -134,7 +134,7 @@ def test_models_list_promote_rollback(registry_with_two):
 
 NOTHING_TO_DO = """
 import json, sys
-from distilq.cli import main
+from distilq.cli.main import main
 quantize, score = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 codes = [main(quantize), main(score)]
 print(json.dumps({"codes": codes, "torch": "torch" in sys.modules}))

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distilq.registry import Registry
+from distilq.registry.registry import Registry
 from tests.conftest import make_checkpoint, make_texts, stage_tiny_version
 from tests.procs import ROOT, VENV_BIN, free_port, http_ok, running, wait_until
 

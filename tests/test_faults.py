@@ -20,7 +20,8 @@ import psutil
 import pytest
 
 import distilq
-from distilq.cli import _config, build_parser
+from distilq.cli.flags import config_from
+from distilq.cli.main import build_parser
 from distilq.config import QuantizeConfig, ScoreConfig
 from distilq.errors import (
     InputError,
@@ -28,12 +29,12 @@ from distilq.errors import (
     SourceUnavailable,
     worth_retrying,
 )
-from distilq.inputs import plan_shards
-from distilq.output import output_lock
-from distilq.pipelines import quantize_and_promote
-from distilq.registry import Registry
-from distilq.scoring import ScoreOptions
-from distilq.validation import CHARS_PER_TOKEN_BOUND, cut_text
+from distilq.pipelines.quantize import quantize_and_promote
+from distilq.registry.registry import Registry
+from distilq.score.inference import CHARS_PER_TOKEN_BOUND, cut_text
+from distilq.score.inputs import plan_shards
+from distilq.score.output import output_lock
+from distilq.score.scoring import ScoreOptions
 from tests.conftest import (
     DISTILQ,
     cli_env,
@@ -311,7 +312,7 @@ def test_a_full_disk_ends_with_one_line_and_the_rerun_counts_each_row_once(regis
 def test_a_bad_score_flag_is_said_in_one_line(flags, said):
     args = build_parser().parse_args(["score", "--input", "x", "--output", "y", *flags])
     with pytest.raises(InputError) as e:
-        _config(ScoreConfig, args)
+        config_from(ScoreConfig, args)
     assert str(e.value) == said
 
 
@@ -325,7 +326,7 @@ def test_a_bad_score_flag_is_said_in_one_line(flags, said):
 )
 def test_a_bad_quantize_flag_is_said_in_one_line(flags, said):
     with pytest.raises(InputError) as e:
-        _config(QuantizeConfig, build_parser().parse_args(["quantize", *flags]))
+        config_from(QuantizeConfig, build_parser().parse_args(["quantize", *flags]))
     assert str(e.value).startswith(said) and "pydantic" not in str(e.value)
 
 
@@ -341,9 +342,9 @@ KILL_DURING_PUBLISH = """
 import os, signal, sys
 from pathlib import Path
 from distilq.manifest import VersionManifest
-from distilq.registry import Registry
-from distilq.storage import Store
-from distilq.attest import gate_attestation
+from distilq.registry.registry import Registry
+from distilq.registry.store import Store
+from distilq.gate.attest import gate_attestation
 
 staging, registry, when = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 manifest = VersionManifest.model_validate_json((staging / "manifest.json").read_text())

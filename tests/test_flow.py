@@ -8,7 +8,7 @@ import pytest
 
 from distilq.config import QuantizeConfig
 from distilq.errors import GateRejected
-from distilq.registry import Registry
+from distilq.registry.registry import Registry
 from flows.quantize_and_promote import quantize_and_promote
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -7,9 +7,11 @@ import pytest
 
 from distilq.config import GateThresholds
 from distilq.errors import InputError
-from distilq.gate import check_certifiable, decide
-from distilq.stats import agreement_lower_bound, agreement_needed, examples_needed
-from distilq.validation import Predictions, ValidationSet, combine, compare
+from distilq.gate.compare import compare
+from distilq.gate.data import ValidationSet, combine
+from distilq.gate.decide import check_certifiable, decide
+from distilq.gate.stats import agreement_lower_bound, agreement_needed, examples_needed
+from distilq.score.inference import Predictions
 
 ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}
 

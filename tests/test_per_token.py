@@ -11,20 +11,21 @@ import pytest
 import torch
 
 import distilq
-from distilq.checkpoint import load_checkpoint
 from distilq.config import BatchingPolicy, ScoreConfig
 from distilq.hardware import cpu_features
-from distilq.pipelines import quantize_and_promote, score_dataset
-from distilq.quantization import (
+from distilq.pipelines.quantize import quantize_and_promote
+from distilq.pipelines.score import score_dataset
+from distilq.quantize.checkpoint import load_checkpoint
+from distilq.quantize.int8 import (
     TOKEN_KERNELS,
     Int8TokenLinear,
     TokenKernels,
     quantize,
     token_linear,
 )
-from distilq.recipes import fallback_base
-from distilq.report import render_report
-from distilq.validation import predict
+from distilq.quantize.recipes import fallback_base
+from distilq.report.render import render_report
+from distilq.score.inference import predict
 from tests.conftest import make_texts, tiny_config
 
 # Lengths from 3 to 14 words: every batch below pads most of its rows.

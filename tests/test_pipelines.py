@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 import distilq
-from distilq.artifact import STAGING_PREFIX
 from distilq.config import ScoreConfig
-from distilq.gate import decide_manifest
-from distilq.pipelines import quantize_and_promote, score_dataset
-from distilq.registry import Registry
-from distilq.report import render_report
+from distilq.gate.decide import decide_manifest
+from distilq.pipelines.quantize import quantize_and_promote
+from distilq.pipelines.score import score_dataset
+from distilq.registry.artifact import STAGING_PREFIX
+from distilq.registry.registry import Registry
+from distilq.report.render import render_report
 from tests.conftest import tiny_config
 
 DATA = Path(__file__).parent / "data"
@@ -51,7 +52,7 @@ def test_importing_distilq_flows_and_tasks_changes_nothing_in_the_process():
     code = """
 import logging, os, sys
 before = dict(os.environ)
-import distilq.pipelines, distilq.quantization, flows.quantize_and_promote, flows.score_parquet
+import distilq.pipelines, distilq.quantize.int8, flows.quantize_and_promote, flows.score_parquet
 import tasks.runner
 import torch
 from transformers.utils import logging as hf_logging

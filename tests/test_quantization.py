@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from distilq.checkpoint import load_checkpoint
 from distilq.errors import InputError, IntegrityError
-from distilq.quantization import (
+from distilq.quantize.checkpoint import load_checkpoint
+from distilq.quantize.int8 import (
     WEIGHTS_FILE,
     Int8Embedding,
     linear_names,
@@ -20,7 +20,7 @@ from distilq.quantization import (
     quiet_torch,
     save_int8,
 )
-from distilq.recipes import RECIPES
+from distilq.quantize.recipes import RECIPES
 from tests.conftest import make_texts
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from distilq.autoquant import quantize_for_gate
-from distilq.checkpoint import load_checkpoint, resolve_checkpoint
 from distilq.config import BatchingPolicy
-from distilq.quantization import save_int8
-from distilq.recipes import RECIPES
-from distilq.validation import PACKAGED_VALIDATION, compare, load_validation, predict
+from distilq.gate.compare import compare
+from distilq.gate.data import PACKAGED_VALIDATION, load_validation
+from distilq.quantize.autoquant import quantize_for_gate
+from distilq.quantize.checkpoint import load_checkpoint, resolve_checkpoint
+from distilq.quantize.int8 import save_int8
+from distilq.quantize.recipes import RECIPES
+from distilq.score.inference import predict
 from tests.conftest import SHARED_MODEL
 
 pytestmark = [

@@ -12,8 +12,8 @@ import pytest
 
 import distilq
 from distilq.errors import InputError, IntegrityError
-from distilq.gate import decide_manifest
-from distilq.registry import Registry
+from distilq.gate.decide import decide_manifest
+from distilq.registry.registry import Registry
 from tests.conftest import make_texts, stage_tiny_version
 
 

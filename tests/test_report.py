@@ -5,10 +5,10 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from distilq import charts
 from distilq.manifest import Attempt, FallbackRecord, LayerSensitivity
-from distilq.registry import Registry
-from distilq.report import render_report
+from distilq.registry.registry import Registry
+from distilq.report import charts
+from distilq.report.render import render_report
 
 WRITTEN = Path(__file__).parent / "data" / "written-by-0964a64" / "registry"
 

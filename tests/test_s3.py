@@ -11,13 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 
 import distilq
-from distilq.checkpoint import sha256_file
 from distilq.config import QuantizeConfig, ScoreConfig
 from distilq.errors import InputError, IntegrityError
 from distilq.manifest import OutputRecord
-from distilq.output import OutputManifest
-from distilq.registry import Registry
-from distilq.storage import Store, WriteConflict, url_to_fs
+from distilq.quantize.checkpoint import sha256_file
+from distilq.registry.registry import Registry
+from distilq.registry.store import Store, WriteConflict, url_to_fs
+from distilq.score.output import OutputManifest
 from tests.conftest import make_texts, stage_tiny_version
 from tests.procs import VENV_BIN, free_port, http_ok, running, wait_until
 

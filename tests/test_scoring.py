@@ -12,11 +12,11 @@ import pytest
 import distilq
 from distilq.config import ScoreConfig
 from distilq.errors import InputError
-from distilq.inputs import plan_shards
-from distilq.output import MANIFEST, OutputManifest, output_lock, prepare_output
-from distilq.pipelines import score_dataset
-from distilq.registry import Registry
-from distilq.scoring import ScoreOptions, score_shard
+from distilq.pipelines.score import score_dataset
+from distilq.registry.registry import Registry
+from distilq.score.inputs import plan_shards
+from distilq.score.output import MANIFEST, OutputManifest, output_lock, prepare_output
+from distilq.score.scoring import ScoreOptions, score_shard
 from tests.conftest import make_texts, stage_tiny_version, write_parquet
 
 

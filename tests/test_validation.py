@@ -9,19 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distilq.checkpoint import load_checkpoint
 from distilq.config import BatchingPolicy
 from distilq.errors import InputError
-from distilq.validation import (
-    PACKAGED_VALIDATION,
-    ValidationSet,
-    batch_order,
-    combine,
-    load_validation,
-    predict,
-    split,
-    token_lengths,
-)
+from distilq.gate.data import PACKAGED_VALIDATION, ValidationSet, combine, load_validation, split
+from distilq.quantize.checkpoint import load_checkpoint
+from distilq.score.inference import batch_order, predict, token_lengths
 from tests.conftest import make_texts
 
 LABEL2ID = {"NEGATIVE": 0, "POSITIVE": 1}

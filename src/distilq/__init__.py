@@ -8,7 +8,7 @@ __all__ = ["__version__", "load"]
 def __getattr__(name: str):
     # `load` pulls in torch and transformers; importing distilq alone stays cheap.
     if name == "load":
-        from distilq.classifier import load
+        from distilq.score.classifier import load
 
         return load
     raise AttributeError(f"module 'distilq' has no attribute {name!r}")

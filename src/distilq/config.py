@@ -14,7 +14,7 @@ from pydantic import (
     model_validator,
 )
 
-from distilq.recipes import DEFAULT_RECIPE, RECIPES
+from distilq.quantize.recipes import DEFAULT_RECIPE, RECIPES
 
 DEFAULT_SOURCE = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
 DEFAULT_REGISTRY = "./registry"

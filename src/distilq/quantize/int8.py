@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distilq.errors import InputError, IntegrityError
-from distilq.recipes import Recipe, get_recipe
+from distilq.quantize.recipes import Recipe, get_recipe
 
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "distilq-int8/1"

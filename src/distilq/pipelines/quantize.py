@@ -1,100 +1,28 @@
-"""The two user paths, each one plain function that owns the order of its steps, its
-clean-up and its bookkeeping:
-
-    quantize_and_promote(config) -> QuantizeResult
-    score_dataset(config) -> ScoreSummary
-
-Every step is a plain function of this module or the library, called through a `Runner`.
-`Runner()` calls them here, one after another, and maps shards in this process; the Prefect
-flows pass a runner that makes each step a task (retries, run logs) and maps shards over a
-Prefect task runner (tasks/runner.py). Nothing else sequences these steps.
-"""
+"""The quantize path: `quantize_and_promote(config) -> QuantizeResult` and its steps, in order."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import shutil
-import sys
-import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field
-from tqdm.auto import tqdm
+from pydantic import BaseModel
 
-from distilq import artifact, attest, charts, checkpoint, gate, report, validation
-from distilq.config import QuantizeConfig, ScoreConfig
-from distilq.errors import DistilqError, GateRejected, PromotionFailed, ScoringFailed
-from distilq.inputs import Plan, Shard, plan_shards
-from distilq.manifest import Decision, ScoreSummary, VersionManifest
-from distilq.output import (
-    ManifestNotSaved,
-    OutputManifest,
-    output_lock,
-    pending_shards,
-    prepare_output,
-    refuse_if_locked,
-)
-from distilq.recipes import get_recipe
-from distilq.registry import Registry
-from distilq.scoring import ScoreOptions, ShardStats, options_for, score_shard
+from distilq.config import QuantizeConfig
+from distilq.errors import DistilqError, GateRejected, PromotionFailed
+from distilq.gate import attest, compare, decide
+from distilq.gate import data as validation
+from distilq.manifest import Decision, VersionManifest
+from distilq.pipelines.runner import Outcome, Runner
+from distilq.quantize import checkpoint
+from distilq.quantize.recipes import get_recipe
+from distilq.registry import artifact
+from distilq.registry.registry import Registry
+from distilq.report import charts
+from distilq.score.inference import predict
 
 log = logging.getLogger("distilq")
-T = TypeVar("T")
-PROGRESS_SECONDS = 15  # how often a shard logs its progress
-
-
-class Runner:
-    """How a pipeline runs its steps. This one: plain calls in this process.
-
-    Subclasses (the Prefect runner) may run steps as tasks, retrying those given `retries`
-    when they fail on something worth a second try (an unreachable source or store)."""
-
-    def step(self, fn: Callable[..., T], *args: Any, retries: int = 0) -> T:
-        """Run one step."""
-        return fn(*args)
-
-    def map_shards(
-        self,
-        fn: Callable[..., ShardStats],
-        shards: Sequence[Shard],
-        args: tuple,
-        on_done: Callable[[Shard, ShardStats | BaseException], None],
-    ) -> None:
-        """Run `fn(shard, *args)` for every shard; pass each result (or its exception) to
-        `on_done` as it completes. One failed shard must not stop the others."""
-        for shard in shards:
-            try:
-                result: ShardStats | BaseException = fn(shard, *args)
-            except Exception as e:  # noqa: BLE001  recorded by on_done
-                result = e
-            on_done(shard, result)
-
-    def decided(self, manifest: VersionManifest, outcome: Outcome) -> None:
-        """A quantize run knows its outcome (published, promoted, rejected or reused)."""
-
-    def promoted(self, version: str, registry: str, entry: dict) -> None:
-        """`production` moved to `version`."""
-
-    def progress(self, key: str, done: int, total: int, note: str) -> None:
-        """How far a long part of the run (`key`: scoring, auto's search) went."""
-
-    def scored(self, summary: ScoreSummary, manifest: OutputManifest) -> None:
-        """A scoring run is done (some files may have failed)."""
-
-
-class Outcome(BaseModel):
-    """How a quantize run ended, said first wherever the run is shown."""
-
-    tags: list[str]  # promoted | approved | rejected | reused | dry-run, and the recipe
-    headline: str  # one sentence: the decision, and what happened to production
-    reasons: list[str]  # the gate's, one per threshold
-    chart_png: bytes | None = Field(None, repr=False)  # the report's chart, when one was drawn
-
-
-# -- quantize_and_promote --------------------------------------------------------------------
 
 
 class QuantizeResult(BaseModel):
@@ -157,7 +85,7 @@ def _finish_existing(
     """Exit as the first run with these inputs did, and finish what it left: a run killed
     after publishing an approved version had not promoted it yet."""
     log.info("unchanged inputs: %s already holds this result, nothing to do", existing.version)
-    decision = gate.decide_manifest(existing)
+    decision = decide.decide_manifest(existing)
     _raise_if_rejected(existing, decision, config, run, reused=True)
     if config.dry_run:
         _decided(run, existing, outcome(existing, decision, config, reused=True))
@@ -311,7 +239,7 @@ def split_validation(data: validation.ValidationSet, config: QuantizeConfig):
     """Tuning and confirmation parts; refused here if a confirmation part is too small to
     certify the gate even with no flip."""
     tuning, confirmation = validation.split(data)
-    gate.check_certifiable(
+    decide.check_certifiable(
         {p.name: p.stop - p.start for p in confirmation.slices()}, config.thresholds
     )
     log.info(
@@ -335,13 +263,13 @@ def load_fp32(found: checkpoint.Checkpoint):
 
 def predict_fp32(model, tokenizer, data: validation.ValidationSet, config: QuantizeConfig):
     """FP32 reference predictions, batched by the policy INT8 will use."""
-    return validation.predict(model, tokenizer, data.texts, config.batching, progress="FP32")
+    return predict(model, tokenizer, data.texts, config.batching, progress="FP32")
 
 
 def quantize(model, tokenizer, tuning, fp32, confirmation, config: QuantizeConfig, progress):
     """Quantize by the recipe (a fallback recipe keeps the most sensitive layers FP32,
     chosen on the tuning part only, and tells `progress` how its search goes)."""
-    from distilq import autoquant  # torch: imported only by a run that quantizes
+    from distilq.quantize import autoquant  # torch: imported only by a run that quantizes
 
     target = autoquant.target_agreement(confirmation, config.thresholds, config.margin)
     candidate = autoquant.quantize_for_gate(
@@ -356,15 +284,13 @@ def confirm(model, tokenizer, candidate, confirmation, config: QuantizeConfig) -
     """Both models on the confirmation part, which the recipe never saw: the metrics, both
     models' warm speed, and the gate's decision."""
     policy = config.batching
-    fp32 = validation.predict(model, tokenizer, confirmation.texts, policy, progress="FP32")
-    int8 = validation.predict(
-        candidate.model, tokenizer, confirmation.texts, policy, progress="confirm INT8"
-    )
-    speed = validation.measure_speed(model, candidate.model, tokenizer, confirmation.texts, policy)
-    metrics = validation.compare(
+    fp32 = predict(model, tokenizer, confirmation.texts, policy, progress="FP32")
+    int8 = predict(candidate.model, tokenizer, confirmation.texts, policy, progress="confirm INT8")
+    speed = compare.measure_speed(model, candidate.model, tokenizer, confirmation.texts, policy)
+    metrics = compare.compare(
         fp32, int8, confirmation, model.config.id2label, speed, config.confidence
     )
-    decision = gate.decide(metrics, config.thresholds)
+    decision = decide.decide(metrics, config.thresholds)
     log.info(
         "agreement %.4f (lower bound %.4f), %d flips; rows/s FP32 %.1f, INT8 %.1f (%s)",
         metrics.agreement,
@@ -401,122 +327,3 @@ def promote(version: str, config: QuantizeConfig) -> dict | None:
     else:
         log.info("production: %s -> %s", entry["from"], entry["to"])
     return entry
-
-
-# -- score_dataset ---------------------------------------------------------------------------
-
-
-def score_dataset(config: ScoreConfig, run: Runner | None = None) -> ScoreSummary:
-    """Score Parquet files with the registry's model into `config.output`; shards already
-    scored by the same model from the same inputs are skipped. Raises ScoringFailed, with
-    the summary, if any input file could not be scored (the others are)."""
-    run = run or Runner()
-    start = time.perf_counter()
-    version, options = run.step(resolve_model, config)
-    plan = run.step(plan_inputs, config, options)
-    with output_lock(config.output):
-        manifest, todo = run.step(prepare, config, plan, version, options)
-        for uri, error in plan.unreadable.items():
-            manifest.record_failure(uri, error)
-        total = sum(s.rows for s in todo)
-        bar = tqdm(total=total, unit="rows", file=sys.stderr, desc="scoring")
-        progress = functools.partial(run.progress, "score-progress")
-        progress(0, total, f"0 of {total:,} rows to score in this run")
-
-        def done(shard: Shard, result: ShardStats | BaseException) -> None:
-            try:
-                if isinstance(result, BaseException):
-                    log.error("%s failed: %s", shard.name, result)
-                    manifest.record_failure(shard.name, str(result))
-                else:
-                    manifest.record_shard(shard, result)
-            except ManifestNotSaved as e:  # kept in memory: the next save may pass
-                log.error("%s; going on with the other files", e)
-            bar.update(shard.rows)
-            progress(bar.n, total, f"{bar.n:,} of {total:,} rows to score in this run")
-
-        run.map_shards(score_one_shard, todo, (config, version, options), done)
-        bar.close()
-        this_run = {s.output for s in todo}
-        summary = manifest.finalize(time.perf_counter() - start, this_run)
-    log.info(report.score_summary_line(summary))
-    run.scored(summary, manifest)
-    if summary.failed:
-        raise ScoringFailed(
-            f"{len(summary.failed)} input file(s) failed: "
-            + "; ".join(f"{uri}: {why}" for uri, why in summary.failed.items()),
-            summary,
-        )
-    return summary
-
-
-def preflight(config: ScoreConfig) -> tuple[str, int]:
-    """The checks of `score_dataset` that need no engine: unknown model, a --max-length the
-    model cannot take, missing paths or columns, an output that overlaps the inputs, cannot
-    be made or is held by another run. Returns the model version `config.model` names now
-    and the number of shards left to score (0: the output is complete, no model is needed)."""
-    version, options = resolve_model(config)
-    plan = plan_inputs(config, options)
-    refuse_if_locked(config.output)
-    todo = pending_shards(config.output, plan, version, options.model_dump(), config.overwrite)
-    return version, len(todo)
-
-
-# The steps of score_dataset, in order.
-
-
-def resolve_model(config: ScoreConfig) -> tuple[str, ScoreOptions]:
-    """The version behind `config.model` and the options to score with (its batching
-    policy); fails early if the model is unknown or cannot take `max_length`."""
-    registry = Registry(config.registry)
-    version = registry.resolve(config.model)
-    options = options_for(config, registry, version)
-    log.info("model %s (%s) from %s", version, config.model, config.registry)
-    return version, options
-
-
-def plan_inputs(config: ScoreConfig, options: ScoreOptions) -> Plan:
-    """Shards to score, after every input's schema and the output's place were checked."""
-    plan = plan_shards(config.inputs, options, config.output)
-    rows = sum(s.rows for s in plan.shards)
-    log.info(
-        "%d shard(s), %d rows; %d unreadable file(s)", len(plan.shards), rows, len(plan.unreadable)
-    )
-    return plan
-
-
-def prepare(
-    config: ScoreConfig, plan: Plan, version: str, options: ScoreOptions
-) -> tuple[OutputManifest, list[Shard]]:
-    """Check the output against this run; save its manifest; return it and the shards to do."""
-    manifest, todo = prepare_output(
-        config.output, plan, version, options.model_dump(), config.overwrite
-    )
-    skipped = len(plan.shards) - len(todo)
-    if skipped:
-        log.info("resuming: %d shard(s) already done, %d to go", skipped, len(todo))
-    return manifest, todo
-
-
-def score_one_shard(
-    shard: Shard, config: ScoreConfig, version: str, options: ScoreOptions
-) -> ShardStats:
-    """Score one shard on this worker (model loaded once per process); log progress."""
-    from distilq.classifier import load_cached
-    from distilq.runtime import configure_worker
-
-    configure_worker(config.threads_per_worker)
-    classifier = load_cached(config.registry, version, config.allow_unattested)
-    done, start, last = 0, time.perf_counter(), time.perf_counter()
-
-    def progress(rows: int) -> None:
-        nonlocal done, last
-        done += rows
-        if time.perf_counter() - last >= PROGRESS_SECONDS:
-            last = time.perf_counter()
-            rate = done / (last - start)
-            log.info("%s: %d/%d rows, %.1f rows/s", shard.output, done, shard.rows, rate)
-
-    stats = score_shard(classifier, shard, config.output, options, progress)
-    log.info("%s: %d rows in %.1f s", shard.output, stats.rows_written, stats.seconds)
-    return stats

@@ -1,5 +1,5 @@
 """Scoring one shard: stream its record batches through a classifier and write the scored
-Parquet file whole (see `distilq.output` for the directory, `distilq.inputs` for shards)."""
+Parquet file whole (`output` holds the directory, `inputs` the shards)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pydantic import BaseModel, Field
 
 from distilq.config import BatchingPolicy, ScoreConfig
 from distilq.errors import InputError
-from distilq.inputs import Shard, copied_to_output, open_parquet
-from distilq.storage import Store
+from distilq.registry.store import Store
+from distilq.score.inputs import Shard, copied_to_output, open_parquet
 
 
 class ScoreOptions(BaseModel):

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distilq.errors import InputError
-from distilq.storage import Store
+from distilq.registry.store import Store
 
 OUTPUT_COLUMNS = ("label", "score", "model_version", "error")
 

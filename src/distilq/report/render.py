@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-from distilq.charts import CHART, MISSING, SENSITIVE_LAYERS_SHOWN
 from distilq.manifest import (
     FallbackRecord,
     OutputRecord,
@@ -13,6 +12,7 @@ from distilq.manifest import (
     VersionManifest,
     VersionMetrics,
 )
+from distilq.report.charts import CHART, MISSING, SENSITIVE_LAYERS_SHOWN
 
 MIB = 2**20
 

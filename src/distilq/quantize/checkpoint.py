@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distilq.errors import InputError, SourceUnavailable
-from distilq.storage import Store
+from distilq.registry.store import Store
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILES = (
@@ -209,7 +209,7 @@ def load_checkpoint(path: str | Path):
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from distilq.quantization import quiet_torch
+    from distilq.quantize.int8 import quiet_torch
 
     path = Path(path)
     _check_config(path)

@@ -17,18 +17,14 @@ import numpy as np
 from torch import nn
 
 from distilq.config import BatchingPolicy, GateThresholds
+from distilq.gate.compare import set_agreements
+from distilq.gate.data import ValidationSet
+from distilq.gate.stats import agreement_needed
 from distilq.hardware import cpu_features
 from distilq.manifest import Attempt, FallbackRecord, LayerSensitivity, RecipeRecord
-from distilq.quantization import linear_names, quantize
-from distilq.recipes import Recipe, fallback_base, get_recipe
-from distilq.stats import agreement_needed
-from distilq.validation import (
-    Predictions,
-    ValidationSet,
-    predict,
-    progress_bar,
-    set_agreements,
-)
+from distilq.quantize.int8 import linear_names, quantize
+from distilq.quantize.recipes import Recipe, fallback_base, get_recipe
+from distilq.score.inference import Predictions, predict, progress_bar
 
 log = logging.getLogger("distilq")
 

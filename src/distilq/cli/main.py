@@ -8,27 +8,17 @@ failure, 2 bad usage or input, 3 rejected by the gate (or unattested on this pla
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import json
 import logging
 import os
-import socket
-import subprocess
 import sys
-import threading
-import time
-import types
-import typing
-from collections.abc import Iterator
-from pathlib import Path
-
-from pydantic import BaseModel, ValidationError
 
 from distilq import __version__
+from distilq.cli.api import EphemeralApi, console_tracebacks
+from distilq.cli.flags import add_config_flags, config_from
 from distilq.config import QuantizeConfig, ScoreConfig, default_registry
 from distilq.errors import DistilqError, GateRejected, InputError, IntegrityError, Unattested
-from distilq.recipes import recipes_help
+from distilq.quantize.recipes import recipes_help
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 log = logging.getLogger("distilq")
@@ -57,90 +47,8 @@ exit codes: 0 every input file scored, 1 some file failed (the others are scored
 2 bad usage or input found before scoring, 3 the model fails its self-check here.
 """
 
+
 # Flags not spelled as their field is (repeated flags are singular).
-FLAG_NAMES = {"inputs": "--input", "id_columns": "--id-column"}
-METAVARS = {"inputs": "PATH", "output": "DIR", "validation": "SPEC", "id_columns": "COL"}
-
-
-def _flag_type(annotation) -> tuple[type, list | None, bool]:
-    """The argparse type, the choices (of a Literal) and whether the flag repeats."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    origin = typing.get_origin(annotation)
-    if origin is typing.Literal:
-        return str, list(args), False
-    if origin in (typing.Union, types.UnionType) and len(args) == 1:
-        return _flag_type(args[0])
-    if origin is typing.Annotated:
-        return _flag_type(args[0])
-    if origin is list:
-        return str, None, True
-    return annotation, None, False
-
-
-def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
-    """One flag per field of `model`, with the field's description as help and its default
-    shown. Unset flags stay None, so the config applies its own default."""
-    for name, field in model.model_fields.items():
-        kind, choices, repeats = _flag_type(field.annotation)
-        flag = _flag(name)
-        help_text = field.description or ""
-        if not field.is_required():
-            default = field.get_default(call_default_factory=True)
-            if default not in (None, False, []):
-                shown = ", ".join(default) if isinstance(default, list) else default
-                help_text += f" (default {shown})"
-        kwargs: dict = {"dest": name, "default": None, "help": help_text.replace("%", "%%")}
-        if kind is bool:
-            kwargs["action"] = "store_true"
-        else:
-            kwargs.update(type=kind, choices=choices, metavar=METAVARS.get(name))
-            if repeats:
-                kwargs["action"] = "append"
-            if field.is_required():
-                kwargs["required"] = True
-        parser.add_argument(flag, **kwargs)
-
-
-def _flag(field: str) -> str:
-    return FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
-
-
-def _config(model: type[BaseModel], args: argparse.Namespace):
-    """The config from the flags given; a bad value is a usage error, said in one line."""
-    fields = {k: v for k, v in vars(args).items() if k in model.model_fields and v is not None}
-    try:
-        return model(**fields)
-    except ValidationError as e:
-        raise InputError("; ".join(map(_flag_problem, e.errors()))) from None
-
-
-# What a bounded field's pydantic error means, said of its flag.
-_BOUNDS = {
-    "greater_than_equal": ("ge", "must be at least"),
-    "greater_than": ("gt", "must be more than"),
-    "less_than_equal": ("le", "must be at most"),
-    "less_than": ("lt", "must be less than"),
-}
-
-
-def _flag_problem(error: dict) -> str:
-    """One pydantic error as `--batch-size must be at least 1 (got 0)`."""
-
-    def shown(value) -> str:
-        return f"{value:g}" if isinstance(value, float) else str(value)
-
-    ctx = error.get("ctx", {})
-    if not error["loc"]:  # a check across fields: its message names the flags
-        return str(ctx.get("error", error["msg"]))
-    flag = _flag(str(error["loc"][0]))
-    if error["type"] in _BOUNDS:
-        key, words = _BOUNDS[error["type"]]
-        return f"{flag} {words} {shown(ctx[key])} (got {shown(error['input'])})"
-    if error["type"] == "literal_error":
-        return f"{flag} must be one of {ctx['expected']} (got {error['input']!r})"
-    return f"{flag}: {error['msg']}"
-
-
 def _common_flags(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--json", action="store_true", help=f"print only the {what} JSON")
     parser.add_argument(
@@ -225,10 +133,10 @@ def _print_json(data) -> None:
 
 def cmd_quantize(args: argparse.Namespace, api: EphemeralApi) -> int:
     """Run the flow; map its outcome to an exit code."""
-    config = _config(QuantizeConfig, args)
+    config = config_from(QuantizeConfig, args)
     from flows.quantize_and_promote import quantize_and_promote
 
-    _console_tracebacks(args.verbose)
+    console_tracebacks(args.verbose)
     with api.serving():
         try:
             result, rejected = quantize_and_promote(config), None
@@ -287,18 +195,18 @@ def _agreement_line(figures, confidence: float | None) -> str:
 
 def cmd_score(args: argparse.Namespace, api: EphemeralApi) -> int:
     """Run the scoring flow; print its summary."""
-    from distilq.pipelines import preflight
+    from distilq.pipelines.score import preflight
 
-    config = _config(ScoreConfig, args)
+    config = config_from(ScoreConfig, args)
     version, pending = preflight(config)  # seconds, and before any engine starts
     from distilq.errors import ScoringFailed
     from flows.score_parquet import score_parquet
 
-    _console_tracebacks(args.verbose)
+    console_tracebacks(args.verbose)
     if pending:
         # Load the model while the API starts (the local runner's tasks reuse it), and
         # refuse, exit 3, a version that fails its self-check here before any file is scored.
-        from distilq.classifier import load_cached
+        from distilq.score.classifier import load_cached
 
         classifier = load_cached(config.registry, version, config.allow_unattested)
         print(f"model {version}: {classifier.attestation}", file=sys.stderr)
@@ -312,7 +220,7 @@ def cmd_score(args: argparse.Namespace, api: EphemeralApi) -> int:
     if args.json:
         _print_json(summary.model_dump())
     else:
-        from distilq.report import score_summary_line
+        from distilq.report.render import score_summary_line
 
         print(score_summary_line(summary))
     return EXIT_FAILED if failed is not None else EXIT_OK
@@ -320,7 +228,7 @@ def cmd_score(args: argparse.Namespace, api: EphemeralApi) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """Registry operations; none of them needs Prefect."""
-    from distilq.registry import Registry
+    from distilq.registry.registry import Registry
 
     registry = Registry(args.registry)
     if not registry.exists():
@@ -351,7 +259,7 @@ def _models_show(registry, args: argparse.Namespace) -> None:
     if args.json:
         _print_json(manifest.dump())
         return
-    from distilq.report import render_report
+    from distilq.report.render import render_report
 
     print(render_report(manifest))
     attested = [
@@ -393,7 +301,7 @@ def _models_rollback(registry, args: argparse.Namespace) -> None:
 def _list_rows(registry) -> list[dict]:
     """One row a version, newest first; a version whose manifest fails its check is listed
     with the reason instead of its figures."""
-    from distilq.gate import decide_manifest
+    from distilq.gate.decide import decide_manifest
 
     try:
         production = registry.alias()
@@ -462,185 +370,6 @@ def _announce_promotion(version: str, registry: str, entry: dict) -> None:
 
     emit_promoted(version, registry, entry)  # delivered before this process exits
     print(f"sent {PROMOTED_EVENT} to {api}", file=sys.stderr)
-
-
-class _WithoutTraceback(logging.Formatter):
-    """Formats a record as `inner` does, leaving out its traceback."""
-
-    def __init__(self, inner: logging.Formatter | None):
-        super().__init__()
-        self.inner = inner or logging.Formatter()
-
-    def format(self, record: logging.LogRecord) -> str:
-        if not record.exc_info:
-            return self.inner.format(record)
-        saved = record.exc_info, record.exc_text
-        record.exc_info = record.exc_text = None
-        try:
-            return self.inner.format(record) + " (traceback: run logs, or --verbose)"
-        finally:
-            record.exc_info, record.exc_text = saved
-
-
-def _console_tracebacks(show: bool) -> None:
-    """Prefect prints a failed step's traceback on the console, ahead of distilq's one-line
-    message. Keep it in the run's logs (sent to the API by another handler) and, unless
-    --verbose, off the console."""
-    if show:
-        return
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler):
-            handler.setFormatter(_WithoutTraceback(handler.formatter))
-
-
-class EphemeralApi:
-    """Prefect's temporary local API server for one `distilq` run, started before anything
-    else so that its start-up (several seconds of its own CPU) overlaps the run's imports,
-    checks and model load.
-
-    It is the server Prefect would start (the same `uvicorn` command and environment), but
-    launched without importing `prefect.server` here (2.5 s of the run's own CPU) and only
-    when the user has named no API: with PREFECT_API_URL in the environment nothing starts,
-    and one named in a Prefect profile wins over this server, which is then stopped. A
-    thread waits for it to answer and warms it up (its first queries are slow) while the run
-    goes on. A reaper stops the server if this process dies without stopping it (SIGKILL).
-    """
-
-    APP = "prefect.server.api.server:create_app"
-    PORT_IN_USE = 3  # uvicorn's exit code when it cannot bind
-    STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
-
-    def __init__(self) -> None:
-        self.process: subprocess.Popen | None = None
-        self.url: str | None = None
-        self._ready: threading.Thread | None = None
-        self._problem: str | None = None  # why the server never answered
-        self._reaper = None
-
-    def start(self) -> None:
-        """Launch the server unless an API is named in the environment; do not wait."""
-        if os.environ.get("PREFECT_API_URL"):
-            return
-        self._launch()
-        self._ready = threading.Thread(target=self._wait_ready, name="prefect-api", daemon=True)
-        self._ready.start()
-
-    def _launch(self) -> None:
-        from distilq.reaper import Reaper
-
-        self._reaper = self._reaper or Reaper()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        prefect_dir = importlib.util.find_spec("prefect").submodule_search_locations[0]
-        # What Prefect's SubprocessASGIServer runs (no UI, an ephemeral server's services),
-        # less block-type registration: a third of the server's start-up, checked at every
-        # start, for block types that only a UI or a long-lived server's users look up.
-        env = {
-            **os.environ,
-            "PREFECT_UI_ENABLED": "0",
-            "PREFECT__SERVER_EPHEMERAL": "1",
-            "PREFECT__SERVER_FINAL": "1",
-            "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
-            "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",
-        }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect_dir).parent),
-             "--factory", self.APP, "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "error", "--lifespan", "on"],
-            env=env,
-        )  # fmt: skip
-        self._reaper.guard(self.process.pid, self.APP)
-        self.url = f"http://127.0.0.1:{port}/api"
-
-    def _wait_ready(self) -> None:
-        """Until the server answers (relaunched on another port if its port was taken),
-        then the queries a flow run's start makes, so that they find it warm."""
-        import httpx
-
-        timeout = float(os.environ.get(self.STARTUP_TIMEOUT, "20"))
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=timeout) as client:
-            while time.monotonic() < deadline:
-                code = self.process.poll()
-                if code == self.PORT_IN_USE:  # another process took the port meanwhile
-                    self._launch()
-                elif code is not None:
-                    self._problem = f"exited with code {code} before answering (see above)"
-                    return
-                with contextlib.suppress(httpx.TransportError):
-                    if client.get(f"{self.url}/health").status_code == 200:
-                        with contextlib.suppress(httpx.HTTPError):
-                            client.get(f"{self.url}/admin/version")
-                            client.post(f"{self.url}/flows/filter", json={"limit": 1})
-                            client.post(f"{self.url}/flow_runs/filter", json={"limit": 1})
-                        return
-                time.sleep(0.05)
-        self._problem = f"did not answer within {timeout:.0f} s ({self.STARTUP_TIMEOUT})"
-
-    @contextlib.contextmanager
-    def serving(self) -> Iterator[None]:
-        """Around a flow run: point Prefect at this server once it answers (unless the user
-        named another API), deliver the run's last logs and events, then stop the server,
-        so that its closing lines come before distilq's own last line."""
-        from prefect.context import refresh_global_settings_context
-        from prefect.settings import (
-            PREFECT_API_URL,
-            PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-            PREFECT_UI_URL,
-            get_current_settings,
-            temporary_settings,
-        )
-
-        settings = get_current_settings()
-        if self.process is None or settings.api.url or not settings.server.ephemeral.enabled:
-            self.stop()  # the user named an API, or wants no temporary one: Prefect decides
-            yield
-            return
-        self._ready.join()
-        if self._problem:
-            self.stop()
-            raise DistilqError(f"the temporary Prefect API server {self._problem}")
-        log.info("temporary Prefect API on %s (PREFECT_API_URL names a lasting one)", self.url)
-        # No "View at" links (this server has no UI) and no heartbeats (they tell a lasting
-        # server that a run died; this one dies with the run).
-        updates = {
-            PREFECT_API_URL: self.url,
-            PREFECT_UI_URL: "",
-            PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
-        }
-        # For worker processes this run starts, and for Prefect's own threads (its process
-        # pool forwards its workers' logs and events from one), which read the global
-        # settings, not this thread's temporary ones.
-        os.environ["PREFECT_API_URL"] = self.url
-        refresh_global_settings_context()
-        try:
-            with temporary_settings(updates=updates):
-                try:
-                    yield
-                finally:  # a failed run's last lines matter most
-                    from prefect.events.worker import EventsWorker
-                    from prefect.logging.handlers import APILogWorker
-
-                    APILogWorker.drain_all(timeout=30)
-                    EventsWorker.drain_all(timeout=30)
-        finally:
-            del os.environ["PREFECT_API_URL"]
-            refresh_global_settings_context()
-            self.stop()
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from distilq import charts
-from distilq.attest import write_selfcheck
-from distilq.checkpoint import Checkpoint, sha256_file
 from distilq.config import BatchingPolicy, GateThresholds
+from distilq.gate.attest import write_selfcheck
+from distilq.gate.data import SPLIT_RULE, ValidationSet
+from distilq.gate.metrics import Metrics
 from distilq.hardware import platform_record
 from distilq.manifest import (
     Decision,
@@ -26,13 +26,14 @@ from distilq.manifest import (
     VersionManifest,
     VersionMetrics,
 )
-from distilq.metrics import Metrics
-from distilq.recipes import Recipe
-from distilq.report import render_report
-from distilq.validation import SPLIT_RULE, Predictions, ValidationSet
+from distilq.quantize.checkpoint import Checkpoint, sha256_file
+from distilq.quantize.recipes import Recipe
+from distilq.report import charts
+from distilq.report.render import render_report
+from distilq.score.inference import Predictions
 
 if TYPE_CHECKING:
-    from distilq.autoquant import Candidate  # imports torch
+    from distilq.quantize.autoquant import Candidate  # imports torch
 
 STAGING_PREFIX = "distilq-stage-"
 
@@ -160,13 +161,13 @@ def stage_version(
 
     `gated` holds the candidate and what the gate measured on `gated.confirmation`, the part
     of `validation` (see `split`) that `auto`'s choices never saw; both models' predictions
-    there are kept for self-checks on other platforms (`distilq.attest`)."""
+    there are kept for self-checks on other platforms (`distilq.gate.attest`)."""
     staging = Path(staging)
     model_dir = staging / "model"
     candidate = gated.candidate
     candidate.model.config.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    from distilq.quantization import save_int8  # torch: only once there is a model to save
+    from distilq.quantize.int8 import save_int8  # torch: only once there is a model to save
 
     weights = save_int8(candidate.model, candidate.recipe, model_dir)
     write_selfcheck(staging, gated.confirmation, gated.fp32.labels, gated.int8.probs)

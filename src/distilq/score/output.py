@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from dataclasses import asdict
 
 from distilq.errors import DistilqError, InputError, IntegrityError
-from distilq.inputs import Plan, Shard
 from distilq.manifest import OutputRecord, ScoreSummary, ShardRecord, read_output_manifest
-from distilq.storage import Store, WriteConflict, temporary_prefix
+from distilq.registry.store import Store, WriteConflict, temporary_prefix
+from distilq.score.inputs import Plan, Shard
 
 MANIFEST = "_manifest.json"
 

@@ -2,7 +2,7 @@
 the run key all read it. No torch here, so the CLI can list recipes without loading it.
 
 A new recipe is one `Recipe(...)` line in `RECIPES` (plus, if it needs a new kind of layer,
-its kernel in `distilq.quantization`).
+its kernel in `distilq.quantize.int8`).
 """
 
 from __future__ import annotations

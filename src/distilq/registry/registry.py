@@ -33,11 +33,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-from distilq.checkpoint import sha256_file
 from distilq.errors import DistilqError, InputError, IntegrityError
-from distilq.gate import decide_manifest
+from distilq.gate.decide import decide_manifest
 from distilq.manifest import VersionManifest, read_version_manifest
-from distilq.storage import Store, WriteConflict
+from distilq.quantize.checkpoint import sha256_file
+from distilq.registry.store import Store, WriteConflict
 
 PRODUCTION = "production"
 MANIFEST = "manifest.json"

@@ -22,7 +22,7 @@ class Reaper:
 
     def __init__(self) -> None:
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "distilq.reaper"],
+            [sys.executable, "-m", "distilq.cli.reaper"],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C to the run's process group does not reach it

@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distilq.errors import Unattested
-from distilq.gate import certified_agreement, decide_sets
+from distilq.gate.compare import set_metrics
+from distilq.gate.decide import certified_agreement, decide_sets
+from distilq.gate.metrics import SetMetrics
 from distilq.hardware import platform_record
 from distilq.manifest import VersionManifest
-from distilq.metrics import SetMetrics
-from distilq.validation import set_metrics
 
 SELFCHECK = "selfcheck.parquet"
 log = logging.getLogger("distilq")

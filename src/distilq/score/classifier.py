@@ -9,8 +9,8 @@ import numpy as np
 
 from distilq.config import BatchingPolicy, default_registry
 from distilq.manifest import VersionManifest
-from distilq.registry import PRODUCTION, Registry
-from distilq.validation import predict, screen_texts
+from distilq.registry.registry import PRODUCTION, Registry
+from distilq.score.inference import predict, screen_texts
 
 
 class Classifier:
@@ -77,13 +77,13 @@ def load(
     allow_unattested: bool = False,
 ) -> Classifier:
     """Load a registry version (or alias) as a `Classifier`, after checking every file's
-    sha256, and make sure it is attested on this platform (see `distilq.attest`: a version
+    sha256, and make sure it is attested on this platform (see `distilq.gate.attest`: a version
     gated on another CPU runs its self-check here first; one that fails it is refused
     unless `allow_unattested`)."""
     from transformers import AutoTokenizer
 
-    from distilq.attest import ensure_attested
-    from distilq.quantization import load_int8
+    from distilq.gate.attest import ensure_attested
+    from distilq.quantize.int8 import load_int8
 
     registry = Registry(registry or default_registry())
     local, manifest = registry.fetch(ref, cache_dir)

@@ -1,0 +1,94 @@
+"""Command-line flags made from the config models: one flag per field, its help and default
+from the field, and pydantic's errors said of the flags in one line."""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+
+from pydantic import BaseModel, ValidationError
+
+from distilq.errors import InputError
+
+FLAG_NAMES = {"inputs": "--input", "id_columns": "--id-column"}
+METAVARS = {"inputs": "PATH", "output": "DIR", "validation": "SPEC", "id_columns": "COL"}
+
+
+def _flag_type(annotation) -> tuple[type, list | None, bool]:
+    """The argparse type, the choices (of a Literal) and whether the flag repeats."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return str, list(args), False
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _flag_type(args[0])
+    if origin is typing.Annotated:
+        return _flag_type(args[0])
+    if origin is list:
+        return str, None, True
+    return annotation, None, False
+
+
+def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """One flag per field of `model`, with the field's description as help and its default
+    shown. Unset flags stay None, so the config applies its own default."""
+    for name, field in model.model_fields.items():
+        kind, choices, repeats = _flag_type(field.annotation)
+        flag = _flag(name)
+        help_text = field.description or ""
+        if not field.is_required():
+            default = field.get_default(call_default_factory=True)
+            if default not in (None, False, []):
+                shown = ", ".join(default) if isinstance(default, list) else default
+                help_text += f" (default {shown})"
+        kwargs: dict = {"dest": name, "default": None, "help": help_text.replace("%", "%%")}
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(type=kind, choices=choices, metavar=METAVARS.get(name))
+            if repeats:
+                kwargs["action"] = "append"
+            if field.is_required():
+                kwargs["required"] = True
+        parser.add_argument(flag, **kwargs)
+
+
+def _flag(field: str) -> str:
+    return FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
+
+
+def config_from(model: type[BaseModel], args: argparse.Namespace):
+    """The config from the flags given; a bad value is a usage error, said in one line."""
+    fields = {k: v for k, v in vars(args).items() if k in model.model_fields and v is not None}
+    try:
+        return model(**fields)
+    except ValidationError as e:
+        raise InputError("; ".join(map(_flag_problem, e.errors()))) from None
+
+
+# What a bounded field's pydantic error means, said of its flag.
+_BOUNDS = {
+    "greater_than_equal": ("ge", "must be at least"),
+    "greater_than": ("gt", "must be more than"),
+    "less_than_equal": ("le", "must be at most"),
+    "less_than": ("lt", "must be less than"),
+}
+
+
+def _flag_problem(error: dict) -> str:
+    """One pydantic error as `--batch-size must be at least 1 (got 0)`."""
+
+    def shown(value) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    ctx = error.get("ctx", {})
+    if not error["loc"]:  # a check across fields: its message names the flags
+        return str(ctx.get("error", error["msg"]))
+    flag = _flag(str(error["loc"][0]))
+    if error["type"] in _BOUNDS:
+        key, words = _BOUNDS[error["type"]]
+        return f"{flag} {words} {shown(ctx[key])} (got {shown(error['input'])})"
+    if error["type"] == "literal_error":
+        return f"{flag} must be one of {ctx['expected']} (got {error['input']!r})"
+    return f"{flag}: {error['msg']}"

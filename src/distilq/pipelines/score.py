@@ -1,0 +1,146 @@
+"""The score path: `score_dataset(config) -> ScoreSummary`, its preflight and its steps."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+
+from tqdm.auto import tqdm
+
+from distilq.config import ScoreConfig
+from distilq.errors import ScoringFailed
+from distilq.manifest import ScoreSummary
+from distilq.pipelines.runner import Runner
+from distilq.registry.registry import Registry
+from distilq.report.render import score_summary_line
+from distilq.score.inputs import Plan, Shard, plan_shards
+from distilq.score.output import (
+    ManifestNotSaved,
+    OutputManifest,
+    output_lock,
+    pending_shards,
+    prepare_output,
+    refuse_if_locked,
+)
+from distilq.score.scoring import ScoreOptions, ShardStats, options_for, score_shard
+
+log = logging.getLogger("distilq")
+PROGRESS_SECONDS = 15  # how often a shard logs its progress
+
+
+def score_dataset(config: ScoreConfig, run: Runner | None = None) -> ScoreSummary:
+    """Score Parquet files with the registry's model into `config.output`; shards already
+    scored by the same model from the same inputs are skipped. Raises ScoringFailed, with
+    the summary, if any input file could not be scored (the others are)."""
+    run = run or Runner()
+    start = time.perf_counter()
+    version, options = run.step(resolve_model, config)
+    plan = run.step(plan_inputs, config, options)
+    with output_lock(config.output):
+        manifest, todo = run.step(prepare, config, plan, version, options)
+        for uri, error in plan.unreadable.items():
+            manifest.record_failure(uri, error)
+        total = sum(s.rows for s in todo)
+        bar = tqdm(total=total, unit="rows", file=sys.stderr, desc="scoring")
+        progress = functools.partial(run.progress, "score-progress")
+        progress(0, total, f"0 of {total:,} rows to score in this run")
+
+        def done(shard: Shard, result: ShardStats | BaseException) -> None:
+            try:
+                if isinstance(result, BaseException):
+                    log.error("%s failed: %s", shard.name, result)
+                    manifest.record_failure(shard.name, str(result))
+                else:
+                    manifest.record_shard(shard, result)
+            except ManifestNotSaved as e:  # kept in memory: the next save may pass
+                log.error("%s; going on with the other files", e)
+            bar.update(shard.rows)
+            progress(bar.n, total, f"{bar.n:,} of {total:,} rows to score in this run")
+
+        run.map_shards(score_one_shard, todo, (config, version, options), done)
+        bar.close()
+        this_run = {s.output for s in todo}
+        summary = manifest.finalize(time.perf_counter() - start, this_run)
+    log.info(score_summary_line(summary))
+    run.scored(summary, manifest)
+    if summary.failed:
+        raise ScoringFailed(
+            f"{len(summary.failed)} input file(s) failed: "
+            + "; ".join(f"{uri}: {why}" for uri, why in summary.failed.items()),
+            summary,
+        )
+    return summary
+
+
+def preflight(config: ScoreConfig) -> tuple[str, int]:
+    """The checks of `score_dataset` that need no engine: unknown model, a --max-length the
+    model cannot take, missing paths or columns, an output that overlaps the inputs, cannot
+    be made or is held by another run. Returns the model version `config.model` names now
+    and the number of shards left to score (0: the output is complete, no model is needed)."""
+    version, options = resolve_model(config)
+    plan = plan_inputs(config, options)
+    refuse_if_locked(config.output)
+    todo = pending_shards(config.output, plan, version, options.model_dump(), config.overwrite)
+    return version, len(todo)
+
+
+# The steps of score_dataset, in order.
+
+
+def resolve_model(config: ScoreConfig) -> tuple[str, ScoreOptions]:
+    """The version behind `config.model` and the options to score with (its batching
+    policy); fails early if the model is unknown or cannot take `max_length`."""
+    registry = Registry(config.registry)
+    version = registry.resolve(config.model)
+    options = options_for(config, registry, version)
+    log.info("model %s (%s) from %s", version, config.model, config.registry)
+    return version, options
+
+
+def plan_inputs(config: ScoreConfig, options: ScoreOptions) -> Plan:
+    """Shards to score, after every input's schema and the output's place were checked."""
+    plan = plan_shards(config.inputs, options, config.output)
+    rows = sum(s.rows for s in plan.shards)
+    log.info(
+        "%d shard(s), %d rows; %d unreadable file(s)", len(plan.shards), rows, len(plan.unreadable)
+    )
+    return plan
+
+
+def prepare(
+    config: ScoreConfig, plan: Plan, version: str, options: ScoreOptions
+) -> tuple[OutputManifest, list[Shard]]:
+    """Check the output against this run; save its manifest; return it and the shards to do."""
+    manifest, todo = prepare_output(
+        config.output, plan, version, options.model_dump(), config.overwrite
+    )
+    skipped = len(plan.shards) - len(todo)
+    if skipped:
+        log.info("resuming: %d shard(s) already done, %d to go", skipped, len(todo))
+    return manifest, todo
+
+
+def score_one_shard(
+    shard: Shard, config: ScoreConfig, version: str, options: ScoreOptions
+) -> ShardStats:
+    """Score one shard on this worker (model loaded once per process); log progress."""
+    from distilq.runtime import configure_worker
+    from distilq.score.classifier import load_cached
+
+    configure_worker(config.threads_per_worker)
+    classifier = load_cached(config.registry, version, config.allow_unattested)
+    done, start, last = 0, time.perf_counter(), time.perf_counter()
+
+    def progress(rows: int) -> None:
+        nonlocal done, last
+        done += rows
+        if time.perf_counter() - last >= PROGRESS_SECONDS:
+            last = time.perf_counter()
+            rate = done / (last - start)
+            log.info("%s: %d/%d rows, %.1f rows/s", shard.output, done, shard.rows, rate)
+
+    stats = score_shard(classifier, shard, config.output, options, progress)
+    log.info("%s: %d rows in %.1f s", shard.output, stats.rows_written, stats.seconds)
+    return stats
