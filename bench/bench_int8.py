@@ -34,7 +34,8 @@ import torch
 from distilq.config import BatchingPolicy
 from distilq.gate.data import PACKAGED_VALIDATION, load_validation
 from distilq.hardware import cpu_features, cpu_model
-from distilq.quantize.int8 import TOKEN_KERNELS, quantize, token_linear
+from distilq.quantize.int8 import quantize
+from distilq.quantize.kernels.token_linear import TOKEN_KERNELS, token_linear
 from distilq.score.inference import predict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,8 @@ POLICY = BatchingPolicy()
 RECIPES = ("dynamic-int8-pc", "dynamic-int8-token")
 COMPILED = ", compiled kernel"
 COMPILE_ONLY = (
-    "import time; from distilq.quantize.int8 import TOKEN_KERNELS; start = time.perf_counter(); "
+    "import time; from distilq.quantize.kernels.token_linear import TOKEN_KERNELS; "
+    "start = time.perf_counter(); "
     "assert TOKEN_KERNELS.compile(); print(time.perf_counter() - start)"
 )
 

@@ -24,7 +24,7 @@ from distilq.gate.data import PACKAGED_VALIDATION, load_validation
 from distilq.hardware import cpu_features, cpu_model
 from distilq.pipelines.quantize import quantize_and_promote
 from distilq.quantize.int8 import save_int8
-from distilq.quantize.recipes import RECIPES
+from distilq.quantize.recipes import RECIPE_NAMES, RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODEL = ROOT.parent / "shared" / "models" / "distilbert-sst2-minilm"
@@ -37,7 +37,7 @@ def real_model(tmp: Path) -> list[str]:
     """Every recipe through the library pipeline itself (a dry run each, as `distilq
     quantize --dry-run --recipe R` would): the figures are the gate's own."""
     runs = {}
-    for name in RECIPES:
+    for name in RECIPE_NAMES:
         config = QuantizeConfig(
             source=str(SHARED_MODEL),
             recipe=name,
@@ -89,7 +89,7 @@ def full_size(tmp: Path) -> list[str]:
     tokenizer = AutoTokenizer.from_pretrained(SHARED_MODEL)  # the same uncased vocabulary
     texts = load_validation(PACKAGED_VALIDATION).texts
     models, sizes = {"FP32": model}, {"FP32": fp32_bytes}
-    for name in [n for n, r in RECIPES.items() if not r.fallback]:
+    for name in RECIPES:
         models[name] = quantize(model, name)
         model.config.save_pretrained(tmp / f"full-{name}")
         sizes[name] = save_int8(models[name], RECIPES[name], tmp / f"full-{name}").stat().st_size

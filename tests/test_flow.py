@@ -8,41 +8,18 @@ import pytest
 
 from distilq.config import QuantizeConfig
 from distilq.errors import GateRejected
+from distilq.quantize.recipes import resolve_recipe
 from distilq.registry.registry import Registry
 from flows.quantize_and_promote import quantize_and_promote
+from tests.conftest import as_shown, tiny_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-def _config(checkpoint, validation, registry, **overrides) -> QuantizeConfig:
-    values = dict(
-        source=str(checkpoint),
-        validation=str(validation),
-        registry=str(registry),
-        recipe="dynamic-int8-pc",
-        min_agreement=0.9,
-        max_accuracy_drop=1.0,
-    )
-    return QuantizeConfig(**(values | overrides))
-
-
-def as_shown(state) -> tuple:
-    """A finished flow run as the Prefect server shows it: the run, and its artifacts by key."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    run_id = state.state_details.flow_run_id
-    only_this_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_run(run_id)
-        artifacts = client.read_artifacts(artifact_filter=only_this_run)
-    return run, {a.key: a for a in artifacts}
 
 
 def test_passing_gate_publishes_and_promotes_then_rerun_is_reused(
     tiny_checkpoint, tiny_validation, tmp_path
 ):
-    config = _config(tiny_checkpoint, tiny_validation, tmp_path / "reg")
+    config = tiny_config(tiny_checkpoint, tiny_validation, tmp_path / "reg")
     state = quantize_and_promote(config, return_state=True)
     result = state.result()
     assert result.approved and result.promoted and not result.reused
@@ -84,8 +61,10 @@ def test_passing_gate_publishes_and_promotes_then_rerun_is_reused(
 def test_failed_gate_fails_the_run_keeps_the_candidate_and_production(
     sensitive_checkpoint, tiny_checkpoint, tiny_validation, tmp_path
 ):
-    good = quantize_and_promote(_config(tiny_checkpoint, tiny_validation, tmp_path / "reg"))
-    config = _config(sensitive_checkpoint, tiny_validation, tmp_path / "reg", min_agreement=0.95)
+    good = quantize_and_promote(tiny_config(tiny_checkpoint, tiny_validation, tmp_path / "reg"))
+    config = tiny_config(
+        sensitive_checkpoint, tiny_validation, tmp_path / "reg", min_agreement=0.95
+    )
     state = quantize_and_promote(config, return_state=True)
     assert state.is_failed()
     with pytest.raises(
@@ -104,12 +83,22 @@ def test_failed_gate_fails_the_run_keeps_the_candidate_and_production(
     assert "agreement lower bound" in artifacts["quantize-report"].description
 
 
-def test_auto_shows_its_search_as_it_goes(sensitive_checkpoint, tiny_validation, tmp_path):
-    config = _config(sensitive_checkpoint, tiny_validation, tmp_path / "reg", recipe="auto")
+@pytest.mark.parametrize(
+    "features", [["avx2"], ["avx2", "avx512f", "avx512_vnni"]], ids=["avx2", "vnni"]
+)
+def test_auto_shows_its_search_as_it_goes(
+    sensitive_checkpoint, tiny_validation, tmp_path, monkeypatch, features
+):
+    # The one place a run reads the host CPU, given a value: the same code on every CPU.
+    monkeypatch.setattr("distilq.pipelines.quantize.cpu_features", lambda: features)
+    config = tiny_config(
+        sensitive_checkpoint, tiny_validation, tmp_path / "reg", recipe="auto", min_agreement=0.9
+    )
     state = quantize_and_promote(config, return_state=True)
     result = state.result()
     attempts = result.manifest.recipe.auto.attempts
     assert len(attempts) > 1  # the start failed: it fell back
+    assert result.manifest.recipe.auto.base == resolve_recipe("auto", features).base
     _, artifacts = as_shown(state)
     progress = artifacts["auto-progress"]
     assert progress.data == 100.0
@@ -117,7 +106,7 @@ def test_auto_shows_its_search_as_it_goes(sensitive_checkpoint, tiny_validation,
 
 
 def test_dry_run_publishes_nothing(tiny_checkpoint, tiny_validation, tmp_path):
-    config = _config(tiny_checkpoint, tiny_validation, tmp_path / "reg", dry_run=True)
+    config = tiny_config(tiny_checkpoint, tiny_validation, tmp_path / "reg", dry_run=True)
     result = quantize_and_promote(config)
     assert result.dry_run and not result.promoted
     assert Registry(tmp_path / "reg").versions() == []

@@ -27,7 +27,15 @@ from distilq.score.inference import NO_TOKENS
 from distilq.score.inputs import plan_shards
 from distilq.score.output import MANIFEST, prepare_output
 from distilq.score.scoring import ScoreOptions, options_for, score_shard
-from tests.conftest import DISTILQ, cli_env, make_texts, quantize, run, write_parquet
+from tests.conftest import (
+    DISTILQ,
+    cli_env,
+    make_texts,
+    quantize,
+    run,
+    tiny_config,
+    write_parquet,
+)
 
 
 @pytest.fixture
@@ -162,16 +170,17 @@ def test_reruns_promote_what_was_left_and_stay_rejected(
     tiny_checkpoint, sensitive_checkpoint, tiny_validation, tmp_path
 ):
     from flows.quantize_and_promote import quantize_and_promote
-    from tests.test_flow import _config
 
-    config = _config(tiny_checkpoint, tiny_validation, tmp_path / "reg")
+    config = tiny_config(tiny_checkpoint, tiny_validation, tmp_path / "reg")
     first = quantize_and_promote(config)
     shutil.rmtree(tmp_path / "reg" / "aliases")  # as if killed between publish and promote
     again = quantize_and_promote(config)
     assert again.reused and again.promoted and again.version == first.version
     assert Registry(tmp_path / "reg").alias() == first.version
 
-    rejected = _config(sensitive_checkpoint, tiny_validation, tmp_path / "reg", min_agreement=0.95)
+    rejected = tiny_config(
+        sensitive_checkpoint, tiny_validation, tmp_path / "reg", min_agreement=0.95
+    )
     states = [quantize_and_promote(rejected, return_state=True) for _ in range(2)]
     assert [s.is_failed() for s in states] == [True, True]
     messages = []

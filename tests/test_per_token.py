@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -12,18 +13,19 @@ import torch
 
 import distilq
 from distilq.config import BatchingPolicy, ScoreConfig
+from distilq.errors import InputError
 from distilq.hardware import cpu_features
 from distilq.pipelines.quantize import quantize_and_promote
 from distilq.pipelines.score import score_dataset
 from distilq.quantize.checkpoint import load_checkpoint
-from distilq.quantize.int8 import (
+from distilq.quantize.int8 import quantize
+from distilq.quantize.kernels.token_linear import (
     TOKEN_KERNELS,
     Int8TokenLinear,
     TokenKernels,
-    quantize,
     token_linear,
 )
-from distilq.quantize.recipes import fallback_base
+from distilq.quantize.recipes import RECIPES, get_recipe, resolve_recipe
 from distilq.report.render import render_report
 from distilq.score.inference import predict
 from tests.conftest import make_texts, tiny_config
@@ -43,13 +45,13 @@ def test_a_row_gets_the_same_answer_alone_and_in_any_batch(tiny_checkpoint):
     alone = _probs(token, tokenizer, TEXTS, 1, False)
     for batch_size, sort in ((7, False), (32, True), (60, False)):
         batched = _probs(token, tokenizer, TEXTS, batch_size, sort)
-        assert np.abs(batched - alone).max() <= 1e-5, (batch_size, sort)
+        assert np.array_equal(batched, alone), (batch_size, sort)
     # The check can fail: per-tensor activations take one scale per batch.
     per_tensor = quantize(model, "dynamic-int8-pc")
     moved = _probs(per_tensor, tokenizer, TEXTS, 32, True) - _probs(
         per_tensor, tokenizer, TEXTS, 1, False
     )
-    assert np.abs(moved).max() > 1e-5
+    assert np.abs(moved).max() > 0
 
 
 def test_a_scored_row_is_what_predict_says_of_its_text_alone(
@@ -76,11 +78,11 @@ def test_a_scored_row_is_what_predict_says_of_its_text_alone(
 
     one = scored(1)
     for batch_size in (7, 32):
-        assert np.abs(scored(batch_size) - one).max() <= 1e-5, batch_size
+        assert np.array_equal(scored(batch_size), one), batch_size
     classifier = distilq.load(registry)
     for text, row in zip(TEXTS[:12], one, strict=False):
         alone = classifier.predict([text])[0]["probabilities"]
-        assert abs(alone["NEGATIVE"] - row[0]) <= 1e-5 and abs(alone["POSITIVE"] - row[1]) <= 1e-5
+        assert [alone["NEGATIVE"], alone["POSITIVE"]] == row.tolist()
 
 
 @pytest.fixture(scope="module")
@@ -126,18 +128,30 @@ def test_the_kernel_is_compiled_only_when_asked(compiled_kernel, monkeypatch):
 
 
 def test_auto_starts_from_the_recipe_that_is_faithful_and_fast_on_the_cpu():
-    base, why = fallback_base(["avx2", "avx512f", "avx512_vnni"])
-    assert base.name == "dynamic-int8-token" and "avx512_vnni" in why
-    base, why = fallback_base(["avx2"])
-    assert base.name == "dynamic-int8-pc" and "no VNNI" in why
+    vnni = resolve_recipe("auto", ["avx2", "avx512f", "avx512_vnni"])
+    assert vnni.base == "dynamic-int8-token" and "avx512_vnni" in vnni.base_reason
+    assert vnni.activations == "per-token" and vnni.name == "auto" and vnni.fallback
+    avx2 = resolve_recipe("auto", ["avx2"])
+    assert avx2.base == "dynamic-int8-pc" and "no VNNI" in avx2.base_reason
+    assert avx2.activations == "per-tensor" and avx2.name == "auto" and avx2.fallback
+    # A fixed recipe is itself on every CPU, never searched.
+    assert resolve_recipe("dynamic-int8", ["avx512_vnni"]) == RECIPES["dynamic-int8"]
+
+
+def test_recipe_fields_are_typed():
+    with pytest.raises(InputError, match="activations 'per-tokn' is not one of"):
+        dataclasses.replace(RECIPES["dynamic-int8-token"], activations="per-tokn")
+    with pytest.raises(InputError, match="auto is a search"):
+        get_recipe("auto")
 
 
 def test_auto_records_where_it_started_and_why(tiny_checkpoint, tiny_validation, tmp_path):
     result = quantize_and_promote(
         tiny_config(tiny_checkpoint, tiny_validation, tmp_path / "reg", recipe="auto")
     )
-    base, why = fallback_base(cpu_features())  # this machine's CPU decides
+    auto = resolve_recipe("auto", cpu_features())  # this machine's CPU decides
     record = result.manifest.recipe
-    assert record.name == "auto" and record.auto.base == base.name
-    assert record.auto.base_reason == why and record.activations == base.activations
-    assert f"`auto` started from `{base.name}`: {why}" in render_report(result.manifest)
+    assert record.name == "auto" and record.auto.base == auto.base
+    assert record.auto.base_reason == auto.base_reason and record.activations == auto.activations
+    shown = f"`auto` started from `{auto.base}`: {auto.base_reason}"
+    assert shown in render_report(result.manifest)

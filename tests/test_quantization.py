@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -11,15 +12,10 @@ from torch import nn
 
 from distilq.errors import InputError, IntegrityError
 from distilq.quantize.checkpoint import load_checkpoint
-from distilq.quantize.int8 import (
-    WEIGHTS_FILE,
-    Int8Embedding,
-    linear_names,
-    load_int8,
-    quantize,
-    quiet_torch,
-    save_int8,
-)
+from distilq.quantize.int8 import WEIGHTS_FILE, linear_names, load_int8, quantize, save_int8
+from distilq.quantize.kernels import EMBEDDING, LINEAR_KINDS, kind_of
+from distilq.quantize.kernels.base import quantized_engine, quiet_torch
+from distilq.quantize.kernels.embedding import Int8Embedding
 from distilq.quantize.recipes import RECIPES
 from tests.conftest import make_texts
 
@@ -120,6 +116,27 @@ def test_per_channel_file_is_much_smaller_than_fp32(fp32, tmp_path):
     # Embeddings dominate this tiny model: only the per-row INT8 tables shrink them.
     assert sizes["dynamic-int8-pc"] < 0.40 * fp32_bytes
     assert sizes["dynamic-int8-pc"] < sizes["dynamic-int8"] < fp32_bytes
+
+
+@pytest.mark.parametrize("kind", [*LINEAR_KINDS, "embedding"])
+def test_every_layer_kind_saves_and_loads_itself_to_the_bit(kind):
+    """The seam a new layer kind plugs into: made from a float layer, written as tensors and
+    a layout entry, read back, it runs exactly as before."""
+    gen = torch.Generator().manual_seed(3)
+    if kind == "embedding":
+        layer, inputs = EMBEDDING, torch.randint(0, 50, (4, 7), generator=gen)
+        float_module = torch.nn.Embedding(50, 16)
+    else:
+        layer, inputs = LINEAR_KINDS[kind], torch.randn(4, 7, 16, generator=gen)
+        float_module = torch.nn.Linear(16, 8)
+    with quantized_engine("x86"):
+        module = layer.quantize(float_module, per_channel=True)
+        tensors = {k: v.clone() for k, v in layer.tensors(module).items()}
+        loaded = layer.load(tensors, json.loads(json.dumps(layer.entry(module))))
+    assert kind_of(module) is kind_of(loaded) is layer
+    assert all(t.dtype == torch.int8 for k, t in tensors.items() if k == "weight_int8")
+    with torch.inference_mode():
+        assert torch.equal(module(inputs), loaded(inputs))
 
 
 def test_load_refuses_a_file_that_is_not_distilq_int8(fp32, tmp_path):

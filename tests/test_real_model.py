@@ -30,7 +30,7 @@ def test_recipes_on_the_real_model(tmp_path):
     fp32 = predict(model, tokenizer, data.texts, policy)
     results = {}
     for name in ("dynamic-int8", "dynamic-int8-pc", "dynamic-int8-token"):
-        candidate = quantize_for_gate(model, tokenizer, name, data, fp32, policy, 0.99)
+        candidate = quantize_for_gate(model, tokenizer, RECIPES[name], data, fp32, policy, 0.99)
         metrics = compare(fp32, candidate.predictions, data, model.config.id2label)
         model.config.save_pretrained(tmp_path / name)
         size = save_int8(candidate.model, RECIPES[name], tmp_path / name).stat().st_size

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import shutil
-from pathlib import Path
 
 import fsspec
 import pytest
@@ -215,4 +215,11 @@ def test_manifest_has_the_contracted_fields(staged):
     weights = [f for f in model_files if f.endswith((".safetensors", ".pt"))]
     assert weights == ["model/model.safetensors"]
     assert "report.md" in m["files"] and "selfcheck.parquet" in m["files"]
-    assert Path(m["files"]["report.md"]) and m["metrics"]["size_bytes_int8"] > 0
+    staging = staged[0]
+    assert (
+        m["files"]["report.md"] == hashlib.sha256((staging / "report.md").read_bytes()).hexdigest()
+    )
+    # Sizes are bytes on disk of the weights shipped, never a sum of parameters().
+    assert (
+        m["metrics"]["size_bytes_int8"] == (staging / "model" / "model.safetensors").stat().st_size
+    )

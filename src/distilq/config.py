@@ -14,7 +14,7 @@ from pydantic import (
     model_validator,
 )
 
-from distilq.quantize.recipes import DEFAULT_RECIPE, RECIPES
+from distilq.quantize.recipes import AUTO, DEFAULT_RECIPE, RECIPE_NAMES
 
 DEFAULT_SOURCE = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
 DEFAULT_REGISTRY = "./registry"
@@ -79,7 +79,7 @@ ValidationSpecs = Annotated[
         }
     ),
 ]
-RecipeName = Literal[tuple(RECIPES)]  # type: ignore[valid-type]  (built from the registry)
+RecipeName = Literal[RECIPE_NAMES]  # type: ignore[valid-type]  (built from the registry)
 REGISTRY_HELP = "Registry directory or fsspec URI (env DISTILQ_REGISTRY)"
 
 
@@ -148,7 +148,7 @@ class QuantizeConfig(BaseModel):
     def _target_reachable(self) -> QuantizeConfig:
         if self.min_agreement >= 1:
             raise ValueError("--min-agreement 1 cannot be certified: a lower bound never reaches 1")
-        if RECIPES[self.recipe].fallback and self.min_agreement + self.margin > 1:
+        if self.recipe == AUTO and self.min_agreement + self.margin > 1:
             raise ValueError(
                 f"--min-agreement {self.min_agreement} + --margin {self.margin} exceeds 1: "
                 f"{self.recipe} could never reach it; lower the margin"

@@ -23,6 +23,35 @@ from distilq.errors import DistilqError
 
 log = logging.getLogger("distilq")
 
+# Prefect details distilq relies on that are not its public API: pyproject.toml pins the
+# minor version they hold for, and tests/test_house.py checks each against the installed one.
+STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+# The server's environment, as Prefect's SubprocessASGIServer sets it (no UI, an ephemeral
+# server's services), less block-type registration: a third of the server's start-up,
+# checked at every start, for block types only a UI or a long-lived server's users look up.
+SERVER_ENV = {
+    "PREFECT_UI_ENABLED": "0",
+    "PREFECT__SERVER_EPHEMERAL": "1",
+    "PREFECT__SERVER_FINAL": "1",
+    "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
+    "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",
+}
+# The settings those variables must reach (the other two are read by the server's module).
+SERVER_SETTINGS = {
+    "PREFECT_UI_ENABLED": "server.ui.enabled",
+    "PREFECT_API_BLOCKS_REGISTER_ON_START": "server.register_blocks_on_start",
+    "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION": "server.memoize_block_auto_registration",
+    STARTUP_TIMEOUT: "server.ephemeral.startup_timeout_seconds",
+}
+SERVER_APP = "prefect.server.api.server:create_app"
+PREFECT_CALLABLES = (
+    SERVER_APP,
+    "prefect.context:refresh_global_settings_context",
+    "prefect.logging.handlers:APILogWorker.drain_all",
+    "prefect.events.worker:EventsWorker.drain_all",
+    "prefect.logging.handlers:PrefectConsoleHandler",
+)
+
 
 class _WithoutTraceback(logging.Formatter):
     """Formats a record as `inner` does, leaving out its traceback."""
@@ -68,9 +97,7 @@ class EphemeralApi:
     goes on. A reaper stops the server if this process dies without stopping it (SIGKILL).
     """
 
-    APP = "prefect.server.api.server:create_app"
     PORT_IN_USE = 3  # uvicorn's exit code when it cannot bind
-    STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
@@ -95,24 +122,14 @@ class EphemeralApi:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         prefect_dir = importlib.util.find_spec("prefect").submodule_search_locations[0]
-        # What Prefect's SubprocessASGIServer runs (no UI, an ephemeral server's services),
-        # less block-type registration: a third of the server's start-up, checked at every
-        # start, for block types that only a UI or a long-lived server's users look up.
-        env = {
-            **os.environ,
-            "PREFECT_UI_ENABLED": "0",
-            "PREFECT__SERVER_EPHEMERAL": "1",
-            "PREFECT__SERVER_FINAL": "1",
-            "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
-            "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",
-        }
+        env = {**os.environ, **SERVER_ENV}
+        serve = ["--factory", SERVER_APP, "--host", "127.0.0.1", "--port", str(port)]
+        self._reaper.guard(" ".join(serve))  # this port's server, before it exists
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect_dir).parent),
-             "--factory", self.APP, "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "error", "--lifespan", "on"],
+             *serve, "--log-level", "error", "--lifespan", "on"],
             env=env,
         )  # fmt: skip
-        self._reaper.guard(self.process.pid, self.APP)
         self.url = f"http://127.0.0.1:{port}/api"
 
     def _wait_ready(self) -> None:
@@ -120,7 +137,7 @@ class EphemeralApi:
         then the queries a flow run's start makes, so that they find it warm."""
         import httpx
 
-        timeout = float(os.environ.get(self.STARTUP_TIMEOUT, "20"))
+        timeout = float(os.environ.get(STARTUP_TIMEOUT, "20"))
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=timeout) as client:
             while time.monotonic() < deadline:
@@ -138,7 +155,7 @@ class EphemeralApi:
                             client.post(f"{self.url}/flow_runs/filter", json={"limit": 1})
                         return
                 time.sleep(0.05)
-        self._problem = f"did not answer within {timeout:.0f} s ({self.STARTUP_TIMEOUT})"
+        self._problem = f"did not answer within {timeout:.0f} s ({STARTUP_TIMEOUT})"
 
     @contextlib.contextmanager
     def serving(self) -> Iterator[None]:

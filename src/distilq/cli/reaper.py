@@ -28,11 +28,11 @@ class Reaper:
             start_new_session=True,  # a Ctrl-C to the run's process group does not reach it
         )
 
-    def guard(self, pid: int, marker: str) -> None:
-        """Stop `pid` once this process has ended, if its command line still has `marker`
-        (so a process id reused since is never touched)."""
+    def guard(self, marker: str) -> None:
+        """Stop, once this process has ended, every process whose command line contains
+        `marker`. Said before that process starts, so no kill can fall in between."""
         assert self._process.stdin is not None
-        self._process.stdin.write(f"{pid} {marker}\n".encode())
+        self._process.stdin.write(f"{marker}\n".encode())
         self._process.stdin.flush()
 
 
@@ -58,14 +58,19 @@ def stop(pid: int, marker: str, grace: float = 5.0) -> None:
             time.sleep(0.1)
 
 
+def _pids_running(marker: str) -> list[int]:
+    """Processes (not this one) whose command line contains `marker`."""
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+    return [pid for pid in pids if marker in (_command_line(pid) or "")]
+
+
 def main() -> None:
-    """Read `PID MARKER` lines until the watched process closes the pipe, then stop them."""
-    guarded = []
-    for line in sys.stdin.buffer:  # ends when every writer is gone
-        pid, _, marker = line.decode().strip().partition(" ")
-        guarded.append((int(pid), marker))
-    for pid, marker in guarded:
-        stop(pid, marker)
+    """Read marker lines until the watched process closes the pipe, then stop every
+    process whose command line contains one."""
+    markers = [line.decode().strip() for line in sys.stdin.buffer]  # ends with every writer
+    for marker in filter(None, markers):
+        for pid in _pids_running(marker):
+            stop(pid, marker)
 
 
 if __name__ == "__main__":

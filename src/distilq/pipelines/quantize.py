@@ -13,10 +13,11 @@ from distilq.config import QuantizeConfig
 from distilq.errors import DistilqError, GateRejected, PromotionFailed
 from distilq.gate import attest, compare, decide
 from distilq.gate import data as validation
+from distilq.hardware import cpu_features
 from distilq.manifest import Decision, VersionManifest
 from distilq.pipelines.runner import Outcome, Runner
 from distilq.quantize import checkpoint
-from distilq.quantize.recipes import get_recipe
+from distilq.quantize.recipes import resolve_recipe
 from distilq.registry import artifact
 from distilq.registry.registry import Registry
 from distilq.report import charts
@@ -50,7 +51,7 @@ def quantize_and_promote(config: QuantizeConfig, run: Runner | None = None) -> Q
     data = run.step(load_validation, config, found, retries=2)
     tuning, confirmation = run.step(split_validation, data, config)
     key = artifact.run_key(
-        found, get_recipe(config.recipe), data, config.thresholds, config.margin, config.batching
+        found, config.recipe, data, config.thresholds, config.margin, config.batching
     )
     existing = run.step(find_existing, config, key, retries=2)
     if existing is not None:
@@ -271,9 +272,12 @@ def quantize(model, tokenizer, tuning, fp32, confirmation, config: QuantizeConfi
     chosen on the tuning part only, and tells `progress` how its search goes)."""
     from distilq.quantize import autoquant  # torch: imported only by a run that quantizes
 
+    recipe = resolve_recipe(config.recipe, cpu_features())  # this CPU decides auto's start
+    if recipe.base:
+        log.info("%s: starts from %s: %s", recipe.name, recipe.base, recipe.base_reason)
     target = autoquant.target_agreement(confirmation, config.thresholds, config.margin)
     candidate = autoquant.quantize_for_gate(
-        model, tokenizer, config.recipe, tuning, fp32, config.batching, target, progress=progress
+        model, tokenizer, recipe, tuning, fp32, config.batching, target, progress=progress
     )
     layers = ", ".join(candidate.fp32_layers) or "none"
     log.info("recipe %s: FP32 layers: %s", config.recipe, layers)

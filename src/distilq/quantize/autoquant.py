@@ -1,7 +1,7 @@
 """Quantize a candidate for the gate; `auto` falls back to FP32 on the most sensitive layers.
 
-As Intel Neural Compressor does it: start from the recipe that is faithful and fast on this
-CPU (`recipes.fallback_base`); if agreement on the
+As Intel Neural Compressor does it: start from the recipe that is faithful and fast on the
+CPU (`recipes.resolve_recipe`, given its features by the caller); if agreement on the
 validation set is below the target (the gate plus a safety margin), measure each Linear
 layer's sensitivity (that layer alone INT8, the rest FP32) and keep the most sensitive
 layers in FP32, one more at a time, until the target is met or no layer is left.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch import nn
@@ -20,10 +20,9 @@ from distilq.config import BatchingPolicy, GateThresholds
 from distilq.gate.compare import set_agreements
 from distilq.gate.data import ValidationSet
 from distilq.gate.stats import agreement_needed
-from distilq.hardware import cpu_features
 from distilq.manifest import Attempt, FallbackRecord, LayerSensitivity, RecipeRecord
 from distilq.quantize.int8 import linear_names, quantize
-from distilq.quantize.recipes import Recipe, fallback_base, get_recipe
+from distilq.quantize.recipes import Recipe
 from distilq.score.inference import Predictions, predict, progress_bar
 
 log = logging.getLogger("distilq")
@@ -47,8 +46,6 @@ class Candidate:
     sensitivity: list[LayerSensitivity] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
     target_agreement: float | None = None
-    base: str | None = None  # fallback recipes: the recipe they started from, and why
-    base_reason: str | None = None
 
     @property
     def reached_target(self) -> bool | None:
@@ -65,8 +62,8 @@ class Candidate:
                 reached_target=self.reached_target,
                 sensitivity=self.sensitivity,
                 attempts=self.attempts,
-                base=self.base,
-                base_reason=self.base_reason,
+                base=self.recipe.base,
+                base_reason=self.recipe.base_reason,
             )
         return RecipeRecord(
             name=self.recipe.name,
@@ -146,7 +143,7 @@ def layer_sensitivity(
 def quantize_for_gate(
     model: nn.Module,
     tokenizer,
-    recipe: str | Recipe,
+    recipe: Recipe,
     validation: ValidationSet,
     fp32: Predictions,
     policy: BatchingPolicy,
@@ -154,19 +151,13 @@ def quantize_for_gate(
     sensitivity_examples: int = 128,
     progress: Progress = _no_progress,
 ) -> Candidate:
-    """Quantize `model` by `recipe` and predict the validation set with the result.
+    """Quantize `model` by `recipe` (resolved for a CPU: `recipes.resolve_recipe`) and
+    predict the validation set with the result.
 
     A fallback recipe (`auto`) then keeps Linear layers FP32, most sensitive first, until
     agreement with `fp32` reaches `target_agreement` (or every Linear layer is FP32;
     `reached_target` then says so), telling `progress` how far its search went.
     """
-    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    base = base_reason = None
-    if recipe.fallback:  # quantize like the base recipe, under the fallback's own name
-        start, base_reason = fallback_base(cpu_features())
-        base = start.name
-        recipe = replace(start, name=recipe.name, summary=recipe.summary, fallback=True)
-        log.info("%s: starts from %s: %s", recipe.name, base, base_reason)
     qmodel = quantize(model, recipe)
     pred = predict(qmodel, tokenizer, validation.texts, policy, progress=f"{recipe.name} INT8")
     candidate = Candidate(
@@ -175,8 +166,6 @@ def quantize_for_gate(
         pred,
         attempts=[_attempt([], fp32, pred, validation)],
         target_agreement=target_agreement if recipe.fallback else None,
-        base=base,
-        base_reason=base_reason,
     )
     if recipe.fallback and not candidate.reached_target:
         _fall_back(

@@ -209,7 +209,7 @@ def load_checkpoint(path: str | Path):
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from distilq.quantize.int8 import quiet_torch
+    from distilq.quantize.kernels.base import quiet_torch
 
     path = Path(path)
     _check_config(path)

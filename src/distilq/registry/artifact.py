@@ -27,7 +27,7 @@ from distilq.manifest import (
     VersionMetrics,
 )
 from distilq.quantize.checkpoint import Checkpoint, sha256_file
-from distilq.quantize.recipes import Recipe
+from distilq.quantize.recipes import AUTO
 from distilq.report import charts
 from distilq.report.render import render_report
 from distilq.score.inference import Predictions
@@ -90,20 +90,21 @@ def _running(pid: int) -> bool:
 
 def run_key(
     checkpoint: Checkpoint,
-    recipe: Recipe,
+    recipe: str,
     validation: ValidationSet,
     thresholds: GateThresholds,
     margin: float,
     policy: BatchingPolicy,
 ) -> str:
-    """Identity of a quantize-and-promote run's inputs: the same key means the same result."""
+    """Identity of a quantize-and-promote run's inputs (`recipe`: its name, as configured):
+    the same key means the same result."""
     inputs = {
         "source": checkpoint.source,
         "revision": checkpoint.revision,
-        "recipe": recipe.name,
+        "recipe": recipe,
         "validation": validation.sha256,
         "thresholds": thresholds.model_dump(),
-        "margin": margin if recipe.fallback else None,
+        "margin": margin if recipe == AUTO else None,
         "batching": policy.model_dump(),
         "split": SPLIT_RULE,
     }

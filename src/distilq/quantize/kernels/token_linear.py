@@ -1,0 +1,210 @@
+"""Linear layers with per-channel INT8 weights and per-token INT8 activations, on torch's
+integer GEMM, and the row-wise attention that keeps a text's result independent of its batch."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distilq.quantize.kernels.base import LayerKind, int8_rows, linear_tensors
+
+# Files with per-token Linear layers: a reader of /1 alone would run them per tensor.
+FORMAT_PER_TOKEN = "distilq-int8/2"
+
+log = logging.getLogger(__name__)
+
+
+def token_linear(
+    rows: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor, bias
+) -> torch.Tensor:
+    """rows [n, in] float -> [n, out]: each row quantized to INT8 with its own scale, an
+    integer GEMM (s8 x s8 -> s32, exact), then scaled back by the row's and each output
+    channel's scale."""
+    # Two reads, no temporary: faster here than abs().amax() or vector_norm(ord=inf).
+    peak = torch.maximum(rows.amax(dim=1, keepdim=True), rows.amin(dim=1, keepdim=True).neg_())
+    scale = peak.clamp_(min=1e-12).div_(127)
+    q = rows.div(scale).round_().to(torch.int8)  # |rows / scale| <= 127 by construction
+    # float() then in-place scaling: faster than a type-promoting int32 x float32 mul.
+    out = torch._int_mm(q, weight_t).float().mul_(weight_scale).mul_(scale)
+    return out if bias is None else out.add_(bias)
+
+
+class TokenKernels:
+    """The kernel of every Int8TokenLinear (`token_linear`), eager or compiled.
+
+    Eager unless DISTILQ_COMPILE=1: then, at the first per-token layer a process runs,
+    torch.compile fuses the kernel's quantize and dequantize passes into vectorised loops.
+    That is worth it for long jobs only: in-process it ran 0-21% faster here (bench_int8),
+    and compiling costs about 5 s with inductor's on-disk cache warm, 18 s the first time
+    on a machine. The compiled kernel must give the very bits eager gives, checked on the
+    spot, so that a row's answer never depends on which one ran; if it does not, or there
+    is no C++ compiler, eager stays, with a warning.
+    """
+
+    def __init__(self) -> None:
+        self.linear = token_linear  # the kernel in use
+        self.compiled = None  # the compiled kernel, once it passed its check
+        self._wanted = os.environ.get("DISTILQ_COMPILE") == "1"
+        self._tried = False
+        self._lock = threading.Lock()
+
+    def kernel(self):
+        """The kernel to run now (compiled first, once, if DISTILQ_COMPILE=1 asks for it)."""
+        if self._wanted and not self._tried:
+            self.compile()
+        return self.linear
+
+    def compile(self) -> bool:
+        """Switch to the compiled kernel (tried once); whether it is in use."""
+        with self._lock:
+            if not self._tried:
+                self._tried = True
+                self._switch()
+        return self.compiled is not None
+
+    def _switch(self) -> None:
+        log.info("compiling the per-token INT8 kernel (once per process)")
+        start = time.perf_counter()
+        try:
+            linear = torch.compile(token_linear, dynamic=True, fullgraph=True)
+            same = _same_bits(linear)
+        except Exception as e:  # no C++ compiler, or an inductor limit: eager is correct too
+            log.warning("per-token INT8 kernel stays eager: torch.compile failed (%s)", e)
+            return
+        if not same:
+            log.warning("per-token INT8 kernel stays eager: the compiled one rounds differently")
+            return
+        self.linear = self.compiled = linear
+        log.info("per-token INT8 kernel compiled in %.1f s", time.perf_counter() - start)
+
+
+def _same_bits(linear) -> bool:
+    """The compiled kernel gives eager's bits on 1 and n rows, odd widths and outlier features
+    (this also compiles it, for any row count, before a thread uses it)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for n, width in ((1, 67), (37, 200)):
+            rows = torch.randn(n, width, generator=gen) * torch.rand(n, 1, generator=gen) * 50
+            rows[:, 3] *= 40
+            weight_t = torch.randint(-127, 128, (width, 96), dtype=torch.int8, generator=gen)
+            weight_scale, bias = torch.rand(96, generator=gen) / 50, torch.randn(96, generator=gen)
+            args = (rows, weight_t, weight_scale, bias)
+            if not torch.equal(linear(*args), token_linear(*args)):
+                return False
+    return True
+
+
+TOKEN_KERNELS = TokenKernels()
+
+
+class Int8TokenLinear(nn.Module):
+    """A Linear with per-channel INT8 weights and per-token INT8 activations.
+
+    Each row of the input (a token) is quantized with its own scale, so a row's output
+    never depends on the other rows of the batch: one text, one answer, whatever the batch
+    or its padding. The product is torch's integer GEMM (s8 x s8 -> s32, exact), then
+    scaled back to float by the row's and the output channel's scales (`token_linear`).
+    """
+
+    def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias):
+        super().__init__()
+        # [in, out], contiguous: the layout torch._int_mm reads fastest.
+        self.register_buffer("weight_t", weight_int8.t().contiguous())
+        self.register_buffer("weight_scale", weight_scale.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.in_features, self.out_features = weight_int8.shape[1], weight_int8.shape[0]
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> Int8TokenLinear:
+        return cls(*int8_rows(linear.weight), linear.bias)
+
+    @property
+    def weight_int8(self) -> torch.Tensor:
+        """The weights as [out, in] int8, the layout on disk."""
+        return self.weight_t.t()
+
+    # Rows per kernel call: its temporaries (int8 rows, int32 product, float output) stay
+    # under glibc's 32 MiB mmap threshold, so long inputs reuse heap memory instead of
+    # page-faulting fresh mappings in every layer (a quarter of eager time on 512-token
+    # reviews here). Rows are independent: the result is the same to the bit.
+    CHUNK_ROWS = 2048
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        kernel, args = TOKEN_KERNELS.kernel(), (self.weight_t, self.weight_scale, self.bias)
+        if len(rows) <= self.CHUNK_ROWS:
+            out = kernel(rows, *args)
+        else:
+            out = rows.new_empty(len(rows), self.out_features)
+            chunks = zip(rows.split(self.CHUNK_ROWS), out.split(self.CHUNK_ROWS), strict=True)
+            for part, into in chunks:
+                into.copy_(kernel(part, *args))
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+ROWWISE_ATTENTION = "distilq_rowwise"
+
+
+def _rowwise_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Self-attention of each sequence over its own tokens only, in tensors shaped as if it
+    were alone: padding and neighbours change no bit of a text's result (batched attention
+    sums padded rows in other orders; per-token INT8 would round those last bits apart)."""
+    batch, heads, length, dim = query.shape
+    scaling = scaling or dim**-0.5
+    if attention_mask is None:  # no padding
+        keys = torch.ones(batch, length, dtype=torch.bool)
+    else:  # [batch, 1, query, key]: True, or 0.0 when additive, where a key may be seen
+        keys = attention_mask[:, 0, 0, :]
+        keys = keys if keys.dtype == torch.bool else keys == 0
+    out = query.new_zeros(batch, length, heads, dim)
+    counts = keys.sum(dim=1, keepdim=True)
+    if not bool((keys == (torch.arange(length) < counts)).all()):
+        raise ValueError("per-token attention needs right padding (the tokenizer's default)")
+    first = 0
+    for n, texts in itertools.groupby(counts.squeeze(1).tolist()):
+        # Neighbours of one length n (length-sorted batches have many) in one call: each
+        # computed as if alone, through views with the strides a text alone has, set by the
+        # projections' (token, head, dim) layout, not by the padded length.
+        last = first + len(list(texts))
+        q, k, v = (t[first:last, :, :n] for t in (query, key, value))
+        attended = F.scaled_dot_product_attention(q, k, v, scale=scaling)
+        out[first:last, :n] = attended.transpose(1, 2)
+        first = last
+    return out, None
+
+
+def use_rowwise_attention(model: nn.Module) -> None:
+    """Run `model`'s attention for each sequence over its own tokens (`_rowwise_attention`)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ROWWISE_ATTENTION, _rowwise_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ROWWISE_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ROWWISE_ATTENTION)
+
+
+class TokenLinearKind(LayerKind):
+    module = Int8TokenLinear
+    format = FORMAT_PER_TOKEN
+
+    def quantize(self, float_module: nn.Module, per_channel: bool) -> nn.Module:
+        return Int8TokenLinear.from_float(float_module)  # weights always per channel
+
+    def tensors(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return linear_tensors(module.weight_int8, module.weight_scale, module.bias)
+
+    def entry(self, module: nn.Module) -> dict:
+        return {"per_channel": True, "activations": "per-token"}
+
+    def load(self, tensors: dict[str, torch.Tensor], entry: dict) -> nn.Module:
+        return Int8TokenLinear(tensors["weight_int8"], tensors["weight_scale"], tensors.get("bias"))
+
+    def prepare(self, model: nn.Module) -> None:
+        use_rowwise_attention(model)
