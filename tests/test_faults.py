@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import pytest
 import distilq
 from distilq.cli.flags import config_from
 from distilq.cli.main import build_parser
-from distilq.config import QuantizeConfig, ScoreConfig
+from distilq.config import QuantizeConfig, ScoreConfig, ScoreOptions
 from distilq.errors import (
     InputError,
     IntegrityError,
@@ -34,7 +35,6 @@ from distilq.registry.registry import Registry
 from distilq.score.inference import CHARS_PER_TOKEN_BOUND, cut_text
 from distilq.score.inputs import plan_shards
 from distilq.score.output import output_lock
-from distilq.score.scoring import ScoreOptions
 from tests.conftest import (
     DISTILQ,
     cli_env,
@@ -219,6 +219,12 @@ def test_only_what_a_retry_can_mend_is_retried():
     # a refusal wrapped as "unavailable" is still a refusal
     assert not worth_retrying(caused(SourceUnavailable("cannot download"), PermissionError(13, "")))
     assert not worth_retrying(ValueError("a bug is not retried"))
+    # A host the resolver says does not exist (offline, or a typo), wrapped as the hub
+    # client wraps it, is not retried; a temporary resolver failure is.
+    unknown = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    assert not worth_retrying(caused(SourceUnavailable("cannot reach the hub"), unknown))
+    again = socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+    assert worth_retrying(caused(SourceUnavailable("cannot reach the hub"), again))
 
 
 # -- 4: a dangling production alias ------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""The house rules the layout promises: the library never imports Prefect, and the Prefect
-details the command line relies on hold for the Prefect version pyproject.toml pins."""
+"""The house rules the layout promises: the library never imports Prefect, the Prefect
+details the command line relies on hold for the Prefect version pyproject.toml pins, and
+every package the code imports is declared."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import json
@@ -10,10 +12,11 @@ import os
 import subprocess
 import sys
 import tomllib
-from importlib.metadata import version
+from importlib.metadata import packages_distributions, version
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from distilq.cli.api import PREFECT_CALLABLES, SERVER_ENV, SERVER_SETTINGS
@@ -86,3 +89,37 @@ print(json.dumps({name: read(path) for name, path in json.loads(sys.argv[1]).ite
     expected = {name: False if value in ("0", "false") else float(value)
                 for name, value in values.items()}  # fmt: skip
     assert read == expected
+
+
+def _imported(*roots: str) -> set[str]:
+    """Top-level modules imported anywhere under `roots` (absolute imports)."""
+    found = set()
+    for root in roots:
+        for path in (ROOT / root).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    found |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names) - {"distilq", "tasks", "flows", "tests"}
+
+
+def _declared(requirements: list[str]) -> set[str]:
+    return {canonicalize_name(Requirement(r).name) for r in requirements}
+
+
+def test_every_imported_package_is_declared():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    installed_by = packages_distributions()  # module -> the distributions that install it
+    for roots, declared in (
+        # matplotlib: the optional `charts` extra (reports are written without a chart without it)
+        (
+            ("src", "tasks", "flows", "deployments"),
+            _declared(project["dependencies"] + extras["charts"]),
+        ),
+        (("tests",), _declared(project["dependencies"] + extras["dev"] + extras["charts"])),
+    ):
+        for module in sorted(_imported(*roots)):
+            names = {canonicalize_name(d) for d in installed_by.get(module, [module])}
+            assert names & declared, f"{module} is imported under {roots} but not declared"

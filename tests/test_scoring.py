@@ -10,13 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 
 import distilq
-from distilq.config import ScoreConfig
+from distilq.config import ScoreConfig, ScoreOptions
 from distilq.errors import InputError
 from distilq.pipelines.score import score_dataset
 from distilq.registry.registry import Registry
 from distilq.score.inputs import plan_shards
 from distilq.score.output import MANIFEST, OutputManifest, output_lock, prepare_output
-from distilq.score.scoring import ScoreOptions, score_shard
+from distilq.score.scoring import score_shard
 from tests.conftest import make_texts, stage_tiny_version, write_parquet
 
 
@@ -220,3 +220,23 @@ def test_a_failed_shard_stays_failed_when_a_sibling_succeeds(classifier, tmp_pat
     manifest.record_failure(todo[0].name, "disk on fire")
     manifest.record_shard(todo[1], score_shard(classifier, todo[1], str(tmp_path / "out"), options))
     assert manifest.record.failed == {f"{src} (row groups 0-0)": "disk on fire"}
+
+
+def test_a_checked_run_plans_its_inputs_once(classifier, tmp_path, monkeypatch):
+    """`distilq score` checks a run (preflight) before its flow starts; the run then takes
+    that plan instead of reading every input's footer again."""
+    from distilq.pipelines import score
+
+    plans = []
+
+    def counted(*args, **kwargs):  # the real planner, counted
+        plans.append(args[0])
+        return plan_shards(*args, **kwargs)
+
+    monkeypatch.setattr(score, "plan_shards", counted)
+    a = write_parquet(tmp_path / "a.parquet", make_texts(10, 4))
+    config = ScoreConfig(inputs=[a], output=str(tmp_path / "out"), registry=classifier.registry_dir)
+    assert score.preflight(config) == (classifier.version, 1)
+    assert score_dataset(config).rows_scored == 10 and len(plans) == 1
+    # The handoff is taken once: the next run of the same config plans anew (and resumes).
+    assert score_dataset(config).rows_skipped == 10 and len(plans) == 2

@@ -19,6 +19,21 @@ from distilq.quantize.recipes import AUTO, DEFAULT_RECIPE, RECIPE_NAMES
 DEFAULT_SOURCE = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
 DEFAULT_REGISTRY = "./registry"
 
+# Every bound and default below is declared once; the configs, the batching policy and the
+# scoring options all take theirs from here.
+BatchSize = Annotated[int, Field(ge=1, le=4096)]
+MaxLength = Annotated[int, Field(ge=8, le=4096)]  # tokens, special tokens included
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Confidence = Annotated[float, Field(gt=0, lt=1)]
+AtLeastOne = Annotated[int, Field(ge=1)]
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_LENGTH = 512
+DEFAULT_MIN_AGREEMENT = 0.99
+DEFAULT_MAX_ACCURACY_DROP = 0.01
+DEFAULT_CONFIDENCE = 0.95
+DEFAULT_WINDOW_BATCHES = 32
+DEFAULT_SHARD_ROWS = 200_000
+
 
 class BatchingPolicy(BaseModel):
     """How rows are grouped into batches.
@@ -29,9 +44,9 @@ class BatchingPolicy(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    batch_size: int = Field(32, ge=1, le=4096)
+    batch_size: BatchSize = DEFAULT_BATCH_SIZE
     sort_by_length: bool = True
-    max_length: int = Field(512, ge=8, le=4096)
+    max_length: MaxLength = DEFAULT_MAX_LENGTH
 
     def capped(self, positions: int | None) -> BatchingPolicy:
         """This policy with `max_length` at most the model's token positions (a longer text
@@ -51,9 +66,9 @@ class GateThresholds(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    min_agreement: float = Field(0.99, ge=0, le=1)
-    max_accuracy_drop: float = Field(0.01, ge=0, le=1)
-    confidence: float | None = Field(0.95, gt=0, lt=1)
+    min_agreement: Fraction = DEFAULT_MIN_AGREEMENT
+    max_accuracy_drop: Fraction = DEFAULT_MAX_ACCURACY_DROP
+    confidence: Confidence | None = DEFAULT_CONFIDENCE
 
 
 def default_source() -> str:
@@ -110,16 +125,14 @@ class QuantizeConfig(BaseModel):
     label_column: str | None = Field(
         None, description="Label column; default: `label` when the data has one"
     )
-    min_agreement: float = Field(
-        0.99, ge=0, le=1, description="Agreement with FP32 every set must certify"
+    min_agreement: Fraction = Field(
+        DEFAULT_MIN_AGREEMENT, description="Agreement with FP32 every set must certify"
     )
-    max_accuracy_drop: float = Field(
-        0.01, ge=0, le=1, description="Absolute; checked when the data has labels"
+    max_accuracy_drop: Fraction = Field(
+        DEFAULT_MAX_ACCURACY_DROP, description="Absolute; checked when the data has labels"
     )
-    confidence: float = Field(
-        0.95,
-        gt=0,
-        lt=1,
+    confidence: Confidence = Field(
+        DEFAULT_CONFIDENCE,
         description="A set passes when the one-sided Clopper-Pearson lower bound of its "
         "agreement, at this confidence, reaches min-agreement",
     )
@@ -130,10 +143,8 @@ class QuantizeConfig(BaseModel):
         description="auto aims this far above the agreement that would just certify the gate "
         "on the confirmation part",
     )
-    batch_size: int = Field(
-        32,
-        ge=1,
-        le=4096,
+    batch_size: BatchSize = Field(
+        DEFAULT_BATCH_SIZE,
         description="Batching policy for validation and scoring; rows are sorted by token length",
     )
     registry: str = Field(default_factory=default_registry, description=REGISTRY_HELP)
@@ -191,21 +202,21 @@ class ScoreConfig(BaseModel):
     probabilities: bool = Field(False, description="Add prob_<label> for every class")
     model: str = Field("production", description="Registry version or alias")
     registry: str = Field(default_factory=default_registry, description=REGISTRY_HELP)
-    batch_size: int | None = Field(
-        None, ge=1, le=4096, description="Default: the batching policy the gate validated"
+    batch_size: BatchSize | None = Field(
+        None, description="Default: the batching policy the gate validated"
     )
-    max_length: int | None = Field(
+    max_length: MaxLength | None = Field(
         None,
-        ge=8,
-        le=4096,
         description="Tokens; longer texts are truncated and counted (default: the model's "
-        "policy, 512, or fewer if the model has fewer positions; more than it has is refused)",
+        f"policy, {DEFAULT_MAX_LENGTH}, or fewer if the model has fewer positions; more than it "
+        "has is refused)",
     )
-    shard_rows: int = Field(
-        200_000, ge=1, description="Files with more rows are split into shards by row group"
+    shard_rows: AtLeastOne = Field(
+        DEFAULT_SHARD_ROWS, description="Files with more rows are split into shards by row group"
     )
-    window_batches: int = Field(
-        32, ge=1, description="Rows are sorted by length within windows of this many batches"
+    window_batches: AtLeastOne = Field(
+        DEFAULT_WINDOW_BATCHES,
+        description="Rows are sorted by length within windows of this many batches",
     )
     runner: Literal["local", "process", "dask"] = Field(
         "local", description="Where shards run: this process, a process pool, or Dask"
@@ -245,3 +256,27 @@ class ScoreConfig(BaseModel):
     def threads_per_worker(self) -> int:
         """Torch threads per worker, so workers x threads never exceed `threads`."""
         return max(1, self.threads // self.workers)
+
+
+class ScoreOptions(BaseModel):
+    """What to read, what to write, and how to batch: a `ScoreConfig` resolved against the
+    model's validated batching policy (`distilq.score.scoring.options_for`). Saved in the
+    output manifest as `settings`; a run resumes an output only with the same options."""
+
+    text_column: str = "text"
+    id_columns: list[str] = Field(default_factory=list)
+    keep_text: bool = False
+    probabilities: bool = False
+    max_length: MaxLength = DEFAULT_MAX_LENGTH
+    batch_size: BatchSize = DEFAULT_BATCH_SIZE
+    sort_by_length: bool = True
+    window_batches: AtLeastOne = DEFAULT_WINDOW_BATCHES
+    shard_rows: AtLeastOne = DEFAULT_SHARD_ROWS
+
+    @property
+    def window_rows(self) -> int:
+        return self.batch_size * self.window_batches
+
+    @property
+    def batching(self) -> BatchingPolicy:
+        return BatchingPolicy(**self.model_dump(include=set(BatchingPolicy.model_fields)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import socket
 
 
 class DistilqError(Exception):
@@ -57,6 +58,9 @@ _TRANSIENT_ERRNOS = {
     errno.ENETDOWN,
     errno.EAGAIN,
 }
+# A host name the resolver says does not exist (a typo, or a machine with no network): a
+# second try would only delay the message. EAI_AGAIN ("temporary failure") stays transient.
+_NAME_UNKNOWN = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 _REFUSAL_ERRNOS = {
     errno.EACCES,
     errno.EPERM,
@@ -96,6 +100,8 @@ def _http_status(error: BaseException) -> int | None:
 def _refusal(error: BaseException) -> bool:
     if isinstance(error, DistilqError) and not isinstance(error, SourceUnavailable):
         return True
+    if isinstance(error, socket.gaierror):
+        return error.errno in _NAME_UNKNOWN  # the resolver answered: no such host
     if isinstance(error, OSError) and error.errno in _REFUSAL_ERRNOS:
         return True
     status = _http_status(error)

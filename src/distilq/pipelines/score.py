@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 import time
 
 from tqdm.auto import tqdm
 
-from distilq.config import ScoreConfig
+from distilq.config import ScoreConfig, ScoreOptions
 from distilq.errors import ScoringFailed
 from distilq.manifest import ScoreSummary
 from distilq.pipelines.runner import Runner
@@ -24,7 +25,7 @@ from distilq.score.output import (
     prepare_output,
     refuse_if_locked,
 )
-from distilq.score.scoring import ScoreOptions, ShardStats, options_for, score_shard
+from distilq.score.scoring import ShardStats, options_for, score_shard
 
 log = logging.getLogger("distilq")
 PROGRESS_SECONDS = 15  # how often a shard logs its progress
@@ -78,12 +79,24 @@ def preflight(config: ScoreConfig) -> tuple[str, int]:
     """The checks of `score_dataset` that need no engine: unknown model, a --max-length the
     model cannot take, missing paths or columns, an output that overlaps the inputs, cannot
     be made or is held by another run. Returns the model version `config.model` names now
-    and the number of shards left to score (0: the output is complete, no model is needed)."""
+    and the number of shards left to score (0: the output is complete, no model is needed).
+
+    Its plan is handed to the next `score_dataset` of the same config in this process, which
+    then plans nothing again (planning reads every input's footer: on an object store, the
+    slow part of a start)."""
     version, options = resolve_model(config)
-    plan = plan_inputs(config, options)
+    plan = _plan(config, options)
     refuse_if_locked(config.output)
     todo = pending_shards(config.output, plan, version, options.model_dump(), config.overwrite)
+    _PREFLIGHT_PLANS[_plan_key(config, options)] = plan
     return version, len(todo)
+
+
+_PREFLIGHT_PLANS: dict[str, Plan] = {}  # by _plan_key; each taken once, by the run it checked
+
+
+def _plan_key(config: ScoreConfig, options: ScoreOptions) -> str:
+    return json.dumps([config.model_dump(mode="json"), options.model_dump(mode="json")])
 
 
 # The steps of score_dataset, in order.
@@ -100,7 +113,13 @@ def resolve_model(config: ScoreConfig) -> tuple[str, ScoreOptions]:
 
 
 def plan_inputs(config: ScoreConfig, options: ScoreOptions) -> Plan:
-    """Shards to score, after every input's schema and the output's place were checked."""
+    """Shards to score, after every input's schema and the output's place were checked: the
+    plan `preflight` made for this run, else a new one."""
+    checked = _PREFLIGHT_PLANS.pop(_plan_key(config, options), None)
+    return checked if checked is not None else _plan(config, options)
+
+
+def _plan(config: ScoreConfig, options: ScoreOptions) -> Plan:
     plan = plan_shards(config.inputs, options, config.output)
     rows = sum(s.rows for s in plan.shards)
     log.info(

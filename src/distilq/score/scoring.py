@@ -10,36 +10,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field
 
-from distilq.config import BatchingPolicy, ScoreConfig
+from distilq.config import ScoreConfig, ScoreOptions
 from distilq.errors import InputError
 from distilq.registry.store import Store
 from distilq.score.inputs import Shard, copied_to_output, open_parquet
-
-
-class ScoreOptions(BaseModel):
-    """What to read, what to write, and how to batch: a `ScoreConfig` resolved against the
-    model's validated batching policy. Saved in the output manifest as `settings`; a run
-    resumes an output only with the same options."""
-
-    text_column: str = "text"
-    id_columns: list[str] = Field(default_factory=list)
-    keep_text: bool = False
-    probabilities: bool = False
-    max_length: int = Field(512, ge=8, le=4096)
-    batch_size: int = Field(32, ge=1, le=4096)
-    sort_by_length: bool = True
-    window_batches: int = 32
-    shard_rows: int = 200_000
-
-    @property
-    def window_rows(self) -> int:
-        return self.batch_size * self.window_batches
-
-    @property
-    def batching(self) -> BatchingPolicy:
-        return BatchingPolicy(**self.model_dump(include=set(BatchingPolicy.model_fields)))
 
 
 @dataclass
