@@ -29,7 +29,7 @@ from bench_score import DISTILQ, quantize_into, score_cmd, setup_full, write_tex
 from distilq.hardware import cpu_features, cpu_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.procs import VENV_BIN, free_port, http_ok, running, wait_until  # noqa: E402
+from tests.conftest import VENV_BIN, free_port, http_ok, running, wait_until  # noqa: E402
 
 RUNS = 3
 FLOOR = "import sys, distilq; m = distilq.load(sys.argv[1]); m.predict(['a fine film'])"

@@ -23,8 +23,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench_startup import prefect_server  # noqa: E402
 
-from tests.conftest import make_checkpoint, make_texts, write_tsv  # noqa: E402
-from tests.procs import VENV_BIN  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    VENV_BIN,  # noqa: E402
+    make_checkpoint,
+    make_texts,
+    write_tsv,
+)
 
 SHARED_MODEL = ROOT.parent / "shared" / "models" / "distilbert-sst2-minilm"
 

@@ -15,8 +15,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from distilq.registry.registry import Registry
-from tests.conftest import make_checkpoint, make_texts, stage_tiny_version
-from tests.procs import ROOT, VENV_BIN, free_port, http_ok, running, wait_until
+from tests.conftest import (
+    ROOT,
+    VENV_BIN,
+    free_port,
+    http_ok,
+    make_checkpoint,
+    make_texts,
+    running,
+    stage_tiny_version,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -13,15 +13,13 @@ import subprocess
 import sys
 import tomllib
 from importlib.metadata import packages_distributions, version
-from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from distilq.cli.api import PREFECT_CALLABLES, SERVER_ENV, SERVER_SETTINGS
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
 
 
 def test_no_library_module_imports_prefect():

@@ -18,8 +18,15 @@ from distilq.quantize.checkpoint import sha256_file
 from distilq.registry.registry import Registry
 from distilq.registry.store import Store, WriteConflict, url_to_fs
 from distilq.score.output import OutputManifest
-from tests.conftest import make_texts, stage_tiny_version
-from tests.procs import VENV_BIN, free_port, http_ok, running, wait_until
+from tests.conftest import (
+    VENV_BIN,
+    free_port,
+    http_ok,
+    make_texts,
+    running,
+    stage_tiny_version,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,7 @@ import pytest
 from distilq.config import ScoreConfig
 from distilq.errors import ScoringFailed
 from flows.score_parquet import score_parquet
-from tests.conftest import DISTILQ, as_shown, cli_env, make_texts, run
-from tests.procs import VENV_BIN, free_port, running
+from tests.conftest import DISTILQ, VENV_BIN, as_shown, cli_env, free_port, make_texts, run, running
 
 pytestmark = pytest.mark.slow
 

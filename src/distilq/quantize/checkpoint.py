@@ -206,10 +206,7 @@ def load_checkpoint(path: str | Path):
     trained weights for its head, a missing tokenizer, unreadable weights. Pickle weights
     load only with ``weights_only=True``.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    from distilq.quantize.kernels.base import quiet_torch
+    from transformers import AutoConfig
 
     path = Path(path)
     _check_config(path)
@@ -217,14 +214,29 @@ def load_checkpoint(path: str | Path):
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as e:
         raise InputError(f"{path}: unsupported config: {e}") from e
+    tokenizer = _load_tokenizer(path)
+    return _load_classifier(path, config).eval(), tokenizer
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise InputError(f"{path}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:
         raise InputError(f"{path}: cannot load the tokenizer: {e}") from e
-    names = [p.name for p in path.iterdir()]
-    weights = weight_files(names)
+
+
+def _load_classifier(path: Path, config):
+    """The FP32 model, its weights read without unpickling code, its head trained."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from distilq.quantize.kernels.base import quiet_torch
+
+    weights = weight_files([p.name for p in path.iterdir()])
     if not weights:
         raise InputError(f"{path}: no weights (*.safetensors or {PICKLE_WEIGHTS})")
     try:
@@ -248,7 +260,7 @@ def load_checkpoint(path: str | Path):
             f"{path}: weights missing for {', '.join(sorted(missing)[:5])}: an untrained "
             "classifier head would give meaningless predictions"
         )
-    return model.eval(), tokenizer
+    return model
 
 
 def read_label2id(path: str | Path) -> dict[str, int]:

@@ -164,13 +164,8 @@ def stage_version(
     of `validation` (see `split`) that `auto`'s choices never saw; both models' predictions
     there are kept for self-checks on other platforms (`distilq.gate.attest`)."""
     staging = Path(staging)
-    model_dir = staging / "model"
-    candidate = gated.candidate
-    candidate.model.config.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    from distilq.quantize.int8 import save_int8  # torch: only once there is a model to save
-
-    weights = save_int8(candidate.model, candidate.recipe, model_dir)
+    model_dir, candidate = staging / "model", gated.candidate
+    weights = _write_model(model_dir, candidate, tokenizer)
     write_selfcheck(staging, gated.confirmation, gated.fp32.labels, gated.int8.probs)
     now = datetime.now(UTC)
     manifest = VersionManifest(
@@ -196,11 +191,25 @@ def stage_version(
         # Where the gate measured: INT8 predictions differ between CPUs.
         platform=platform_record(candidate.recipe.engine),
     )
+    _write_report(staging, manifest)
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest.files = {str(p.relative_to(staging)): sha256_file(p) for p in files}
+    return manifest
+
+
+def _write_model(model_dir: Path, candidate, tokenizer) -> Path:
+    """The INT8 model's config, tokenizer and weights; returns the weights' path."""
+    from distilq.quantize.int8 import save_int8  # torch: only once there is a model to save
+
+    candidate.model.config.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return save_int8(candidate.model, candidate.recipe, model_dir)
+
+
+def _write_report(staging: Path, manifest: VersionManifest) -> None:
+    """`report.md`, with its chart when matplotlib is installed."""
     chart = None
     if charts.available():
         charts.write_chart(manifest, staging / charts.CHART)
         chart = charts.CHART
     (staging / "report.md").write_text(render_report(manifest, chart))
-    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != "manifest.json")
-    manifest.files = {str(p.relative_to(staging)): sha256_file(p) for p in files}
-    return manifest
