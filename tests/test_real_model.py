@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from distilq.config import BatchingPolicy
@@ -11,7 +13,7 @@ from distilq.quantize.autoquant import quantize_for_gate
 from distilq.quantize.checkpoint import load_checkpoint, resolve_checkpoint
 from distilq.quantize.int8 import save_int8
 from distilq.quantize.recipes import RECIPES
-from distilq.score.inference import predict
+from distilq.score.inference import Predictions, predict
 from tests.conftest import SHARED_MODEL
 
 pytestmark = [
@@ -28,10 +30,20 @@ def test_recipes_on_the_real_model(tmp_path):
     data = load_validation(PACKAGED_VALIDATION, label2id=model.config.label2id)
     policy = BatchingPolicy()
     fp32 = predict(model, tokenizer, data.texts, policy)
-    results = {}
+    # Every other text for the per-token recipe: without VNNI, torch's integer GEMM runs a
+    # reference loop (181 s for all 872 texts on an AVX2 Zen 3; 4 s for dynamic-int8-pc); the others
+    # are measured on the same half too, for the comparison.
+    half = dataclasses.replace(data, texts=data.texts[::2], labels=data.labels[::2])
+    fp32_half = Predictions(fp32.probs[::2], fp32.seconds, fp32.n_batches)
+    results, on_half = {}, {}
     for name in ("dynamic-int8", "dynamic-int8-pc", "dynamic-int8-token"):
-        candidate = quantize_for_gate(model, tokenizer, RECIPES[name], data, fp32, policy, 0.99)
-        metrics = compare(fp32, candidate.predictions, data, model.config.id2label)
+        texts, reference = (half, fp32_half) if name == "dynamic-int8-token" else (data, fp32)
+        candidate = quantize_for_gate(
+            model, tokenizer, RECIPES[name], texts, reference, policy, 0.99
+        )
+        metrics = compare(reference, candidate.predictions, texts, model.config.id2label)
+        labels = candidate.predictions.labels[:: 1 if texts is half else 2]
+        on_half[name] = float((labels == fp32_half.labels).mean())
         model.config.save_pretrained(tmp_path / name)
         size = save_int8(candidate.model, RECIPES[name], tmp_path / name).stat().st_size
         results[name] = (metrics, size / found.weight_bytes)
@@ -48,5 +60,5 @@ def test_recipes_on_the_real_model(tmp_path):
     # <= 28% of the FP32 bytes; measured 99.89% on Sapphire Rapids). Its integer GEMM is
     # exact on every CPU; the bound leaves room for FP32 attention rounding elsewhere.
     token, token_ratio = results["dynamic-int8-token"]
-    assert token.agreement >= 0.99 and token.agreement > pc.agreement
+    assert token.agreement >= 0.99 and on_half["dynamic-int8-token"] > on_half["dynamic-int8-pc"]
     assert token_ratio <= 0.28

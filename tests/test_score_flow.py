@@ -135,8 +135,11 @@ def test_cli_scores_then_resumes_byte_identical(registry, dataset, tmp_path):
     scored = pa.concat_tables(
         pq.read_table(p) for p in sorted((tmp_path / "out").glob("*.parquet"))
     ).to_pydict()
-    assert summary["labels"] == dict(collections.Counter(scored["label"]))
-    assert summary["mean_score"] == pytest.approx(sum(scored["score"]) / 480, rel=1e-6)
+    scores = [s for s in scored["score"] if s is not None]  # rows with an error have none
+    assert summary["rows_error"] == 480 - len(scores) > 0
+    labels = collections.Counter(label for label in scored["label"] if label is not None)
+    assert summary["labels"] == dict(labels)
+    assert summary["mean_score"] == pytest.approx(sum(scores) / len(scores), rel=1e-6)
     before = outputs(tmp_path / "out")
     assert pq.read_table(tmp_path / "out" / "f0.parquet").column_names == [
         "review_id",

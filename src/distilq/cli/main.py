@@ -407,7 +407,3 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     finally:
         api.stop()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
