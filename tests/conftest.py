@@ -6,10 +6,12 @@ import contextlib
 import csv
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -33,12 +35,21 @@ SENSITIVE_LAYER = "distilbert.transformer.layer.1.ffn.lin2"
 DISTILQ = str(Path(sys.executable).parent / "distilq")
 
 
+# The Prefect home of the session's `distilq` processes: its database is made by the first
+# one (a fresh database costs a run about 7 s of migrations here). A test that needs an
+# empty home passes its own.
+SESSION_PREFECT_HOME = Path(tempfile.mkdtemp(prefix="distilq-tests-prefect-"))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    shutil.rmtree(SESSION_PREFECT_HOME, ignore_errors=True)
+
+
 def cli_env(prefect_home: Path | None = None) -> dict[str, str]:
     """This environment without the test session's Prefect settings, so a `distilq` process
-    starts its own temporary API (under `prefect_home` when given)."""
+    starts its own temporary API, under `prefect_home` (default: the session's)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    if prefect_home is not None:
-        env["PREFECT_HOME"] = str(prefect_home)
+    env["PREFECT_HOME"] = str(prefect_home or SESSION_PREFECT_HOME)
     return env
 
 

@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow
 OTHER_PLATFORM = {"ATEN_CPU_CAPABILITY": "default"}
 
 
-def run(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = cli_env(home) | OTHER_PLATFORM
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = cli_env() | OTHER_PLATFORM
     return subprocess.run([DISTILQ, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -36,7 +36,7 @@ def test_a_new_platform_is_self_checked_once_then_attested(promoted_registry, tm
     registry = Registry(tmp_path / "reg")
     version = registry.alias()
     gated_on = registry.manifest(version).platform.key
-    first = run("models", "attest", "--registry", str(tmp_path / "reg"), home=tmp_path / "h")
+    first = run("models", "attest", "--registry", str(tmp_path / "reg"))
     assert first.returncode == 0, first.stderr[-2000:]
     assert "self-check passed on platform x86_64-default-" in first.stdout
     gate, record = sorted(
@@ -49,9 +49,9 @@ def test_a_new_platform_is_self_checked_once_then_attested(promoted_registry, tm
     assert record["platform"]["torch_cpu_capability"] == "DEFAULT"
     assert {"platform", "agreement", "agreement_lower_bound", "created_at"} <= set(record)
     assert record["agreement_lower_bound"] <= record["agreement"]
-    again = run("models", "attest", "--registry", str(tmp_path / "reg"), home=tmp_path / "h")
+    again = run("models", "attest", "--registry", str(tmp_path / "reg"))
     assert again.returncode == 0 and "attested earlier on platform" in again.stdout
-    shown = run("models", "show", "--registry", str(tmp_path / "reg"), home=tmp_path / "h")
+    shown = run("models", "show", "--registry", str(tmp_path / "reg"))
     assert f"`{record['platform']['key']}`" in shown.stdout.splitlines()[-1]
 
 
@@ -78,18 +78,16 @@ def test_a_failed_self_check_refuses_to_score_and_writes_nothing(failing_version
     data = tmp_path / "in.parquet"
     pq.write_table(pa.table({"text": make_texts(20)}), data)
     score = ["score", "--input", str(data), "--registry", str(failing_version)]
-    done = run(*score, "--output", str(tmp_path / "out"), home=tmp_path / "h")
+    done = run(*score, "--output", str(tmp_path / "out"))
     assert done.returncode == 3, done.stderr[-2000:]
     assert "fails its self-check on this platform (x86_64-default-" in done.stderr
     assert "agreement lower bound 0.0" in done.stderr
     assert not (tmp_path / "out").exists()  # refused before the output was touched
     version = Registry(failing_version).alias()
     assert Registry(failing_version).attestations(version) == []
-    attest = run("models", "attest", "--registry", str(failing_version), home=tmp_path / "h")
+    attest = run("models", "attest", "--registry", str(failing_version))
     assert attest.returncode == 3 and "fails its self-check" in attest.stderr
-    allowed = run(
-        *score, "--output", str(tmp_path / "out2"), "--allow-unattested", home=tmp_path / "h"
-    )
+    allowed = run(*score, "--output", str(tmp_path / "out2"), "--allow-unattested")
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     assert "scoring anyway (--allow-unattested)" in allowed.stderr
     assert (

@@ -85,7 +85,7 @@ def test_gate_rejection_exits_3_with_the_manifest(tmp_path, sensitive_checkpoint
     args = quantize(
         sensitive_checkpoint, tiny_validation, tmp_path / "reg", "--recipe", "dynamic-int8-pc"
     )
-    done = run(*args, "--min-agreement", "0.95", "--json", prefect_home=tmp_path / "home")
+    done = run(*args, "--min-agreement", "0.95", "--json")
     assert done.returncode == 3, done.stderr[-3000:]
     manifest = json.loads(done.stdout)
     assert manifest["decision"]["approved"] is False
@@ -96,12 +96,11 @@ def test_gate_rejection_exits_3_with_the_manifest(tmp_path, sensitive_checkpoint
 @pytest.mark.slow
 def test_bad_input_exits_2_naming_the_problem(tmp_path, tiny_checkpoint, tiny_validation):
     args = quantize(tiny_checkpoint, tiny_validation, tmp_path / "reg", "--text-column", "review")
-    home = tmp_path / "home"
-    done = run(*args, prefect_home=home)
+    done = run(*args)
     assert done.returncode == 2
     assert "no text column 'review'; columns: text, label" in done.stderr
     # 200 examples leave a confirmation part too small to certify 0.99 even with no flip.
-    done = run(*quantize(tiny_checkpoint, tiny_validation, tmp_path / "reg"), prefect_home=home)
+    done = run(*quantize(tiny_checkpoint, tiny_validation, tmp_path / "reg"))
     assert done.returncode == 2 and "needs at least 299 examples" in done.stderr
     assert not (tmp_path / "reg").exists()
 
@@ -145,7 +144,7 @@ print(json.dumps({"codes": codes, "torch": "torch" in sys.modules}))
 def test_a_run_with_nothing_to_do_loads_no_model(tmp_path, tiny_checkpoint, tiny_validation):
     """Reusing a version and re-running a complete output import no torch at all, so no
     model is loaded; the Prefect runs are still made."""
-    home, registry = tmp_path / "home", tmp_path / "reg"
+    registry = tmp_path / "reg"
     args = quantize(tiny_checkpoint, tiny_validation, registry, "--recipe", "dynamic-int8-pc")
     args += ["--min-agreement", "0.9", "--max-accuracy-drop", "1"]
     texts = tmp_path / "in.parquet"
@@ -153,10 +152,10 @@ def test_a_run_with_nothing_to_do_loads_no_model(tmp_path, tiny_checkpoint, tiny
     score = ["score", "--input", str(texts), "--output", str(tmp_path / "out")]
     score += ["--registry", str(registry)]
     for first in (args, score):
-        done = run(*first, prefect_home=home)
+        done = run(*first)
         assert done.returncode == 0, done.stderr[-3000:]
 
-    env = cli_env(home)
+    env = cli_env()
     again = [sys.executable, "-c", NOTHING_TO_DO, json.dumps(args), json.dumps(score)]
     done = subprocess.run(again, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -442,7 +442,7 @@ def test_a_killed_worker_fails_its_file_and_the_pool_goes_on(registry, tmp_path)
     for i in range(6):
         write_parquet(data / f"part{i}.parquet", make_texts(2500, seed=i))
     out = tmp_path / "out"
-    env = cli_env(tmp_path / "home")
+    env = cli_env()
     cmd = [DISTILQ, "score", "--input", str(data), "--output", str(out),
            "--registry", str(registry), "--runner", "process", "--workers", "2", "--threads",
            "2", "--json"]  # fmt: skip
@@ -470,7 +470,7 @@ def test_a_killed_worker_fails_its_file_and_the_pool_goes_on(registry, tmp_path)
     # the workers' logs and task runs go to this run's API, not to a second server of
     # Prefect's own (its process pool forwards them from a thread)
     assert "Starting temporary server" not in stderr
-    resumed = run(*cmd[1:-1], prefect_home=tmp_path / "home")
+    resumed = run(*cmd[1:-1])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(p.name for p in out.glob("*.parquet")) == [f"part{i}.parquet" for i in range(6)]
 

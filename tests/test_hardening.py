@@ -58,7 +58,7 @@ def test_output_equal_to_input_is_refused_and_nothing_is_touched(registry, tmp_p
     write_parquet(data / "good.parquet", make_texts(5))
     (data / "notes.txt").write_text("mine")
     args = ["score", "--input", str(data), "--output", str(data), "--registry", str(registry)]
-    done = run(*args, "--overwrite", prefect_home=tmp_path / "home")
+    done = run(*args, "--overwrite")
     assert done.returncode == 2, done.stderr
     assert "overlaps the input directory" in done.stderr
     assert "temporary Prefect API" not in done.stderr  # refused before any flow run
@@ -291,7 +291,7 @@ def test_commands_on_a_registry_that_is_not_there_create_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_run_leaves_no_prefect_server(tmp_path, tiny_checkpoint, tiny_validation):
-    env = cli_env(tmp_path / "home")
+    env = cli_env()
     args = quantize(tiny_checkpoint, tiny_validation, tmp_path / "reg")
     cli = subprocess.Popen(
         [DISTILQ, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -358,11 +358,11 @@ def test_a_failed_run_ends_with_one_clear_line(tmp_path, sensitive_checkpoint, t
         sensitive_checkpoint, tiny_validation, tmp_path / "reg", "--recipe", "dynamic-int8-pc"
     )
     args += ["--min-agreement", "0.95"]
-    done = run(*args, prefect_home=tmp_path / "home")
+    done = run(*args)
     assert done.returncode == 3
     assert "Traceback" not in done.stderr
     assert done.stderr.rstrip().splitlines()[-1].startswith("distilq: gate rejected")
-    verbose = run(*args, "--verbose", prefect_home=tmp_path / "home")
+    verbose = run(*args, "--verbose")
     assert verbose.returncode == 3 and "Traceback" in verbose.stderr
 
 

@@ -124,7 +124,7 @@ def test_corrupt_file_fails_alone(registry, dataset, tmp_path):
 
 def test_cli_scores_then_resumes_byte_identical(registry, dataset, tmp_path):
     args = score_args(dataset, tmp_path / "out", registry)
-    first = run(*args, "--json", "--id-column", "review_id", prefect_home=tmp_path / "home")
+    first = run(*args, "--json", "--id-column", "review_id")
     assert first.returncode == 0, first.stderr[-3000:]
     # distilq starts the temporary API early, beside the imports; Prefect starts no other.
     assert first.stderr.count("temporary Prefect API on") == 1
@@ -148,18 +148,18 @@ def test_cli_scores_then_resumes_byte_identical(registry, dataset, tmp_path):
         "model_version",
         "error",
     ]
-    again = run(*args, "--json", "--id-column", "review_id", prefect_home=tmp_path / "home")
+    again = run(*args, "--json", "--id-column", "review_id")
     assert again.returncode == 0 and outputs(tmp_path / "out") == before
-    changed = run(*args, "--max-length", "32", prefect_home=tmp_path / "home")
+    changed = run(*args, "--max-length", "32")
     assert changed.returncode == 2 and "other settings" in changed.stderr
 
 
 def test_cli_bad_input_exits_2(registry, dataset, tmp_path):
     base = score_args(dataset, tmp_path / "out", registry)
-    done = run(*base, "--text-column", "body", prefect_home=tmp_path / "home")
+    done = run(*base, "--text-column", "body")
     assert done.returncode == 2 and "no text column 'body'" in done.stderr
     assert "temporary Prefect API" not in done.stderr  # refused before any flow run
-    done = run(*base, "--model", "19990101T000000000Z-deadbeef", prefect_home=tmp_path / "home")
+    done = run(*base, "--model", "19990101T000000000Z-deadbeef")
     assert done.returncode == 2 and "no version or alias" in done.stderr
     done = run(*base, "--workers", "2")
     assert done.returncode == 2 and "use --runner process or dask" in done.stderr
@@ -175,10 +175,10 @@ def test_sigkill_half_way_then_resume_equals_an_uninterrupted_run(registry, tmp_
             data / f"p{i}.parquet",
         )
     base = ["score", "--input", str(data), "--registry", str(registry)]
-    clean = run(*base, "--output", str(tmp_path / "clean"), prefect_home=tmp_path / "home")
+    clean = run(*base, "--output", str(tmp_path / "clean"))
     assert clean.returncode == 0, clean.stderr[-3000:]
 
-    env = cli_env(tmp_path / "home")
+    env = cli_env()
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         [DISTILQ, *base, "--output", str(out)],
@@ -205,7 +205,7 @@ def test_sigkill_half_way_then_resume_equals_an_uninterrupted_run(registry, tmp_
     for p in out.glob("*.parquet"):  # whatever is visible is complete
         assert pq.read_table(p).num_rows == 400
 
-    resumed = run(*base, "--output", str(out), prefect_home=tmp_path / "home")
+    resumed = run(*base, "--output", str(out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert outputs(out) == outputs(tmp_path / "clean")
     assert sorted(p.name for p in out.iterdir()) == ["_manifest.json"] + [
