@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 def test_passing_gate_publishes_and_promotes_then_rerun_is_reused(
     tiny_checkpoint, tiny_validation, tmp_path
 ):
-    config = tiny_config(tiny_checkpoint, tiny_validation, tmp_path / "reg")
+    config = tiny_config(tiny_checkpoint, tiny_validation, tmp_path / "reg", min_agreement=0.9)
     state = quantize_and_promote(config, return_state=True)
     result = state.result()
     assert result.approved and result.promoted and not result.reused
@@ -61,7 +61,9 @@ def test_passing_gate_publishes_and_promotes_then_rerun_is_reused(
 def test_failed_gate_fails_the_run_keeps_the_candidate_and_production(
     sensitive_checkpoint, tiny_checkpoint, tiny_validation, tmp_path
 ):
-    good = quantize_and_promote(tiny_config(tiny_checkpoint, tiny_validation, tmp_path / "reg"))
+    good = quantize_and_promote(
+        tiny_config(tiny_checkpoint, tiny_validation, tmp_path / "reg", min_agreement=0.9)
+    )
     config = tiny_config(
         sensitive_checkpoint, tiny_validation, tmp_path / "reg", min_agreement=0.95
     )
@@ -106,7 +108,9 @@ def test_auto_shows_its_search_as_it_goes(
 
 
 def test_dry_run_publishes_nothing(tiny_checkpoint, tiny_validation, tmp_path):
-    config = tiny_config(tiny_checkpoint, tiny_validation, tmp_path / "reg", dry_run=True)
+    config = tiny_config(
+        tiny_checkpoint, tiny_validation, tmp_path / "reg", min_agreement=0.9, dry_run=True
+    )
     result = quantize_and_promote(config)
     assert result.dry_run and not result.promoted
     assert Registry(tmp_path / "reg").versions() == []

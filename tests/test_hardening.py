@@ -171,7 +171,7 @@ def test_reruns_promote_what_was_left_and_stay_rejected(
 ):
     from flows.quantize_and_promote import quantize_and_promote
 
-    config = tiny_config(tiny_checkpoint, tiny_validation, tmp_path / "reg")
+    config = tiny_config(tiny_checkpoint, tiny_validation, tmp_path / "reg", min_agreement=0.9)
     first = quantize_and_promote(config)
     shutil.rmtree(tmp_path / "reg" / "aliases")  # as if killed between publish and promote
     again = quantize_and_promote(config)
