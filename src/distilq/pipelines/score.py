@@ -85,7 +85,7 @@ def preflight(config: ScoreConfig) -> tuple[str, int]:
     then plans nothing again (planning reads every input's footer: on an object store, the
     slow part of a start)."""
     version, options = resolve_model(config)
-    plan = _plan(config, options)
+    plan = plan_shards(config.inputs, options, config.output)
     refuse_if_locked(config.output)
     todo = pending_shards(config.output, plan, version, options.model_dump(), config.overwrite)
     _PREFLIGHT_PLANS[_plan_key(config, options)] = plan
@@ -115,12 +115,9 @@ def resolve_model(config: ScoreConfig) -> tuple[str, ScoreOptions]:
 def plan_inputs(config: ScoreConfig, options: ScoreOptions) -> Plan:
     """Shards to score, after every input's schema and the output's place were checked: the
     plan `preflight` made for this run, else a new one."""
-    checked = _PREFLIGHT_PLANS.pop(_plan_key(config, options), None)
-    return checked if checked is not None else _plan(config, options)
-
-
-def _plan(config: ScoreConfig, options: ScoreOptions) -> Plan:
-    plan = plan_shards(config.inputs, options, config.output)
+    plan = _PREFLIGHT_PLANS.pop(_plan_key(config, options), None) or plan_shards(
+        config.inputs, options, config.output
+    )
     rows = sum(s.rows for s in plan.shards)
     log.info(
         "%d shard(s), %d rows; %d unreadable file(s)", len(plan.shards), rows, len(plan.unreadable)
