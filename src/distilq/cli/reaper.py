@@ -18,7 +18,7 @@ import time
 
 
 class Reaper:
-    """A reaper process watching this one; `guard` hands it a process to stop after us."""
+    """A reaper process watching this one; `guard` names a process for it to stop after us."""
 
     def __init__(self) -> None:
         self._process = subprocess.Popen(
