@@ -4,10 +4,12 @@ imports Prefect or torch itself."""
 
 import os
 
+# How long a run waits for its temporary API (Prefect's setting; the CLI reads it too).
+STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 PREFECT_DEFAULTS = {
     # The ephemeral API can take 30 s or more to start the first time on a fresh machine;
     # Prefect's default wait is 20 s.
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    STARTUP_TIMEOUT: "180",
     # No analytics leave the machine (server and client side).
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",

@@ -20,12 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from distilq.errors import DistilqError
+from distilq.runtime import STARTUP_TIMEOUT
 
 log = logging.getLogger("distilq")
 
 # Prefect details distilq relies on that are not its public API: pyproject.toml pins the
 # minor version they hold for, and tests/test_house.py checks each against the installed one.
-STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 # The server's environment, as Prefect's SubprocessASGIServer sets it (no UI, an ephemeral
 # server's services), less block-type registration: a third of the server's start-up,
 # checked at every start, for block types only a UI or a long-lived server's users look up.

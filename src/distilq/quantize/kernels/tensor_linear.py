@@ -42,6 +42,10 @@ def _qweight(int8: torch.Tensor, scale: torch.Tensor, per_channel: bool) -> torc
         return torch._make_per_tensor_quantized_tensor(int8, scale.item(), 0)
 
 
+def _per_channel(qweight: torch.Tensor) -> bool:
+    return qweight.qscheme() == torch.per_channel_affine
+
+
 class TensorLinearKind(LayerKind):
     """Packed for the quantized engine in use (callers choose it: `quantized_engine`)."""
 
@@ -54,19 +58,15 @@ class TensorLinearKind(LayerKind):
 
     def tensors(self, module: nn.Module) -> dict[str, torch.Tensor]:
         qweight, bias = module._weight_bias()
-        if self._per_channel(module):
+        if _per_channel(qweight):
             scale = qweight.q_per_channel_scales()
         else:
             scale = torch.tensor([qweight.q_scale()])
         return linear_tensors(qweight.int_repr(), scale.float(), bias)
 
     def entry(self, module: nn.Module) -> dict:
-        return {"per_channel": self._per_channel(module)}
+        return {"per_channel": _per_channel(module._weight_bias()[0])}
 
     def load(self, tensors: dict[str, torch.Tensor], entry: dict) -> nn.Module:
         qweight = _qweight(tensors["weight_int8"], tensors["weight_scale"], entry["per_channel"])
         return _int8_linear(qweight, tensors.get("bias"))
-
-    @staticmethod
-    def _per_channel(module: nn.Module) -> bool:
-        return module._weight_bias()[0].qscheme() == torch.per_channel_affine
