@@ -24,6 +24,7 @@ from distilq.quantize.kernels.token_linear import (
     Int8TokenLinear,
     TokenKernels,
     token_linear,
+    token_linear_float,
 )
 from distilq.quantize.recipes import RECIPES, get_recipe, resolve_recipe
 from distilq.report.render import render_report
@@ -99,11 +100,15 @@ def test_the_compiled_kernel_gives_every_row_the_answer_eager_gives(
 ):
     model, tokenizer = load_checkpoint(tiny_checkpoint)
     token = quantize(model, "dynamic-int8-token")
-    monkeypatch.setattr(TOKEN_KERNELS, "linear", token_linear)
-    eager = {size: _probs(token, tokenizer, TEXTS, size, True) for size in (1, 7)}
-    monkeypatch.setattr(TOKEN_KERNELS, "linear", compiled_kernel)
-    for size, probs in eager.items():
-        assert np.array_equal(_probs(token, tokenizer, TEXTS, size, True), probs), size
+    try:
+        TOKEN_KERNELS.choose(["avx512_vnni"])  # the integer kernel, which was compiled
+        eager = {size: _probs(token, tokenizer, TEXTS, size, True) for size in (1, 7)}
+        monkeypatch.setattr(TOKEN_KERNELS, "linear", compiled_kernel)
+        for size, probs in eager.items():
+            assert np.array_equal(_probs(token, tokenizer, TEXTS, size, True), probs), size
+    finally:
+        monkeypatch.undo()
+        TOKEN_KERNELS.choose()
 
 
 def test_long_inputs_run_in_chunks_that_change_no_bit():
@@ -117,9 +122,39 @@ def test_long_inputs_run_in_chunks_that_change_no_bit():
     assert torch.equal(chunked, whole.reshape(3, 2000, 40))
 
 
+def test_without_vnni_float_gemms_give_the_integer_gemms_bits(tiny_checkpoint):
+    # The CPU is a value: the integer GEMM where it is fast, exact float32 GEMMs elsewhere.
+    vnni, avx2 = TokenKernels(), TokenKernels()
+    vnni.choose(["avx2", "avx512_vnni"])
+    avx2.choose(["avx2"])
+    assert (vnni.linear, vnni.float_weights) == (token_linear, False)
+    assert (avx2.linear, avx2.float_weights) == (token_linear_float, True)
+    # Model-sized layers (inputs past one exact float slice too), then whole texts.
+    gen = torch.Generator().manual_seed(5)
+    for width in (384, 1536, 3072):
+        rows = torch.randn(64, width, generator=gen) * 4
+        rows[:, 7] *= 60  # an outlier feature: small values round to few levels
+        weight = torch.randint(-127, 128, (width, 48), dtype=torch.int8, generator=gen)
+        scale, bias = torch.rand(48, generator=gen) / 50, torch.randn(48, generator=gen)
+        with torch.inference_mode():
+            exact = token_linear(rows, weight, scale, bias)
+            assert torch.equal(token_linear_float(rows, weight.float(), scale, bias), exact)
+    model, tokenizer = load_checkpoint(tiny_checkpoint)
+    token = quantize(model, "dynamic-int8-token")
+    answers = []
+    try:
+        for features in (["avx512_vnni"], ["avx2"]):
+            TOKEN_KERNELS.choose(features)
+            answers.append(_probs(token, tokenizer, TEXTS, 7, True))
+    finally:
+        TOKEN_KERNELS.choose()  # this CPU's again
+    assert np.array_equal(*answers)
+
+
 def test_the_kernel_is_compiled_only_when_asked(compiled_kernel, monkeypatch):
     monkeypatch.delenv("DISTILQ_COMPILE", raising=False)
     default = TokenKernels()
+    default.choose(["avx512_vnni"])
     assert default.kernel() is token_linear and default.compiled is None
     monkeypatch.setenv("DISTILQ_COMPILE", "1")
     asked = TokenKernels()

@@ -103,8 +103,9 @@ def resolve_recipe(name: str, cpu_features: list[str] | tuple[str, ...]) -> Reci
     else:
         base = RECIPES[AUTO_PRESETS["avx2"]]
         why = (
-            "this CPU has no VNNI: torch's integer GEMM would run a slow reference loop "
-            "(pytorch#136942), so fbgemm's per-tensor kernels are the fast path"
+            "this CPU has no VNNI: per-token INT8 runs exact float32 GEMMs here, no faster than "
+            "FP32 (torch's integer GEMM is a slow reference loop, pytorch#136942), so "
+            "fbgemm's per-tensor kernels are the fast path"
         )
     return replace(
         base, name=AUTO, summary=AUTO_SUMMARY, fallback=True, base=base.name, base_reason=why

@@ -21,23 +21,58 @@ FORMAT_PER_TOKEN = "distilq-int8/2"
 log = logging.getLogger(__name__)
 
 
+def _row_scales(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's INT8 values (as floats, |q| <= 127 by construction) and its scale."""
+    # Two reads, no temporary: faster here than abs().amax() or vector_norm(ord=inf).
+    peak = torch.maximum(rows.amax(dim=1, keepdim=True), rows.amin(dim=1, keepdim=True).neg_())
+    scale = peak.clamp_(min=1e-12).div_(127)
+    return rows.div(scale).round_(), scale
+
+
 def token_linear(
     rows: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor, bias
 ) -> torch.Tensor:
     """rows [n, in] float -> [n, out]: each row quantized to INT8 with its own scale, an
     integer GEMM (s8 x s8 -> s32, exact), then scaled back by the row's and each output
-    channel's scale."""
-    # Two reads, no temporary: faster here than abs().amax() or vector_norm(ord=inf).
-    peak = torch.maximum(rows.amax(dim=1, keepdim=True), rows.amin(dim=1, keepdim=True).neg_())
-    scale = peak.clamp_(min=1e-12).div_(127)
-    q = rows.div(scale).round_().to(torch.int8)  # |rows / scale| <= 127 by construction
+    channel's scale. `weight_t`: [in, out] int8."""
+    q, scale = _row_scales(rows)
     # float() then in-place scaling: faster than a type-promoting int32 x float32 mul.
-    out = torch._int_mm(q, weight_t).float().mul_(weight_scale).mul_(scale)
+    out = torch._int_mm(q.to(torch.int8), weight_t).float().mul_(weight_scale).mul_(scale)
+    return out if bias is None else out.add_(bias)
+
+
+# A float32 GEMM of int8 values is exact while every partial sum stays within 2**24:
+# 1024 products of at most 128 * 128 do, in any order of summation.
+EXACT_FLOAT_DEPTH = 1024
+
+
+def token_linear_float(
+    rows: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor, bias
+) -> torch.Tensor:
+    """`token_linear`'s very bits, by float32 GEMMs: for CPUs without VNNI or AMX, where
+    torch's integer GEMM runs a slow reference loop (pytorch#136942). `weight_t`: [in, out]
+    float32 holding the int8 values. Each slice of at most EXACT_FLOAT_DEPTH inputs gives
+    exact integers; slices are summed in int32, as the integer GEMM sums."""
+    q, scale = _row_scales(rows)
+    depth = q.shape[1]
+    if depth <= EXACT_FLOAT_DEPTH:
+        out = q @ weight_t  # exact integers below 2**24: what int32 -> float32 gives too
+    else:
+        total = None
+        for start in range(0, depth, EXACT_FLOAT_DEPTH):
+            stop = start + EXACT_FLOAT_DEPTH
+            part = (q[:, start:stop] @ weight_t[start:stop]).to(torch.int32)
+            total = part if total is None else total.add_(part)
+        out = total.float()
+    out.mul_(weight_scale).mul_(scale)
     return out if bias is None else out.add_(bias)
 
 
 class TokenKernels:
-    """The kernel of every Int8TokenLinear (`token_linear`), eager or compiled.
+    """The kernel of every Int8TokenLinear, eager or compiled: `token_linear` on CPUs whose
+    integer GEMM is fast (VNNI, AMX), else `token_linear_float`, if it gives the same bits
+    here (checked once; the integer kernel stays if not). `float_weights` tells the layers
+    which weights to pass.
 
     Eager unless DISTILQ_COMPILE=1: then, at the first per-token layer a process runs,
     torch.compile fuses the kernel's quantize and dequantize passes into vectorised loops.
@@ -50,16 +85,39 @@ class TokenKernels:
 
     def __init__(self) -> None:
         self.linear = token_linear  # the kernel in use
+        self.float_weights = False  # whether it takes float32 weights (token_linear_float)
         self.compiled = None  # the compiled kernel, once it passed its check
         self._wanted = os.environ.get("DISTILQ_COMPILE") == "1"
-        self._tried = False
+        self._chosen = self._tried = False
         self._lock = threading.Lock()
 
     def kernel(self):
-        """The kernel to run now (compiled first, once, if DISTILQ_COMPILE=1 asks for it)."""
+        """The kernel to run now (chosen for this CPU at the first call; then compiled,
+        once, if DISTILQ_COMPILE=1 asks for it)."""
+        if not self._chosen:
+            self.choose()
         if self._wanted and not self._tried:
             self.compile()
         return self.linear
+
+    def choose(self, cpu_features: list[str] | None = None) -> None:
+        """The eager kernel for a CPU with `cpu_features` (default: this one's)."""
+        from distilq.hardware import cpu_features as read_features
+        from distilq.quantize.recipes import INTEGER_GEMM_FEATURES
+
+        with self._lock:
+            features = read_features() if cpu_features is None else cpu_features
+            slow = not any(f in features for f in INTEGER_GEMM_FEATURES)
+            exact = slow and _same_bits(token_linear_float, float_weights=True)
+            if slow and not exact:
+                log.warning(
+                    "per-token INT8 stays on torch's integer GEMM: float32 GEMM is not exact here"
+                )
+            self.linear = token_linear_float if exact else token_linear
+            self.float_weights = exact
+            self._chosen = True
+        if exact:
+            log.info("per-token INT8 runs float32 GEMMs, exact: this CPU has no VNNI or AMX")
 
     def compile(self) -> bool:
         """Switch to the compiled kernel (tried once); whether it is in use."""
@@ -73,8 +131,8 @@ class TokenKernels:
         log.info("compiling the per-token INT8 kernel (once per process)")
         start = time.perf_counter()
         try:
-            linear = torch.compile(token_linear, dynamic=True, fullgraph=True)
-            same = _same_bits(linear)
+            linear = torch.compile(self.linear, dynamic=True, fullgraph=True)
+            same = _same_bits(linear, self.float_weights)
         except Exception as e:  # no C++ compiler, or an inductor limit: eager is correct too
             log.warning("per-token INT8 kernel stays eager: torch.compile failed (%s)", e)
             return
@@ -85,18 +143,24 @@ class TokenKernels:
         log.info("per-token INT8 kernel compiled in %.1f s", time.perf_counter() - start)
 
 
-def _same_bits(linear) -> bool:
-    """The compiled kernel gives eager's bits on 1 and n rows, odd widths and outlier features
-    (this also compiles it, for any row count, before a thread uses it)."""
+def _same_bits(linear, float_weights: bool = False) -> bool:
+    """`linear` gives the integer kernel's bits on 1 and n rows, odd widths, widths past one
+    float slice and outlier features (this also compiles a compiled kernel, for any row
+    count, before a thread uses it). `float_weights`: it takes float32 weights."""
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        for n, width in ((1, 67), (37, 200)):
+        for n, width in ((1, 67), (37, 200), (5, 2 * EXACT_FLOAT_DEPTH + 9)):
             rows = torch.randn(n, width, generator=gen) * torch.rand(n, 1, generator=gen) * 50
             rows[:, 3] *= 40
             weight_t = torch.randint(-127, 128, (width, 96), dtype=torch.int8, generator=gen)
+            weight_t[:, 0] = 127  # the largest products, all of one sign
+            rows[0, :] = rows[0, :].abs()
             weight_scale, bias = torch.rand(96, generator=gen) / 50, torch.randn(96, generator=gen)
-            args = (rows, weight_t, weight_scale, bias)
-            if not torch.equal(linear(*args), token_linear(*args)):
+            weight = weight_t.float() if float_weights else weight_t
+            if not torch.equal(
+                linear(rows, weight, weight_scale, bias),
+                token_linear(rows, weight_t, weight_scale, bias),
+            ):
                 return False
     return True
 
@@ -136,9 +200,17 @@ class Int8TokenLinear(nn.Module):
     # reviews here). Rows are independent: the result is the same to the bit.
     CHUNK_ROWS = 2048
 
+    def _float_weight(self) -> torch.Tensor:
+        """The int8 weights as float32, made once (for `token_linear_float`; not saved)."""
+        if getattr(self, "_weight_float", None) is None:
+            self._weight_float = self.weight_t.float()
+        return self._weight_float
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        kernel, args = TOKEN_KERNELS.kernel(), (self.weight_t, self.weight_scale, self.bias)
+        kernel = TOKEN_KERNELS.kernel()
+        weight = self._float_weight() if TOKEN_KERNELS.float_weights else self.weight_t
+        args = (weight, self.weight_scale, self.bias)
         if len(rows) <= self.CHUNK_ROWS:
             out = kernel(rows, *args)
         else:
