@@ -91,8 +91,14 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))) for _ in range(n)]
 
 
-def make_checkpoint(path: Path, seed: int = 0, sensitive: bool = False) -> Path:
-    """Save a tiny random DistilBERT sequence classifier with a WordPiece tokenizer.
+def make_checkpoint(
+    path: Path,
+    seed: int = 0,
+    sensitive: bool = False,
+    labels: tuple[str, ...] = ("NEGATIVE", "POSITIVE"),
+) -> Path:
+    """Save a tiny random DistilBERT sequence classifier with a WordPiece tokenizer, its
+    classes named `labels`.
 
     `sensitive=True` plants an outlier in one Linear layer (SENSITIVE_LAYER): a huge weight
     on an input that is always ~0, so FP32 is unaffected but per-channel INT8 rounds the
@@ -116,8 +122,8 @@ def make_checkpoint(path: Path, seed: int = 0, sensitive: bool = False) -> Path:
         hidden_dim=64,
         max_position_embeddings=64,
         initializer_range=0.2,
-        id2label={0: "NEGATIVE", 1: "POSITIVE"},
-        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
     )
     model = DistilBertForSequenceClassification(config).eval()
     with torch.no_grad():
@@ -133,8 +139,9 @@ def make_checkpoint(path: Path, seed: int = 0, sensitive: bool = False) -> Path:
         model.classifier.weight.mul_(20)
         enc = tokenizer(make_texts(300, seed=123), padding=True, return_tensors="pt")
         logits = model(**enc).logits
-        gap = (logits[:, 1] - logits[:, 0]).median()
-        model.classifier.bias[1] -= gap
+        last = len(labels) - 1  # centre the last class on the first
+        gap = (logits[:, last] - logits[:, 0]).median()
+        model.classifier.bias[last] -= gap
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

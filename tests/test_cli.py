@@ -50,7 +50,9 @@ def test_first_run_on_an_empty_prefect_home_promotes(tmp_path, tiny_checkpoint, 
     registry = tmp_path / "reg"
     reviews = tmp_path / "reviews.jsonl"  # a second set, gated on its own
     reviews.write_text(
-        "".join(json.dumps({"text": f"good film {i}", "label": 1}) + "\n" for i in range(60))
+        "".join(
+            json.dumps({"text": f"good film {i}", "label": "positive"}) + "\n" for i in range(60)
+        )
     )
     extra = ["--recipe", "dynamic-int8-pc", "--min-agreement", "0.9", "--max-accuracy-drop", "1"]
     extra += ["--validation", str(reviews), "--json"]
@@ -106,10 +108,12 @@ def test_bad_input_exits_2_naming_the_problem(tmp_path, tiny_checkpoint, tiny_va
 
 
 def test_bad_parameters_exit_2_before_any_work(tmp_path):
-    done = run(
-        "quantize", "--min-agreement", "0.999", "--margin", "0.01", "--registry", str(tmp_path)
-    )
-    assert done.returncode == 2 and "exceeds 1" in done.stderr
+    done = run("quantize", "--pass-probability", "1", "--registry", str(tmp_path))
+    assert done.returncode == 2 and "--pass-probability must be less than 1 (got 1)" in done.stderr
+    done = run("quantize", "--no-accuracy-check", "--label-map", "a=B", "--registry", str(tmp_path))
+    assert done.returncode == 2 and "--no-accuracy-check ignores labels" in done.stderr
+    done = run("quantize", "--margin", "0.01", "--registry", str(tmp_path))  # it is gone
+    assert done.returncode == 2 and "unrecognized arguments: --margin" in done.stderr
     assert run("quantize", "--recipe", "int4").returncode == 2
     done = run("models", "show", "nope", "--registry", str(tmp_path))
     assert done.returncode == 2 and "no version or alias 'nope'" in done.stderr

@@ -65,7 +65,7 @@ def test_clear_errors_for_bad_input(tmp_path):
     with pytest.raises(InputError, match="no text column 'text'; columns: sentence, label"):
         load_validation(str(path), label2id=LABEL2ID)
     path.write_text("text\tlabel\nok\t7\n")
-    with pytest.raises(InputError, match="label 7 is not one of the model's classes"):
+    with pytest.raises(InputError, match=r"integer labels \[7\] are read as class ids only"):
         load_validation(str(path), label2id=LABEL2ID)
     path.write_text("text\tlabel\n \t1\n")
     with pytest.raises(InputError, match="rows \\[0\\] have no text"):
@@ -112,7 +112,7 @@ def test_several_sets_combine_in_order_each_kept_as_a_part(tmp_path):
 
 def test_combining_refuses_labels_in_some_sets_only_and_a_set_given_twice(tmp_path):
     labelled, bare = tmp_path / "a.tsv", tmp_path / "b.tsv"
-    labelled.write_text("text\tlabel\ngood\t1\n")
+    labelled.write_text("text\tlabel\ngood\t1\nbad\t0\n")
     bare.write_text("text\nfine\n")
     a, b = (load_validation(str(p), label2id=LABEL2ID) for p in (labelled, bare))
     with pytest.raises(InputError, match="labels in every set or in none"):

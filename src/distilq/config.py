@@ -14,7 +14,7 @@ from pydantic import (
     model_validator,
 )
 
-from distilq.quantize.recipes import AUTO, DEFAULT_RECIPE, RECIPE_NAMES
+from distilq.quantize.recipes import DEFAULT_RECIPE, RECIPE_NAMES
 
 DEFAULT_SOURCE = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
 DEFAULT_REGISTRY = "./registry"
@@ -33,6 +33,10 @@ DEFAULT_MAX_ACCURACY_DROP = 0.01
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_WINDOW_BATCHES = 32
 DEFAULT_SHARD_ROWS = 200_000
+DEFAULT_PASS_PROBABILITY = 0.9
+# Rows drawn from a Parquet validation dataset: about 2,100 of them confirm, where 0.99 is
+# certified at 95% with up to 13 flips.
+DEFAULT_VALIDATION_ROWS = 3000
 
 
 class BatchingPolicy(BaseModel):
@@ -69,6 +73,7 @@ class GateThresholds(BaseModel):
     min_agreement: Fraction = DEFAULT_MIN_AGREEMENT
     max_accuracy_drop: Fraction = DEFAULT_MAX_ACCURACY_DROP
     confidence: Confidence | None = DEFAULT_CONFIDENCE
+    check_accuracy: bool = True  # False: --no-accuracy-check, gated on agreement alone
 
 
 def default_source() -> str:
@@ -116,14 +121,31 @@ class QuantizeConfig(BaseModel):
     validation: ValidationSpecs = Field(
         ["builtin:sst2-gate"],
         min_length=1,
-        description="Validation sets, each a TSV/CSV/Parquet/JSONL file or URI, or a datasets "
-        "spec NAME[:CONFIG][@SPLIT]; repeat to gate on several sets (say short sentences and "
-        "long reviews): each must pass on its own. The default is GLUE SST-2 sentences "
-        "shipped with distilq",
+        description="Validation sets, each a TSV/CSV/JSONL file, a Parquet file, directory, "
+        "glob or fsspec URI (hive partitions become columns), or a datasets spec "
+        "NAME[:CONFIG][@SPLIT]; repeat to gate on several sets (say short sentences and long "
+        "reviews): each must pass on its own. The default is GLUE SST-2 sentences shipped "
+        "with distilq",
+    )
+    validation_rows: AtLeastOne | None = Field(
+        None,
+        description="Rows drawn from each validation set by a hash of the text, streamed "
+        f"(default: {DEFAULT_VALIDATION_ROWS} from a Parquet dataset, every row of a file)",
     )
     text_column: str = Field("text", description="Text column of the validation data")
     label_column: str | None = Field(
         None, description="Label column; default: `label` when the data has one"
+    )
+    label_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="DATA=MODEL,...: the model's class for each label of the data, e.g. "
+        "neg=NEGATIVE,pos=POSITIVE (default: labels are matched to the model's by name, any "
+        "case; integers are class ids when the data has as many classes as the model)",
+    )
+    no_accuracy_check: bool = Field(
+        False,
+        description="Ignore the data's labels and gate on agreement alone (when they cannot "
+        "be placed in the model's classes)",
     )
     min_agreement: Fraction = Field(
         DEFAULT_MIN_AGREEMENT, description="Agreement with FP32 every set must certify"
@@ -136,12 +158,10 @@ class QuantizeConfig(BaseModel):
         description="A set passes when the one-sided Clopper-Pearson lower bound of its "
         "agreement, at this confidence, reaches min-agreement",
     )
-    margin: float = Field(
-        0.003,
-        ge=0,
-        le=0.5,
-        description="auto aims this far above the agreement that would just certify the gate "
-        "on the confirmation part",
+    pass_probability: Annotated[float, Field(gt=0, lt=1)] = Field(
+        DEFAULT_PASS_PROBABILITY,
+        description="auto keeps the fewest FP32 layers whose predicted probability of passing "
+        "the gate on the confirmation part, from the tuning part's flips, is at least this",
     )
     batch_size: BatchSize = Field(
         DEFAULT_BATCH_SIZE,
@@ -150,25 +170,51 @@ class QuantizeConfig(BaseModel):
     registry: str = Field(default_factory=default_registry, description=REGISTRY_HELP)
     dry_run: bool = Field(False, description="Validate and report; publish nothing")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_margin(cls, data):
+        if isinstance(data, dict) and "margin" in data:
+            raise ValueError(
+                "margin is gone: auto now aims at a predicted probability of passing the gate; "
+                "set pass_probability (--pass-probability, default "
+                f"{DEFAULT_PASS_PROBABILITY}) instead"
+            )
+        return data
+
     @field_validator("validation", mode="before")
     @classmethod
     def _one_or_more(cls, value):
         return [value] if isinstance(value, str) else value
 
+    @field_validator("label_map", mode="before")
+    @classmethod
+    def _pairs(cls, value):
+        """`neg=NEGATIVE,pos=POSITIVE` as the CLI gives it, or a mapping."""
+        if not isinstance(value, str):
+            return value
+        pairs = [p.strip() for p in value.split(",") if p.strip()]
+        if not pairs or any(p.count("=") != 1 or "" in p.split("=") for p in pairs):
+            raise ValueError(f"--label-map wants DATA=MODEL pairs separated by commas: {value!r}")
+        return dict(p.split("=") for p in pairs)
+
     @model_validator(mode="after")
     def _target_reachable(self) -> QuantizeConfig:
         if self.min_agreement >= 1:
             raise ValueError("--min-agreement 1 cannot be certified: a lower bound never reaches 1")
-        if self.recipe == AUTO and self.min_agreement + self.margin > 1:
+        if self.no_accuracy_check and (self.label_map or self.label_column):
             raise ValueError(
-                f"--min-agreement {self.min_agreement} + --margin {self.margin} exceeds 1: "
-                f"{self.recipe} could never reach it; lower the margin"
+                "--no-accuracy-check ignores labels: drop --label-map and --label-column, or it"
             )
         return self
 
     @property
     def thresholds(self) -> GateThresholds:
-        return GateThresholds(**self.model_dump(include=set(GateThresholds.model_fields)))
+        return GateThresholds(
+            min_agreement=self.min_agreement,
+            max_accuracy_drop=self.max_accuracy_drop,
+            confidence=self.confidence,
+            check_accuracy=not self.no_accuracy_check,
+        )
 
     @property
     def batching(self) -> BatchingPolicy:

@@ -45,17 +45,32 @@ class LayerSensitivity(BaseModel):
 
 
 class Attempt(BaseModel):
-    """One candidate tried by a fallback recipe: which layers stayed FP32, what it reached."""
+    """One candidate tried by a fallback recipe, on the tuning part: which layers stayed
+    FP32, what it reached, how likely it was to pass the gate, and its bytes on disk (the
+    last three are None in versions made before the pass-probability rule)."""
 
     fp32_layers: list[str]
     agreement: float  # on the weakest validation set
     rows_per_second: float
+    tuning_flips: int | None = None  # over every set's tuning part
+    predicted_pass_probability: float | None = None
+    size_bytes: int | None = None  # of the INT8 weights file it would ship
+
+
+# How `auto` chose before the pass-probability rule (read in old manifests only).
+MARGIN_RULE = (
+    "margin: the first attempt whose agreement on the tuning part reaches target_agreement, "
+    "the agreement that just certifies the gate on the confirmation part plus a margin"
+)
 
 
 class FallbackRecord(BaseModel):
-    """How a fallback recipe (`auto`) chose its FP32 layers."""
+    """How a fallback recipe (`auto`) chose its FP32 layers: by `rule`, aiming at
+    `pass_probability` (or, in versions made before it, at `target_agreement`)."""
 
-    target_agreement: float | None
+    rule: str = MARGIN_RULE
+    pass_probability: float | None = None
+    target_agreement: float | None = None
     reached_target: bool | None
     sensitivity: list[LayerSensitivity]
     attempts: list[Attempt]
@@ -76,13 +91,23 @@ class RecipeRecord(_Record):
     auto: FallbackRecord | None = None
 
 
+class DrawnRecord(BaseModel):
+    """How a validation set's rows were drawn from a larger source (a Parquet dataset)."""
+
+    rule: str
+    rows_read: int
+    files: dict[str, dict[str, Any]]  # file -> size and mtime or ETag, as read
+
+
 class SetRecord(_Record):
-    """One validation set: its size, and how much of it the gate confirmed on."""
+    """One validation set: its size (the rows drawn, when drawn), and how much of it the
+    gate confirmed on."""
 
     name: str
     n_examples: int
     sha256: str
     n_confirmation: int | None = None
+    drawn: DrawnRecord | None = None  # None: every row of its source
 
 
 class SplitRecord(BaseModel):

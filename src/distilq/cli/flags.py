@@ -12,7 +12,14 @@ from pydantic import BaseModel, ValidationError
 from distilq.errors import InputError
 
 FLAG_NAMES = {"inputs": "--input", "id_columns": "--id-column"}
-METAVARS = {"inputs": "PATH", "output": "DIR", "validation": "SPEC", "id_columns": "COL"}
+METAVARS = {
+    "inputs": "PATH",
+    "output": "DIR",
+    "validation": "SPEC",
+    "id_columns": "COL",
+    "label_map": "DATA=MODEL,...",
+    "validation_rows": "N",
+}
 
 
 def _flag_type(annotation) -> tuple[type, list | None, bool]:
@@ -27,6 +34,8 @@ def _flag_type(annotation) -> tuple[type, list | None, bool]:
         return _flag_type(args[0])
     if origin is list:
         return str, None, True
+    if origin is dict:  # given as A=B,C=D; the config parses it
+        return str, None, False
     return annotation, None, False
 
 

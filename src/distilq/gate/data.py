@@ -1,15 +1,20 @@
-"""Validation data: read (files, the packaged sets, `datasets` specs), labels mapped to the
-model's classes, combined, and split into the tuning and the confirmation part."""
+"""Validation data: read (files, Parquet datasets, the packaged sets, `datasets` specs),
+drawn by a hash of the text, labels placed in the model's classes, combined, and split into
+the tuning and the confirmation part."""
 
 from __future__ import annotations
 
 import csv
+import glob as globlib
 import hashlib
+import heapq
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from distilq.config import DEFAULT_VALIDATION_ROWS
 from distilq.errors import InputError, SourceUnavailable
 
 # Shipped in the package (data/PROVENANCE.md says where each came from):
@@ -20,6 +25,16 @@ BUILTIN = {PACKAGED_VALIDATION: "sst2_validation.tsv", "builtin:sst2-gate": "sst
 
 
 @dataclass(frozen=True)
+class Drawn:
+    """How a set's rows were drawn from a larger source (`DRAW_RULE`): how many rows were
+    read, and the Parquet files read with their size and mtime or ETag."""
+
+    rule: str
+    rows_read: int
+    files: dict[str, dict]
+
+
+@dataclass(frozen=True)
 class Part:
     """One named validation set inside a combined one: rows `start` to `stop`."""
 
@@ -27,6 +42,7 @@ class Part:
     start: int
     stop: int
     sha256: str
+    drawn: Drawn | None = None
 
 
 @dataclass(frozen=True)
@@ -43,10 +59,11 @@ class ValidationSet:
     labels: list[int] | None
     sha256: str  # of the texts and labels as used, so a re-run can be recognised
     parts: tuple[Part, ...] = ()
+    drawn: Drawn | None = None  # None: every row of its source
 
     def slices(self) -> list[Part]:
         """The named parts; a set loaded from one source is its own single part."""
-        return list(self.parts) or [Part(self.name, 0, len(self.texts), self.sha256)]
+        return list(self.parts) or [Part(self.name, 0, len(self.texts), self.sha256, self.drawn)]
 
 
 def _packaged_path(spec: str) -> Path:
@@ -62,7 +79,7 @@ def _read_table(spec: str):
     is_file = "://" in spec or local.is_file()
     if spec in BUILTIN:
         spec, suffix, is_file = str(_packaged_path(spec)), ".tsv", True
-    if not is_file and suffix in (".tsv", ".csv", ".parquet", ".jsonl", ".json"):
+    if not is_file and suffix in (".tsv", ".csv", ".jsonl", ".json"):
         raise InputError(f"validation file {spec!r} does not exist")
     if not is_file:
         return _read_hub_dataset(spec)
@@ -76,10 +93,6 @@ def _read_table(spec: str):
     try:
         if suffix in (".tsv", ".csv"):
             return _read_delimited(spec, data, suffix)
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(pa.BufferReader(data))
         if suffix in (".jsonl", ".json"):
             records = [
                 json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()
@@ -90,7 +103,8 @@ def _read_table(spec: str):
     except Exception as e:
         raise InputError(f"validation file {spec!r} is not valid {suffix[1:]}: {e}") from e
     raise InputError(
-        f"validation file {spec!r}: unsupported type {suffix!r} (tsv, csv, parquet, jsonl)"
+        f"validation file {spec!r}: unsupported type {suffix!r} (tsv, csv, jsonl; parquet files, "
+        "directories, globs and prefixes are read as datasets)"
     )
 
 
@@ -136,17 +150,59 @@ def _read_hub_dataset(spec: str):
     return ds.data.table if hasattr(ds.data, "table") else ds.to_arrow()
 
 
+def is_parquet_dataset(spec: str) -> bool:
+    """Whether `spec` names Parquet data read as a dataset: a .parquet file, a directory,
+    a glob, or a URI that names no file of another type (an object-store prefix)."""
+    if spec in BUILTIN:
+        return False
+    suffix = Path(spec.split("?")[0].rstrip("/")).suffix.lower()
+    if suffix == ".parquet" or globlib.has_magic(spec) or Path(spec).expanduser().is_dir():
+        return True
+    return "://" in spec and suffix not in (".tsv", ".csv", ".jsonl", ".json")
+
+
 def load_validation(
     spec: str,
     text_column: str = "text",
     label_column: str | None = None,
     label2id: dict[str, int] | None = None,
+    label_map: dict[str, str] | None = None,
+    check_accuracy: bool = True,
+    rows: int | None = None,
 ) -> ValidationSet:
     """Load texts (and labels, when present) for the agreement gate.
 
-    `label_column=None` means: use a `label` column if there is one. A named column must
-    exist. Labels may be class ids or class names (matched to `label2id`, any case).
+    A Parquet dataset (`is_parquet_dataset`) is streamed and `rows` of it drawn
+    (`DRAW_RULE`; default DEFAULT_VALIDATION_ROWS); any other set is read whole, and drawn
+    from only when `rows` is given. `label_column=None` means: use a `label` column (or
+    hive partition) if there is one; a named column must exist. Labels are placed in the
+    model's classes by `place_labels`; `check_accuracy=False` reads none.
     """
+    if is_parquet_dataset(spec):
+        pairs, drawn = _draw_parquet(
+            spec, text_column, label_column, check_accuracy, rows or DEFAULT_VALIDATION_ROWS
+        )
+    else:
+        pairs, drawn = _read_rows(spec, text_column, label_column, check_accuracy), None
+        if rows is not None and len(pairs) > rows:
+            pairs, read = _draw(pairs, rows)
+            drawn = Drawn(DRAW_RULE, read, {})
+    if not pairs:
+        raise InputError(f"validation {spec!r} has no rows")
+    texts = [t for t, _ in pairs]
+    raw = [label for _, label in pairs]
+    labels = None
+    if check_accuracy and any(label is not _NO_LABEL for label in raw):
+        labels = place_labels(spec, raw, label2id or {}, label_map or {})
+    digest = hashlib.sha256(json.dumps([texts, labels]).encode()).hexdigest()
+    return ValidationSet(spec, texts, labels, digest, drawn=drawn)
+
+
+_NO_LABEL = object()  # a row of data that has no label column
+
+
+def _read_rows(spec: str, text_column: str, label_column: str | None, with_labels: bool):
+    """(text, label) of every row of a file, a packaged set or a `datasets` spec."""
     table = _read_table(spec)
     columns = table.column_names
     if text_column not in columns:
@@ -162,12 +218,111 @@ def load_validation(
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
     if bad:
         raise InputError(f"validation {spec!r}: rows {bad[:5]} have no text in {text_column!r}")
-    if not texts:
-        raise InputError(f"validation {spec!r} has no rows")
     column = label_column or ("label" if "label" in columns else None)
-    labels = _labels(spec, table.column(column).to_pylist(), label2id or {}) if column else None
-    digest = hashlib.sha256(json.dumps([texts, labels]).encode()).hexdigest()
-    return ValidationSet(spec, texts, labels, digest)
+    if column is None or not with_labels:
+        return [(t, _NO_LABEL) for t in texts]
+    return list(zip(texts, table.column(column).to_pylist(), strict=True))
+
+
+# Rows drawn from a larger set: by a hash of the text (salted apart from the split's hash,
+# or every drawn row would fall on the tuning side), so the same data gives the same rows
+# whatever the order of its files.
+DRAW_SALT = "distilq-draw:"
+DRAW_RULE = (
+    f"the N rows with the smallest int(sha256({DRAW_SALT!r} + text)[:16], 16), ties by "
+    "position, kept in dataset order (files sorted by path)"
+)
+
+
+def _draw_key(text: str) -> int:
+    return int.from_bytes(hashlib.sha256((DRAW_SALT + text).encode()).digest()[:8], "big")
+
+
+def _draw(rows: Iterable[tuple[str, object]], n: int) -> tuple[list[tuple[str, object]], int]:
+    """The `n` rows of `rows` with the smallest draw keys, in their order, holding only
+    those in memory; and how many rows were read."""
+    heap: list[tuple[int, int, str, object]] = []  # (-key, -position): the worst kept on top
+    read = 0
+    for position, (text, label) in enumerate(rows):
+        read += 1
+        item = (-_draw_key(text), -position, text, label)
+        if len(heap) < n:
+            heapq.heappush(heap, item)
+        elif item > heap[0]:
+            heapq.heapreplace(heap, item)
+    kept = sorted(heap, key=lambda item: -item[1])
+    return [(text, label) for _, _, text, label in kept], read
+
+
+# Rows decoded at a time from a Parquet file: what the draw holds besides the rows it keeps.
+_READ_BATCH = 4096
+
+
+def _draw_parquet(
+    spec: str, text_column: str, label_column: str | None, with_labels: bool, n: int
+) -> tuple[list[tuple[str, object]], Drawn]:
+    """`n` rows drawn from a Parquet dataset, streamed one batch at a time. Hive
+    `key=value` directories are columns; with no `label_column`, a `label` column is used
+    if the first file has one."""
+    from distilq.score.inputs import discover_inputs, partitions_of
+
+    files, _ = discover_inputs([spec], flag="--validation")
+    if not with_labels:
+        label_column = None
+    elif label_column is None:
+        uri, relative, _ = files[0]
+        label_column = "label" if "label" in _columns(uri, relative) else None
+    rows = _parquet_rows(files, text_column, label_column, partitions_of)
+    pairs, read = _draw(rows, n)
+    return pairs, Drawn(DRAW_RULE, read, {uri: identity for uri, _, identity in files})
+
+
+def _columns(uri: str, relative: str) -> list[str]:
+    from distilq.score.inputs import open_parquet, partitions_of
+
+    with open_parquet(uri) as parquet:
+        return [*parquet.schema_arrow.names, *partitions_of(uri, relative)]
+
+
+def _parquet_rows(files, text_column: str, label_column: str | None, partitions_of) -> Iterator:
+    """(text, label) of every row of every file, read a batch at a time."""
+    from distilq.score.inputs import open_parquet
+
+    for uri, relative, _ in files:
+        partitions = partitions_of(uri, relative)
+        try:
+            with open_parquet(uri) as parquet:
+                names = parquet.schema_arrow.names
+                if text_column not in names:
+                    raise InputError(
+                        f"validation {uri} has no text column {text_column!r}; columns: "
+                        f"{', '.join(names)}"
+                    )
+                in_file = label_column in names
+                if label_column is not None and not in_file and label_column not in partitions:
+                    raise InputError(
+                        f"validation {uri} has no label column {label_column!r}; columns: "
+                        f"{', '.join([*names, *partitions])}"
+                    )
+                columns = [text_column, label_column] if in_file else [text_column]
+                row = 0
+                for batch in parquet.iter_batches(batch_size=_READ_BATCH, columns=columns):
+                    texts = batch.column(0).to_pylist()
+                    if in_file:
+                        labels = batch.column(1).to_pylist()
+                    else:
+                        labels = [partitions.get(label_column, _NO_LABEL)] * len(texts)
+                    for text, label in zip(texts, labels, strict=True):
+                        if not isinstance(text, str) or not text.strip():
+                            raise InputError(
+                                f"validation {uri} row {row}: no text in {text_column!r}"
+                            )
+                        yield text, _NO_LABEL if label_column is None else label
+                        row += 1
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(f"validation {uri} is not a readable Parquet file: {e}") from e
 
 
 def combine(sets: list[ValidationSet]) -> ValidationSet:
@@ -186,7 +341,7 @@ def combine(sets: list[ValidationSet]) -> ValidationSet:
         raise InputError(f"validation set given twice: {names}")
     parts, start = [], 0
     for s in sets:
-        parts.append(Part(s.name, start, start + len(s.texts), s.sha256))
+        parts.append(Part(s.name, start, start + len(s.texts), s.sha256, s.drawn))
         start += len(s.texts)
     return ValidationSet(
         name=" + ".join(names),
@@ -204,21 +359,24 @@ TUNING_FRACTION = 0.3
 SPLIT_RULE = f"tuning if int(sha256(text)[:16], 16) / 2**64 < {TUNING_FRACTION}, else confirmation"
 
 
-def _is_tuning(text: str) -> bool:
-    return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16) / 2**64 < TUNING_FRACTION
+def _is_tuning(text: str, salt: str = "") -> bool:
+    digest = hashlib.sha256((salt + text).encode()).hexdigest()
+    return int(digest[:16], 16) / 2**64 < TUNING_FRACTION
 
 
-def split(data: ValidationSet) -> tuple[ValidationSet, ValidationSet]:
-    """The tuning and the confirmation part of every set in `data` (see SPLIT_RULE)."""
+def split(data: ValidationSet, salt: str = "") -> tuple[ValidationSet, ValidationSet]:
+    """The tuning and the confirmation part of every set in `data` (see SPLIT_RULE; a
+    `salt` prefixed to every text gives another split of the same rows, as a bench of the
+    split's luck needs)."""
     sides = {True: ([], [], []), False: ([], [], [])}  # texts, labels, parts
     for part in data.slices():
         for side, (texts, labels, parts) in sides.items():
             start = len(texts)
             for i in range(part.start, part.stop):
-                if _is_tuning(data.texts[i]) == side:
+                if _is_tuning(data.texts[i], salt) == side:
                     texts.append(data.texts[i])
                     labels.append(None if data.labels is None else data.labels[i])
-            parts.append(Part(part.name, start, len(texts), part.sha256))
+            parts.append(Part(part.name, start, len(texts), part.sha256, part.drawn))
     tuning, confirmation = (
         ValidationSet(
             name=data.name,
@@ -232,19 +390,55 @@ def split(data: ValidationSet) -> tuple[ValidationSet, ValidationSet]:
     return tuning, confirmation
 
 
-def _labels(spec: str, values: list, label2id: dict[str, int]) -> list[int]:
-    by_name = {k.lower(): v for k, v in label2id.items()}
-    n_classes = len(label2id) or None
-    out = []
-    for i, v in enumerate(values):
-        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-            v = int(v)
-        if isinstance(v, str) and v.lower() in by_name:
-            v = by_name[v.lower()]
-        if not isinstance(v, int) or v < 0 or (n_classes and v >= n_classes):
-            raise InputError(
-                f"validation {spec!r} row {i}: label {v!r} is not one of the model's classes "
-                f"{label2id}"
-            )
-        out.append(v)
-    return out
+def place_labels(
+    where: str, values: list, label2id: dict[str, int], label_map: dict[str, str] | None = None
+) -> list[int]:
+    """The model's class id (`label2id`) of each label in `values`: by `label_map`
+    (DATA=MODEL, any case), else by name (any case), else as a class id when every label is
+    an integer and the data has as many classes as the model. Labels that cannot be placed
+    are refused, naming both label sets: accuracy is never measured in the wrong label space."""
+    keys = []
+    for i, value in enumerate(values):
+        if value is None or value is _NO_LABEL or (isinstance(value, str) and not value.strip()):
+            raise InputError(f"validation {where} row {i}: no label")
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # Parquet and pandas often hold class ids as floats
+        keys.append(str(value).strip())
+    placed = _placement(where, sorted(set(keys)), label2id, label_map or {})
+    return [placed[k] for k in keys]
+
+
+def _placement(
+    where: str, distinct: list[str], label2id: dict[str, int], label_map: dict[str, str]
+) -> dict[str, int]:
+    names = {name.lower(): i for name, i in label2id.items()}
+    ours = sorted(label2id, key=label2id.get)
+
+    def refuse(why: str):
+        raise InputError(
+            f"validation {where}: {why}. The data's labels: {', '.join(distinct[:10])}; the "
+            f"model's: {', '.join(ours) or 'none (no label2id in its config)'}. Say which is "
+            "which with --label-map DATA=MODEL,... , choose another --label-column, or gate on "
+            "agreement alone with --no-accuracy-check"
+        )
+
+    if label_map:
+        mapped = {k.lower(): v for k, v in label_map.items()}
+        placed = {}
+        for label in distinct:
+            target = mapped.get(label.lower(), label)
+            if target.lower() not in names:
+                refuse(f"label {label!r} maps to {target!r}, which is not a class of the model")
+            placed[label] = names[target.lower()]
+        return placed
+    if all(label.lower() in names for label in distinct):
+        return {label: names[label.lower()] for label in distinct}
+    if all(label.lstrip("-").isdigit() for label in distinct):
+        ids = sorted({int(label) for label in distinct})
+        if ids == list(range(len(label2id))):
+            return {label: int(label) for label in distinct}
+        refuse(
+            f"integer labels {ids} are read as class ids only when the data has as many "
+            f"classes as the model ({len(label2id)})"
+        )
+    refuse("the labels are not the model's class names (compared in any case)")

@@ -55,7 +55,11 @@ def decide_sets(sets: list[SetMetrics], thresholds: GateThresholds) -> Decision:
                 f"(measured {m.agreement:.4f}: {m.flips} of {m.n_examples} flipped)"
             )
         ok_accuracy = True
-        if m.accuracy_drop is None:
+        if not thresholds.check_accuracy:
+            reasons.append(
+                f"{prefix}accuracy not checked (--no-accuracy-check): gated on agreement alone"
+            )
+        elif m.accuracy_drop is None:
             reasons.append(f"{prefix}no labels: accuracy drop not checked")
         else:
             ok_accuracy = m.accuracy_drop <= thresholds.max_accuracy_drop + _EPS

@@ -58,13 +58,15 @@ def examples_needed(min_agreement: float, confidence: float) -> int:
     return math.ceil(math.log(1 - confidence) / math.log(min_agreement))
 
 
-def agreement_needed(n: int, min_agreement: float, confidence: float) -> float:
-    """The smallest measured agreement on `n` examples whose lower bound reaches
-    `min_agreement` (above 1 if none does)."""
+def flips_allowed(n: int, min_agreement: float, confidence: float | None) -> int:
+    """The most flips on `n` examples that still pass `min_agreement` (its lower bound at
+    `confidence`, or the measured agreement when None); -1 if even none passes."""
     if min_agreement <= 0:
-        return 0.0
+        return n
+    if confidence is None:
+        return math.floor(n * (1 - min_agreement) + 1e-9)
     if agreement_lower_bound(n, n, confidence) < min_agreement:
-        return 1.0 + 1 / n
+        return -1
     low, high = 0, n  # the bound falls as flips grow: find the most flips that still pass
     while low < high:
         flips = (low + high + 1) // 2
@@ -72,7 +74,44 @@ def agreement_needed(n: int, min_agreement: float, confidence: float) -> float:
             low = flips
         else:
             high = flips - 1
-    return (n - low) / n
+    return low
+
+
+def agreement_needed(n: int, min_agreement: float, confidence: float) -> float:
+    """The smallest measured agreement on `n` examples whose lower bound reaches
+    `min_agreement` (above 1 if none does)."""
+    return (n - flips_allowed(n, min_agreement, confidence)) / n
+
+
+# Jeffreys' prior for a rate: Beta(1/2, 1/2), whose posterior intervals have close to their
+# nominal frequentist coverage, even with no flip at all.
+JEFFREYS = (0.5, 0.5)
+
+
+def pass_probability(
+    flips: int, n: int, future_n: int, allowed: int, prior: tuple[float, float] = JEFFREYS
+) -> float:
+    """Predicted probability that `future_n` new examples show at most `allowed` flips,
+    having seen `flips` in `n`: the Beta posterior of the flip rate, and the beta-binomial
+    predictive count of flips. At most 6 of 1,275 after 0 flips in 546: 0.97; after 1: 0.84
+    (a Monte Carlo draw of rate, then flips, agrees)."""
+    if not 0 <= flips <= n:
+        raise ValueError(f"need 0 <= flips <= n, got {flips} of {n}")
+    if allowed < 0:
+        return 0.0
+    if allowed >= future_n:
+        return 1.0
+    a, b = prior[0] + flips, prior[1] + n - flips
+    log_beta_ab = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    log_m = math.lgamma(future_n + 1)
+    total = 0.0
+    for k in range(allowed + 1):  # few terms: the flips that still pass
+        log_choose = log_m - math.lgamma(k + 1) - math.lgamma(future_n - k + 1)
+        log_beta = (
+            math.lgamma(k + a) + math.lgamma(future_n - k + b) - math.lgamma(future_n + a + b)
+        )
+        total += math.exp(log_choose + log_beta - log_beta_ab)
+    return min(total, 1.0)
 
 
 def paired_difference_interval(

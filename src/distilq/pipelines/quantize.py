@@ -51,7 +51,7 @@ def quantize_and_promote(config: QuantizeConfig, run: Runner | None = None) -> Q
     data = run.step(load_validation, config, found, retries=2)
     tuning, confirmation = run.step(split_validation, data, config)
     key = artifact.run_key(
-        found, config.recipe, data, config.thresholds, config.margin, config.batching
+        found, config.recipe, data, config.thresholds, config.pass_probability, config.batching
     )
     existing = run.step(find_existing, config, key, retries=2)
     if existing is not None:
@@ -224,15 +224,29 @@ def resolve_source(config: QuantizeConfig) -> checkpoint.Checkpoint:
 
 
 def load_validation(config: QuantizeConfig, found: checkpoint.Checkpoint):
-    """The validation sets the gate measures agreement on, labels mapped to the model's ids."""
+    """The validation sets the gate measures agreement on (Parquet datasets drawn from),
+    labels placed in the model's classes, or refused before any quantizing."""
     label2id = checkpoint.read_label2id(found.path)
     sets = [
-        validation.load_validation(spec, config.text_column, config.label_column, label2id)
+        validation.load_validation(
+            spec,
+            config.text_column,
+            config.label_column,
+            label2id,
+            config.label_map,
+            check_accuracy=not config.no_accuracy_check,
+            rows=config.validation_rows,
+        )
         for spec in config.validation
     ]
     for data in sets:
         labelled = "with labels" if data.labels is not None else "without labels"
-        log.info("validation %s: %d examples %s", data.name, len(data.texts), labelled)
+        if config.no_accuracy_check:
+            labelled = "labels not read (--no-accuracy-check)"
+        drawn = ""
+        if data.drawn is not None:
+            drawn = f", drawn from {data.drawn.rows_read:,} rows by a hash of the text"
+        log.info("validation %s: %d examples %s%s", data.name, len(data.texts), labelled, drawn)
     return validation.combine(sets)
 
 
@@ -275,7 +289,7 @@ def quantize(model, tokenizer, tuning, fp32, confirmation, config: QuantizeConfi
     recipe = resolve_recipe(config.recipe, cpu_features())  # this CPU decides auto's start
     if recipe.base:
         log.info("%s: starts from %s: %s", recipe.name, recipe.base, recipe.base_reason)
-    target = autoquant.target_agreement(confirmation, config.thresholds, config.margin)
+    target = autoquant.PassTarget.for_gate(confirmation, config.thresholds, config.pass_probability)
     candidate = autoquant.quantize_for_gate(
         model, tokenizer, recipe, tuning, fp32, config.batching, target, progress=progress
     )

@@ -1,15 +1,23 @@
 """Quantize a candidate for the gate; `auto` falls back to FP32 on the most sensitive layers.
 
 As Intel Neural Compressor does it: start from the recipe that is faithful and fast on the
-CPU (`recipes.resolve_recipe`, given its features by the caller); if agreement on the
-validation set is below the target (the gate plus a safety margin), measure each Linear
-layer's sensitivity (that layer alone INT8, the rest FP32) and keep the most sensitive
-layers in FP32, one more at a time, until the target is met or no layer is left.
+CPU (`recipes.resolve_recipe`, given its features by the caller); if that candidate is not
+likely enough to pass the gate, measure each Linear layer's sensitivity (that layer alone
+INT8, the rest FP32) and keep sensitive layers in FP32, one more at a time.
+
+"Likely enough" models what the tuning part can tell (`PassTarget`): its flips give a
+posterior of the flip rate, hence a predicted number of flips on the confirmation part,
+and `auto` takes the cheapest candidate (fewest FP32 layers, then fewest bytes) whose
+predicted probability of passing the confirmation gate reaches `--pass-probability`. A
+point target instead (the
+agreement that just certifies, plus a margin) asks for zero flips on a few hundred tuning
+texts, and buys FP32 layers to chase single examples.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,15 +25,29 @@ import numpy as np
 from torch import nn
 
 from distilq.config import BatchingPolicy, GateThresholds
-from distilq.gate.compare import set_agreements
 from distilq.gate.data import ValidationSet
-from distilq.gate.stats import agreement_needed
+from distilq.gate.stats import flips_allowed, pass_probability
 from distilq.manifest import Attempt, FallbackRecord, LayerSensitivity, RecipeRecord
-from distilq.quantize.int8 import linear_names, quantize
+from distilq.quantize.int8 import int8_bytes, linear_names, quantize
 from distilq.quantize.recipes import Recipe
 from distilq.score.inference import Predictions, predict, progress_bar
 
 log = logging.getLogger("distilq")
+
+# Layers tried at each step of the search: the most sensitive ones not yet kept FP32. More
+# finds cheaper candidates (no single layer may fix a flip that a pair fixes) at one
+# tuning-part prediction each.
+SEARCH_WIDTH = 4
+
+PASS_RULE = (
+    "pass-probability: the cheapest attempt (fewest FP32 layers, then fewest bytes) whose "
+    "predicted probability of passing the confirmation gate is at least pass_probability; "
+    "each step adds to the layers kept FP32 the likeliest of the "
+    f"{SEARCH_WIDTH} most sensitive others; from each set's tuning "
+    "flips, a Beta(1/2 + flips, 1/2 + agreeing) posterior of the flip rate and the "
+    "beta-binomial predictive flips on its confirmation part, against the most flips that "
+    "still certify"
+)
 
 # How far a long search went: (done, total, what was just done), for a progress display.
 Progress = Callable[[int, int, str], None]
@@ -33,6 +55,37 @@ Progress = Callable[[int, int, str], None]
 
 def _no_progress(done: int, total: int, note: str) -> None:
     pass
+
+
+@dataclass(frozen=True)
+class PassTarget:
+    """What `auto` aims for: a predicted probability of at least `probability` that every
+    set's confirmation part passes the gate. Built from the confirmation part's sizes only
+    (`for_gate`): nothing it holds can influence the choice."""
+
+    probability: float
+    confirmation_sizes: tuple[int, ...]  # rows of each set's confirmation part
+    allowed: tuple[int, ...]  # the most flips each can show and still pass
+
+    @classmethod
+    def for_gate(
+        cls, confirmation: ValidationSet, thresholds: GateThresholds, probability: float
+    ) -> PassTarget:
+        sizes = tuple(p.stop - p.start for p in confirmation.slices())
+        allowed = tuple(
+            flips_allowed(n, thresholds.min_agreement, thresholds.confidence) for n in sizes
+        )
+        return cls(probability, sizes, allowed)
+
+    def predicted(self, flips: list[int], tuning_sizes: list[int]) -> float:
+        """Probability that every set passes, from each set's tuning flips (sets are
+        independent samples, so the probabilities multiply)."""
+        return math.prod(
+            pass_probability(f, n, m, allowed)
+            for f, n, m, allowed in zip(
+                flips, tuning_sizes, self.confirmation_sizes, self.allowed, strict=True
+            )
+        )
 
 
 @dataclass
@@ -45,20 +98,22 @@ class Candidate:
     fp32_layers: list[str] = field(default_factory=list)
     sensitivity: list[LayerSensitivity] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
-    target_agreement: float | None = None
+    target: PassTarget | None = None
+    chosen: int = 0  # index in `attempts` of the one kept
 
     @property
     def reached_target(self) -> bool | None:
-        if self.target_agreement is None:
+        if self.target is None:
             return None
-        return self.attempts[-1].agreement >= self.target_agreement
+        return self.attempts[self.chosen].predicted_pass_probability >= self.target.probability
 
     def recipe_record(self, policy: BatchingPolicy) -> RecipeRecord:
         """What the manifest records under `recipe`."""
         fallback = None
         if self.recipe.fallback:
             fallback = FallbackRecord(
-                target_agreement=self.target_agreement,
+                rule=PASS_RULE,
+                pass_probability=self.target.probability,
                 reached_target=self.reached_target,
                 sensitivity=self.sensitivity,
                 attempts=self.attempts,
@@ -78,29 +133,28 @@ class Candidate:
 
 
 def _attempt(
-    fp32_layers: list[str], fp32: Predictions, pred: Predictions, validation: ValidationSet
+    qmodel: nn.Module,
+    recipe: Recipe,
+    fp32_layers: list[str],
+    fp32: Predictions,
+    pred: Predictions,
+    tuning: ValidationSet,
+    target: PassTarget | None,
 ) -> Attempt:
-    # The gate checks every validation set, so the weakest one decides.
+    parts = tuning.slices()
+    flips = [
+        int((fp32.labels[p.start : p.stop] != pred.labels[p.start : p.stop]).sum()) for p in parts
+    ]
+    sizes = [p.stop - p.start for p in parts]
     return Attempt(
         fp32_layers=list(fp32_layers),
-        agreement=min(set_agreements(fp32, pred, validation)),
+        # The gate checks every validation set, so the weakest one is shown.
+        agreement=min(1 - f / n if n else 1.0 for f, n in zip(flips, sizes, strict=True)),
         rows_per_second=len(pred.probs) / pred.seconds,
+        tuning_flips=sum(flips),
+        predicted_pass_probability=None if target is None else target.predicted(flips, sizes),
+        size_bytes=int8_bytes(qmodel, recipe),
     )
-
-
-def target_agreement(
-    confirmation: ValidationSet, thresholds: GateThresholds, margin: float
-) -> float:
-    """What `auto` aims for on the tuning part: the agreement that would just certify
-    `min_agreement` on the smallest confirmation set, plus `margin`."""
-    if thresholds.confidence is None:
-        needed = thresholds.min_agreement
-    else:
-        needed = max(
-            agreement_needed(p.stop - p.start, thresholds.min_agreement, thresholds.confidence)
-            for p in confirmation.slices()
-        )
-    return min(1.0, needed + margin)
 
 
 def boundary_examples(fp32: Predictions, int8: Predictions, n: int) -> np.ndarray:
@@ -144,70 +198,107 @@ def quantize_for_gate(
     model: nn.Module,
     tokenizer,
     recipe: Recipe,
-    validation: ValidationSet,
+    tuning: ValidationSet,
     fp32: Predictions,
     policy: BatchingPolicy,
-    target_agreement: float,
+    target: PassTarget | None,
     sensitivity_examples: int = 128,
     progress: Progress = _no_progress,
 ) -> Candidate:
     """Quantize `model` by `recipe` (resolved for a CPU: `recipes.resolve_recipe`) and
-    predict the validation set with the result.
+    predict the tuning part with the result.
 
     A fallback recipe (`auto`) then keeps Linear layers FP32, most sensitive first, until
-    agreement with `fp32` reaches `target_agreement` (or every Linear layer is FP32;
-    `reached_target` then says so), telling `progress` how far its search went.
+    the predicted probability of passing the gate reaches `target` (if no attempt reaches
+    it, the likeliest is kept and `reached_target` says so), telling `progress` how far its
+    search went. Every attempt is recorded with its tuning flips, predicted pass probability
+    and bytes.
     """
+    if recipe.fallback and target is None:
+        raise ValueError(f"{recipe.name} searches: it needs a PassTarget")
+    target = target if recipe.fallback else None
     qmodel = quantize(model, recipe)
-    pred = predict(qmodel, tokenizer, validation.texts, policy, progress=f"{recipe.name} INT8")
+    pred = predict(qmodel, tokenizer, tuning.texts, policy, progress=f"{recipe.name} INT8")
     candidate = Candidate(
         qmodel,
         recipe,
         pred,
-        attempts=[_attempt([], fp32, pred, validation)],
-        target_agreement=target_agreement if recipe.fallback else None,
+        attempts=[_attempt(qmodel, recipe, [], fp32, pred, tuning, target)],
+        target=target,
     )
-    if recipe.fallback and not candidate.reached_target:
-        _fall_back(
-            candidate, model, tokenizer, validation, fp32, policy, sensitivity_examples, progress
-        )
+    if target is not None:
+        log.info("auto: %s", _said(candidate.attempts[0], target))
+        if not candidate.reached_target:
+            _fall_back(
+                candidate, model, tokenizer, tuning, fp32, policy, sensitivity_examples, progress
+            )
     return candidate
+
+
+def _said(attempt: Attempt, target: PassTarget) -> str:
+    return (
+        f"{len(attempt.fp32_layers)} layer(s) FP32, {attempt.tuning_flips} tuning flip(s): "
+        f"predicted pass probability {attempt.predicted_pass_probability:.3f} "
+        f"(target {target.probability:.2f})"
+    )
 
 
 def _fall_back(
     candidate: Candidate,
     model: nn.Module,
     tokenizer,
-    validation: ValidationSet,
+    tuning: ValidationSet,
     fp32: Predictions,
     policy: BatchingPolicy,
     sensitivity_examples: int,
     progress: Progress,
 ) -> None:
-    """Keep the most sensitive Linear layers FP32, one more at a time, until the candidate
-    reaches its target."""
-    target, texts = candidate.target_agreement, validation.texts
-    log.info(
-        "auto: agreement %.4f < target %.4f; measuring layer sensitivity",
-        candidate.attempts[0].agreement,
-        target,
-    )
+    """Keep Linear layers FP32, one more at a time, until an attempt's predicted pass
+    probability reaches the target (the cheapest such attempt is kept); else keep the
+    likeliest attempt.
+
+    Each step tries adding each of the SEARCH_WIDTH most sensitive layers not yet kept, and
+    goes on from the likeliest of them (ties: fewer bytes, then the more sensitive)."""
+    target, texts, recipe = candidate.target, tuning.texts, candidate.recipe
+    log.info("auto: below target; measuring layer sensitivity")
     subset = boundary_examples(fp32, candidate.predictions, sensitivity_examples)
     sub_fp32 = Predictions(fp32.probs[subset], fp32.seconds, fp32.n_batches)
     candidate.sensitivity = layer_sensitivity(
-        model, tokenizer, [texts[i] for i in subset], sub_fp32, candidate.recipe, policy, progress
+        model, tokenizer, [texts[i] for i in subset], sub_fp32, recipe, policy, progress
     )
-    ranked = [s.layer for s in candidate.sensitivity]
-    for k in range(1, len(ranked) + 1):
-        keep = ranked[:k]
-        qmodel = quantize(model, candidate.recipe, keep_fp32=keep)
-        pred = predict(qmodel, tokenizer, texts, policy, progress=f"auto, {k} FP32")
-        candidate.attempts.append(_attempt(keep, fp32, pred, validation))
-        candidate.model, candidate.predictions, candidate.fp32_layers = qmodel, pred, keep
-        reached = candidate.attempts[-1].agreement
-        log.info("auto: %d layer(s) FP32 -> agreement %.4f", k, reached)
-        note = f"attempt {k + 1}: {k} layer(s) FP32, agreement {reached:.4f} (target {target:.4f})"
-        progress(len(ranked) if candidate.reached_target else k, len(ranked), note)
+    remaining, kept = [s.layer for s in candidate.sensitivity], []
+    total = len(remaining)
+    while remaining:
+        k = len(kept) + 1
+        tried = []
+        for layer in remaining[:SEARCH_WIDTH]:
+            layers = [*kept, layer]
+            qmodel = quantize(model, recipe, keep_fp32=layers)
+            pred = predict(qmodel, tokenizer, texts, policy, progress=f"auto, {k} FP32")
+            attempt = _attempt(qmodel, recipe, layers, fp32, pred, tuning, target)
+            candidate.attempts.append(attempt)
+            tried.append((attempt, len(candidate.attempts) - 1, qmodel, pred, layer))
+            log.info("auto: %s (%s)", _said(attempt, target), layer)
+        passing = [t for t in tried if t[0].predicted_pass_probability >= target.probability]
+        if passing:
+            best = min(passing, key=lambda t: t[0].size_bytes)
+        else:
+            best = max(tried, key=lambda t: (t[0].predicted_pass_probability, -t[0].size_bytes))
+        attempt, index, qmodel, pred, layer = best
+        if attempt.predicted_pass_probability > (
+            candidate.attempts[candidate.chosen].predicted_pass_probability
+        ):  # the likeliest so far is kept
+            candidate.model, candidate.predictions = qmodel, pred
+            candidate.fp32_layers, candidate.chosen = attempt.fp32_layers, index
+        kept.append(layer)
+        remaining.remove(layer)
+        done = total if candidate.reached_target else len(kept)
+        progress(done, total, f"{len(kept)} layer(s) FP32: {_said(attempt, target)}")
         if candidate.reached_target:
             return
-    log.warning("auto: cannot reach agreement %.4f even with every Linear layer FP32", target)
+    log.warning(
+        "auto: no attempt reaches pass probability %.2f, even with every Linear layer FP32; "
+        "keeping the likeliest (%d layer(s) FP32)",
+        target.probability,
+        len(candidate.fp32_layers),
+    )

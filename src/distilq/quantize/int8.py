@@ -115,6 +115,14 @@ def save_int8(model: nn.Module, recipe: Recipe, directory: str | Path) -> Path:
     return path
 
 
+def int8_bytes(model: nn.Module, recipe: Recipe) -> int:
+    """Bytes on disk of the weights file `save_int8` writes for `model`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="distilq-size-") as tmp:
+        return save_int8(model, recipe, tmp).stat().st_size
+
+
 def _read_int8_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The layout metadata and the tensors of a `save_int8` file."""
     from safetensors import safe_open

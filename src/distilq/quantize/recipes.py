@@ -73,14 +73,15 @@ RECIPES: dict[str, Recipe] = {
 AUTO = "auto"
 AUTO_SUMMARY = (
     "dynamic-int8-token on CPUs with VNNI, else dynamic-int8-pc; then keep the most "
-    "sensitive Linear layers FP32 until the tuning part's agreement would certify the "
-    "gate, plus margin"
+    "sensitive Linear layers FP32 until the tuning part predicts the gate will pass with "
+    "probability --pass-probability"
 )
 RECIPE_NAMES = (AUTO, *RECIPES)  # what a config may name
 DEFAULT_RECIPE = AUTO
 
 # With these, torch's integer GEMM (per-token recipe) runs VNNI/AMX kernels; without them it
-# falls back to a slow reference loop (pytorch#136942), and fbgemm's kernels are the fast ones.
+# falls back to a slow reference loop (pytorch#136942), so the per-token layers run exact
+# float32 GEMMs instead (no faster than FP32), and fbgemm's kernels are the fast ones.
 INTEGER_GEMM_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
 # `auto`'s starting recipe per instruction set, as Optimum names a preset per ISA.
 AUTO_PRESETS = {"vnni": "dynamic-int8-token", "avx2": "dynamic-int8-pc"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from distilq.gate.metrics import Metrics
 from distilq.hardware import platform_record
 from distilq.manifest import (
     Decision,
+    DrawnRecord,
     SetRecord,
     SourceRecord,
     SplitRecord,
@@ -93,7 +95,7 @@ def run_key(
     recipe: str,
     validation: ValidationSet,
     thresholds: GateThresholds,
-    margin: float,
+    pass_probability: float,
     policy: BatchingPolicy,
 ) -> str:
     """Identity of a quantize-and-promote run's inputs (`recipe`: its name, as configured):
@@ -104,7 +106,7 @@ def run_key(
         "recipe": recipe,
         "validation": validation.sha256,
         "thresholds": thresholds.model_dump(),
-        "margin": margin if recipe == AUTO else None,
+        "pass_probability": pass_probability if recipe == AUTO else None,
         "batching": policy.model_dump(),
         "split": SPLIT_RULE,
     }
@@ -137,6 +139,7 @@ def validation_record(validation: ValidationSet, confirmation: ValidationSet) ->
                 n_examples=p.stop - p.start,
                 n_confirmation=c.stop - c.start,
                 sha256=p.sha256,
+                drawn=None if p.drawn is None else DrawnRecord(**dataclasses.asdict(p.drawn)),
             )
             for p, c in zip(validation.slices(), confirmation.slices(), strict=True)
         ],

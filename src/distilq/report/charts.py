@@ -1,4 +1,5 @@
-"""The report's chart: agreement against FP32 layers kept, and per-layer sensitivity.
+"""The report's chart: agreement (and `auto`'s predicted pass probability, tuning flips and
+size per attempt) against FP32 layers kept, and per-layer sensitivity.
 
 Drawn with matplotlib, an optional extra (`pip install 'distilq[charts]'`): without it a
 report is written without its chart, and says how to get one.
@@ -52,7 +53,7 @@ def _agreement(ax, manifest: VersionManifest) -> None:
         ax.plot(
             [len(a.fp32_layers) for a in attempts],
             [100 * a.agreement for a in attempts],
-            "o-",
+            "o",
             color="tab:gray",
             label="attempts (tuning part)",
         )
@@ -93,7 +94,31 @@ def _agreement(ax, manifest: VersionManifest) -> None:
     ax.set_xlim(-0.5, most + 0.5)
     ax.set_xticks(range(most + 1))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="lower right")
+    if attempts and recipe.auto.pass_probability is not None:
+        _pass_probability(ax, recipe.auto)
+
+
+def _pass_probability(ax, auto) -> None:
+    """Each attempt's predicted probability of passing the gate, on a second axis, with its
+    tuning flips and size written beside it, and the target `auto` aimed at."""
+    twin = ax.twinx()
+    layers = [len(a.fp32_layers) for a in auto.attempts]
+    chance = [a.predicted_pass_probability for a in auto.attempts]
+    twin.plot(layers, chance, "^", color="tab:green", label="predicted P(pass), right axis")
+    twin.axhline(auto.pass_probability, color="tab:green", alpha=0.5, linewidth=0.8)
+    for a, x, y in zip(auto.attempts, layers, chance, strict=True):
+        twin.annotate(
+            f"{a.tuning_flips} flips\n{a.size_bytes / 2**20:.1f} MiB",
+            (x, y),
+            textcoords="offset points",
+            xytext=(6, -18),
+            fontsize=7,
+            color="tab:green",
+        )
+    twin.set_ylim(0, 1.05)
+    twin.set_ylabel(f"predicted P(pass); target {auto.pass_probability:.2f}")
+    twin.legend(fontsize=8, loc="upper left")
 
 
 def _sensitivity(ax, sensitivity, kept: set[str]) -> None:

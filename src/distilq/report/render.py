@@ -37,6 +37,19 @@ def _split(manifest: VersionManifest) -> str:
     return f"{split.tuning} examples to tune on, {split.confirmation} to confirm on: {split.rule}"
 
 
+def _drawn_lines(manifest: VersionManifest) -> list[str]:
+    """Which sets were drawn from a larger source, and how."""
+    lines = []
+    for s in manifest.validation.sets:
+        if s.drawn is not None:
+            files = f" in {len(s.drawn.files):,} Parquet file(s)" if s.drawn.files else ""
+            lines.append(
+                f"`{s.name}`: {s.n_examples:,} rows drawn from {s.drawn.rows_read:,}{files}: "
+                f"{s.drawn.rule}."
+            )
+    return ["", *lines] if lines else []
+
+
 def metrics_table(manifest: VersionManifest) -> list[list[str]]:
     """Rows (header first) comparing FP32 and INT8: the table shown in reports and artifacts."""
     m = manifest.metrics
@@ -150,10 +163,60 @@ FLIPS_SHOWN = 25
 
 
 def _fallback_section(auto: FallbackRecord | None, kept: list[str]) -> list[str]:
-    """How a fallback recipe chose its FP32 layers (`kept`): sensitivities and attempts."""
-    if auto is None or not auto.sensitivity:
+    """How a fallback recipe chose its FP32 layers (`kept`): attempts and sensitivities."""
+    if auto is None:
         return []
+    return [*_attempts_section(auto, kept), *_sensitivity_section(auto, kept)]
+
+
+def _attempts_section(auto: FallbackRecord, kept: list[str]) -> list[str]:
     reached = "reached" if auto.reached_target else "NOT reached"
+    if auto.pass_probability is None:  # a version made by the margin rule
+        if not auto.sensitivity:
+            return []
+        attempts = [["FP32 layers", "agreement", "rows/s"]] + [
+            [str(len(a.fp32_layers)), _pct(a.agreement), f"{a.rows_per_second:.1f}"]
+            for a in auto.attempts
+        ]
+        return [
+            "",
+            f"### auto: attempts (target agreement {auto.target_agreement:.4f}, {reached})",
+            "",
+            "Each attempt keeps the most sensitive layers FP32, more each time, until the "
+            "agreement on the tuning part reaches the target.",
+            "",
+            markdown_table(attempts),
+        ]
+    header = ["FP32 layers", "tuning flips", "agreement", "P(pass)", "size", "rows/s", "kept"]
+    attempts = [header] + [
+        [
+            str(len(a.fp32_layers)),
+            str(a.tuning_flips),
+            _pct(a.agreement),
+            f"{a.predicted_pass_probability:.3f}",
+            f"{a.size_bytes / MIB:.2f} MiB",
+            f"{a.rows_per_second:.1f}",
+            "**yes**" if a.fp32_layers == kept else "",
+        ]
+        for a in auto.attempts
+    ]
+    return [
+        "",
+        f"### auto: attempts (pass probability {auto.pass_probability:.2f}, {reached})",
+        "",
+        "Measured on the tuning part. P(pass) is each attempt's predicted probability of "
+        "passing the gate on the confirmation part, from its tuning flips; `auto` keeps the "
+        "cheapest attempt (fewest FP32 layers, then fewest bytes) whose P(pass) reaches the "
+        "target. Each step tries adding each of the most sensitive layers not yet kept, and "
+        "goes on from the likeliest.",
+        "",
+        markdown_table(attempts),
+    ]
+
+
+def _sensitivity_section(auto: FallbackRecord, kept: list[str]) -> list[str]:
+    if not auto.sensitivity:
+        return []
     shown = auto.sensitivity[:SENSITIVE_LAYERS_SHOWN]
     sensitivity = [["layer", "kept FP32", "flips alone", "mean abs prob change"]] + [
         [
@@ -164,18 +227,7 @@ def _fallback_section(auto: FallbackRecord | None, kept: list[str]) -> list[str]
         ]
         for s in shown
     ]
-    attempts = [["FP32 layers", "agreement", "rows/s"]] + [
-        [str(len(a.fp32_layers)), _pct(a.agreement), f"{a.rows_per_second:.1f}"]
-        for a in auto.attempts
-    ]
     return [
-        "",
-        f"### auto: attempts (target agreement {auto.target_agreement:.4f}, {reached})",
-        "",
-        "Each attempt keeps the most sensitive layers FP32, more each time, until the "
-        "agreement on the tuning part reaches the target.",
-        "",
-        markdown_table(attempts),
         "",
         f"### auto: layer sensitivity ({len(shown)} of {len(auto.sensitivity)} layers, most "
         "sensitive first)",
@@ -231,6 +283,7 @@ def render_report(manifest: VersionManifest, chart: str | None = "") -> str:
         "",
         f"Source `{manifest.source.id}` at `{manifest.source.revision}`; "
         f"validation `{manifest.validation.name}` ({_split(manifest)}).",
+        *_drawn_lines(manifest),
         "",
         "## FP32 vs INT8",
         "",

@@ -113,10 +113,12 @@ def predict(
 ) -> Predictions:
     """Class probabilities for `texts`, batched by `policy`, deterministically.
 
-    `lengths` (from `token_lengths`) saves tokenizing twice when the caller has them.
+    `lengths` (from `token_lengths`) saves tokenizing twice when the caller has them. A
+    text longer than the model's positions is cut to them (`BatchingPolicy.capped`).
     """
     import torch  # here: loading and splitting validation data needs no torch
 
+    policy = policy.capped(getattr(model.config, "max_position_embeddings", None))
     batches = batch_order(lengths or token_lengths(tokenizer, texts, policy.max_length), policy)
     n_classes = model.config.num_labels
     probs = np.zeros((len(texts), n_classes), dtype=np.float32)

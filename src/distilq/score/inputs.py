@@ -76,10 +76,13 @@ def _identity(info: dict) -> dict:
     return ident
 
 
-def discover_inputs(inputs: list[str]) -> tuple[list[tuple[str, str, dict]], list[str]]:
+def discover_inputs(
+    inputs: list[str], flag: str = "--input"
+) -> tuple[list[tuple[str, str, dict]], list[str]]:
     """Every Parquet file named by `inputs` (files, directories, globs, fsspec URIs), with
     the name relative to what the user gave and the file's identity; and the directories
-    the inputs walk (given directories, roots of `**` globs). Missing inputs fail."""
+    the inputs walk (given directories, roots of `**` globs). Missing inputs fail, said of
+    `flag`."""
     found: list[tuple[str, str, dict]] = []
     walked: list[str] = []
     for spec in inputs:
@@ -89,7 +92,7 @@ def discover_inputs(inputs: list[str]) -> tuple[list[tuple[str, str, dict]], lis
             root = path[: min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
             paths = sorted(p for p in fs.glob(path) if fs.isfile(p))
             if not paths:
-                raise InputError(f"--input {spec!r} matches no file")
+                raise InputError(f"{flag} {spec!r} matches no file")
             if "**" in path:
                 walked.append(store.to_uri(root))
         elif fs.isdir(path):
@@ -101,12 +104,12 @@ def discover_inputs(inputs: list[str]) -> tuple[list[tuple[str, str, dict]], lis
                 and not any(part.startswith(("_", ".")) for part in p[len(root) :].split("/"))
             )
             if not paths:
-                raise InputError(f"--input {spec!r} is a directory with no *.parquet file")
+                raise InputError(f"{flag} {spec!r} is a directory with no *.parquet file")
             walked.append(store.to_uri(root))
         elif fs.isfile(path):
             root, paths = path.rsplit("/", 1)[0] if "/" in path else "", [path]
         else:
-            raise InputError(f"--input {spec!r} does not exist")
+            raise InputError(f"{flag} {spec!r} does not exist")
         for p in paths:
             relative = p[len(root) :].lstrip("/") if root else p
             found.append((store.to_uri(p), relative, _identity(fs.info(p))))
@@ -147,7 +150,7 @@ def check_output(output: str, input_dirs: list[str], input_files: list[str]) -> 
             )
 
 
-def _partitions(uri: str, relative: str) -> dict[str, str]:
+def partitions_of(uri: str, relative: str) -> dict[str, str]:
     """The hive `key=value` directories of a file's path; a key given twice with two values
     is refused (which one would the rows hold?)."""
     partitions: dict[str, str] = {}
@@ -187,7 +190,7 @@ def plan_shards(inputs: list[str], options, output: str | None = None) -> Plan:
         except Exception as e:
             unreadable[uri] = f"not a readable Parquet file: {e}"
             continue
-        partitions = _partitions(uri, relative)
+        partitions = partitions_of(uri, relative)
         _check_columns(uri, schema.names, partitions, options)
         _check_types(uri, schema, partitions, options, types)
         base = relative.removesuffix(".parquet").replace("/", "__")
