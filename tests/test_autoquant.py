@@ -58,7 +58,7 @@ def test_auto_keeps_the_sensitive_layer_fp32(
     assert told[:n] == [(i, n, f"layer sensitivity measured for {i} of {n} layers")
                         for i in range(1, n + 1)]  # fmt: skip
     done, total, note = told[-1]
-    assert done == total and note.startswith(f"{len(candidate.fp32_layers)} layer(s) FP32: ")
+    assert done == total and note.startswith(f"attempt {len(candidate.attempts)}: ")
     start = candidate.attempts[0]
     assert start.fp32_layers == [] and start.agreement < 0.8  # per-channel alone fails badly
     assert candidate.sensitivity[0].layer == SENSITIVE_LAYER

@@ -293,7 +293,7 @@ def _fall_back(
         kept.append(layer)
         remaining.remove(layer)
         done = total if candidate.reached_target else len(kept)
-        progress(done, total, f"{len(kept)} layer(s) FP32: {_said(attempt, target)}")
+        progress(done, total, f"attempt {len(candidate.attempts)}: {_said(attempt, target)}")
         if candidate.reached_target:
             return
     log.warning(
