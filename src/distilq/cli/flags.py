@@ -48,7 +48,7 @@ def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) ->
         help_text = field.description or ""
         if not field.is_required():
             default = field.get_default(call_default_factory=True)
-            if default not in (None, False, []):
+            if default not in (None, False, [], {}):
                 shown = ", ".join(default) if isinstance(default, list) else default
                 help_text += f" (default {shown})"
         kwargs: dict = {"dest": name, "default": None, "help": help_text.replace("%", "%%")}

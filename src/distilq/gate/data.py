@@ -194,8 +194,16 @@ def load_validation(
     labels = None
     if check_accuracy and any(label is not _NO_LABEL for label in raw):
         labels = place_labels(spec, raw, label2id or {}, label_map or {})
-    digest = hashlib.sha256(json.dumps([texts, labels]).encode()).hexdigest()
-    return ValidationSet(spec, texts, labels, digest, drawn=drawn)
+    return ValidationSet(spec, texts, labels, _digest(texts, labels), drawn=drawn)
+
+
+def _digest(texts: list[str], labels: list[int] | None) -> str:
+    """sha256 of `json.dumps([texts, labels])`, encoded a piece at a time (no second copy
+    of every text in memory)."""
+    digest = hashlib.sha256()
+    for piece in json.JSONEncoder().iterencode([texts, labels]):
+        digest.update(piece.encode())
+    return digest.hexdigest()
 
 
 _NO_LABEL = object()  # a row of data that has no label column
