@@ -90,7 +90,7 @@ def test_labels_are_placed_by_name_map_or_class_id():
 
 
 def test_label_map_is_read_from_the_flag_form():
-    config = QuantizeConfig(label_map="neg=NEGATIVE, pos=POSITIVE")
+    config = QuantizeConfig(label_map="neg=NEGATIVE, pos = POSITIVE")
     assert config.label_map == {"neg": "NEGATIVE", "pos": "POSITIVE"}
     with pytest.raises(ValueError, match="DATA=MODEL pairs"):
         QuantizeConfig(label_map="neg:NEGATIVE")

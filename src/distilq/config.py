@@ -192,13 +192,13 @@ class QuantizeConfig(BaseModel):
         """`neg=NEGATIVE,pos=POSITIVE` as the CLI gives it, or a mapping."""
         if not isinstance(value, str):
             return value
-        pairs = [p.strip() for p in value.split(",") if p.strip()]
-        if not pairs or any(p.count("=") != 1 or "" in p.split("=") for p in pairs):
+        pairs = [[side.strip() for side in p.split("=")] for p in value.split(",") if p.strip()]
+        if not pairs or any(len(p) != 2 or "" in p for p in pairs):
             raise ValueError(f"--label-map wants DATA=MODEL pairs separated by commas: {value!r}")
-        return dict(p.split("=") for p in pairs)
+        return dict(pairs)
 
     @model_validator(mode="after")
-    def _target_reachable(self) -> QuantizeConfig:
+    def _consistent(self) -> QuantizeConfig:
         if self.min_agreement >= 1:
             raise ValueError("--min-agreement 1 cannot be certified: a lower bound never reaches 1")
         if self.no_accuracy_check and (self.label_map or self.label_column):
