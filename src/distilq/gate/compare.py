@@ -73,10 +73,10 @@ def set_metrics(
     )
 
 
-def set_agreements(fp32: Predictions, int8: Predictions, validation: ValidationSet) -> list[float]:
-    """Agreement of the two models' labels on each validation set."""
+def set_flips(fp32: Predictions, int8: Predictions, validation: ValidationSet) -> list[int]:
+    """How many labels the two models disagree on, in each validation set."""
     a, b = fp32.labels, int8.labels
-    return [float((a[p.start : p.stop] == b[p.start : p.stop]).mean()) for p in validation.slices()]
+    return [int((a[p.start : p.stop] != b[p.start : p.stop]).sum()) for p in validation.slices()]
 
 
 def _flips(

@@ -242,24 +242,24 @@ DRAW_RULE = (
 )
 
 
-def _draw_key(text: str) -> int:
-    return int.from_bytes(hashlib.sha256((DRAW_SALT + text).encode()).digest()[:8], "big")
+def _text_hash(salt: str, text: str) -> int:
+    """int(sha256(salt + text)[:16], 16): the hash the draw and the split both read."""
+    return int.from_bytes(hashlib.sha256((salt + text).encode()).digest()[:8], "big")
 
 
 def _draw(rows: Iterable[tuple[str, object]], n: int) -> tuple[list[tuple[str, object]], int]:
     """The `n` rows of `rows` with the smallest draw keys, in their order, holding only
     those in memory; and how many rows were read."""
     heap: list[tuple[int, int, str, object]] = []  # (-key, -position): the worst kept on top
-    read = 0
+    position = -1
     for position, (text, label) in enumerate(rows):
-        read += 1
-        item = (-_draw_key(text), -position, text, label)
+        item = (-_text_hash(DRAW_SALT, text), -position, text, label)
         if len(heap) < n:
             heapq.heappush(heap, item)
         elif item > heap[0]:
             heapq.heapreplace(heap, item)
     kept = sorted(heap, key=lambda item: -item[1])
-    return [(text, label) for _, _, text, label in kept], read
+    return [(text, label) for _, _, text, label in kept], position + 1
 
 
 # Rows decoded at a time from a Parquet file: what the draw holds besides the rows it keeps.
@@ -272,35 +272,30 @@ def _draw_parquet(
     """`n` rows drawn from a Parquet dataset, streamed one batch at a time. Hive
     `key=value` directories are columns; with no `label_column`, a `label` column is used
     if the first file has one."""
-    from distilq.score.inputs import discover_inputs, partitions_of
+    from distilq.score.inputs import discover_inputs
 
     files, _ = discover_inputs([spec], flag="--validation")
-    if not with_labels:
-        label_column = None
-    elif label_column is None:
-        uri, relative, _ = files[0]
-        label_column = "label" if "label" in _columns(uri, relative) else None
-    rows = _parquet_rows(files, text_column, label_column, partitions_of)
+    rows = _parquet_rows(files, text_column, label_column, with_labels)
     pairs, read = _draw(rows, n)
     return pairs, Drawn(DRAW_RULE, read, {uri: identity for uri, _, identity in files})
 
 
-def _columns(uri: str, relative: str) -> list[str]:
+def _parquet_rows(
+    files, text_column: str, label_column: str | None, with_labels: bool
+) -> Iterator[tuple[str, object]]:
+    """(text, label) of every row of every file, read a batch at a time; with no
+    `label_column`, `label` if the first file has one."""
     from distilq.score.inputs import open_parquet, partitions_of
 
-    with open_parquet(uri) as parquet:
-        return [*parquet.schema_arrow.names, *partitions_of(uri, relative)]
-
-
-def _parquet_rows(files, text_column: str, label_column: str | None, partitions_of) -> Iterator:
-    """(text, label) of every row of every file, read a batch at a time."""
-    from distilq.score.inputs import open_parquet
-
-    for uri, relative, _ in files:
+    if not with_labels:
+        label_column = None
+    for i, (uri, relative, _) in enumerate(files):
         partitions = partitions_of(uri, relative)
         try:
             with open_parquet(uri) as parquet:
                 names = parquet.schema_arrow.names
+                if i == 0 and with_labels and label_column is None:
+                    label_column = "label" if "label" in [*names, *partitions] else None
                 if text_column not in names:
                     raise InputError(
                         f"validation {uri} has no text column {text_column!r}; columns: "
@@ -368,8 +363,7 @@ SPLIT_RULE = f"tuning if int(sha256(text)[:16], 16) / 2**64 < {TUNING_FRACTION},
 
 
 def _is_tuning(text: str, salt: str = "") -> bool:
-    digest = hashlib.sha256((salt + text).encode()).hexdigest()
-    return int(digest[:16], 16) / 2**64 < TUNING_FRACTION
+    return _text_hash(salt, text) / 2**64 < TUNING_FRACTION
 
 
 def split(data: ValidationSet, salt: str = "") -> tuple[ValidationSet, ValidationSet]:

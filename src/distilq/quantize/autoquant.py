@@ -9,9 +9,8 @@ INT8, the rest FP32) and keep sensitive layers in FP32, one more at a time.
 posterior of the flip rate, hence a predicted number of flips on the confirmation part,
 and `auto` takes the cheapest candidate (fewest FP32 layers, then fewest bytes) whose
 predicted probability of passing the confirmation gate reaches `--pass-probability`. A
-point target instead (the
-agreement that just certifies, plus a margin) asks for zero flips on a few hundred tuning
-texts, and buys FP32 layers to chase single examples.
+point target instead (the agreement that just certifies, plus a margin) asks for zero flips
+on a few hundred tuning texts, and buys FP32 layers to chase single examples.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import numpy as np
 from torch import nn
 
 from distilq.config import BatchingPolicy, GateThresholds
+from distilq.gate.compare import set_flips
 from distilq.gate.data import ValidationSet
 from distilq.gate.stats import flips_allowed, pass_probability
 from distilq.manifest import Attempt, FallbackRecord, LayerSensitivity, RecipeRecord
@@ -141,11 +141,8 @@ def _attempt(
     tuning: ValidationSet,
     target: PassTarget | None,
 ) -> Attempt:
-    parts = tuning.slices()
-    flips = [
-        int((fp32.labels[p.start : p.stop] != pred.labels[p.start : p.stop]).sum()) for p in parts
-    ]
-    sizes = [p.stop - p.start for p in parts]
+    flips = set_flips(fp32, pred, tuning)
+    sizes = [p.stop - p.start for p in tuning.slices()]
     return Attempt(
         fp32_layers=list(fp32_layers),
         # The gate checks every validation set, so the weakest one is shown.

@@ -184,6 +184,7 @@ class Int8TokenLinear(nn.Module):
         self.register_buffer("weight_scale", weight_scale.float())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.in_features, self.out_features = weight_int8.shape[1], weight_int8.shape[0]
+        self._weight_float: torch.Tensor | None = None  # see _float_weight
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Int8TokenLinear:
@@ -202,7 +203,7 @@ class Int8TokenLinear(nn.Module):
 
     def _float_weight(self) -> torch.Tensor:
         """The int8 weights as float32, made once (for `token_linear_float`; not saved)."""
-        if getattr(self, "_weight_float", None) is None:
+        if self._weight_float is None:
             self._weight_float = self.weight_t.float()
         return self._weight_float
 
