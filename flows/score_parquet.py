@@ -21,6 +21,7 @@ def run_name() -> str:
 @flow(name="score_parquet", flow_run_name=run_name, persist_result=False)
 def score_parquet(config: ScoreConfig) -> ScoreSummary:
     """Score Parquet files with the registry's model into `config.output`; files already
-    scored by the same model from the same inputs are skipped. Fails, listing them, if any
-    input file could not be scored."""
+    scored by the same model from the same inputs are skipped; a sample of the rows is
+    audited against FP32. Fails, listing them, if any input file could not be scored, and
+    (tagged `audit-failed`, the files kept) if the audit's lower bound is below its bar."""
     return pipeline.score_dataset(config, PrefectRunner(task_runner_for(config)))

@@ -37,6 +37,8 @@ from distilq.runtime import configure_logging
 from distilq.score.output import OutputManifest
 
 PROMOTED_EVENT = "distilq.model.promoted"
+AUDIT_FAILED_EVENT = "distilq.audit.failed"
+AUDIT_FAILED_TAG = "audit-failed"
 STARTED_DIR = "DISTILQ_STARTED_DIR"  # where shard tasks say they started
 RETRY_DELAYS = [2, 10, 30]
 
@@ -110,6 +112,7 @@ class PrefectRunner(Runner):
     and tags on the flow run (promoted, rejected, reused, resumed, the recipe)."""
 
     def __init__(self, shard_runner: TaskRunner | None = None):
+        super().__init__()
         self.shard_runner = shard_runner
         self._progress: dict[str, Any] = {}  # artifact ids by key
         log_to_run()
@@ -235,6 +238,18 @@ class PrefectRunner(Runner):
             description=f"{summary.files} file(s) in {summary.output}",
         )
 
+    def run_id(self) -> str:
+        """The flow run's id after the time it started: one audit record per flow run."""
+        from prefect.runtime import flow_run
+
+        started = super().run_id()
+        return f"{started.split('-')[0]}-{flow_run.id}" if flow_run.id else started
+
+    def audit_failed(self, summary: ScoreSummary, config) -> None:
+        """Tag the flow run `audit-failed` and emit `distilq.audit.failed`, for automations."""
+        add_tags([AUDIT_FAILED_TAG])
+        emit_audit_failed(summary, config)
+
 
 class WorkerDied(DistilqError):
     """A shard's worker process died under it (or the pool broke before it started)."""
@@ -272,3 +287,29 @@ def emit_promoted(version: str, registry: str, entry: dict) -> None:
         resource={"prefect.resource.id": f"distilq.model.{version}", "registry": registry},
         payload={"version": version, "registry": registry, "previous": entry["from"]},
     )
+
+
+def emit_audit_failed(summary: ScoreSummary, config) -> None:
+    """Tell Prefect that a scoring run's FP32 audit failed: the version, the output, the
+    figures, and the inputs (an automation may re-gate on them)."""
+    audit = summary.audit
+    emit_event(
+        event=AUDIT_FAILED_EVENT,
+        resource={
+            "prefect.resource.id": f"distilq.model.{summary.model_version}",
+            "registry": config.registry,
+        },
+        payload={
+            "version": summary.model_version,
+            "registry": config.registry,
+            "output": summary.output,
+            "inputs": config.inputs,
+            "text_column": config.text_column,
+            **audit.model_dump(
+                include={
+                    "rows", "agreeing", "agreement", "agreement_lower_bound", "confidence",
+                    "threshold",
+                }
+            ),
+        },
+    )  # fmt: skip

@@ -238,6 +238,26 @@ def staged_pair(tmp_path, tiny_checkpoint, tiny_validation) -> tuple[Path, list[
 
 
 @pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on a free port with its own SQLite database, shared by the
+    session's server tests; its client env."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    log = home / "server.log"
+    cmd = [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with running(cmd, log, env) as server:
+        wait_until(http_ok(f"{env['PREFECT_API_URL']}/health"), 180, "prefect server", server, log)
+        yield env
+
+
+@pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect API on SQLite for the whole session (flow tests only)."""
     from distilq.runtime import set_prefect_defaults

@@ -18,8 +18,6 @@ from distilq.registry.registry import Registry
 from tests.conftest import (
     ROOT,
     VENV_BIN,
-    free_port,
-    http_ok,
     make_checkpoint,
     make_texts,
     running,
@@ -30,25 +28,6 @@ from tests.conftest import (
 pytestmark = pytest.mark.slow
 
 PREFECT = str(VENV_BIN / "prefect")
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """`prefect server start` on a free port with its own SQLite database; its client env."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    env = {
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-    }
-    log = home / "server.log"
-    cmd = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with running(cmd, log, env) as server:
-        wait_until(http_ok(f"{env['PREFECT_API_URL']}/health"), 180, "prefect server", server, log)
-        yield env
 
 
 def prefect_cli(args: list[str], env: dict, cwd: Path = ROOT) -> str:
@@ -130,7 +109,7 @@ def run(deployment: str, parameters: dict | None = None):
 
 def check_scored(directory: Path, version: str, dataset: dict[str, list]) -> dict[str, pa.Table]:
     """Every input file scored by `version`, rows in order."""
-    tables = {p.name: pq.read_table(p) for p in sorted(directory.glob("*.parquet"))}
+    tables = {p.name: pq.read_table(p) for p in sorted(directory.glob("[!_]*.parquet"))}
     assert sorted(tables) == sorted(dataset)
     for name, table in tables.items():
         assert table.column("id").to_pylist() == dataset[name]
@@ -174,7 +153,8 @@ def test_deploy_quantize_trigger_rescore_on_a_server_and_worker(
         weekly = call(lambda c: c.read_deployment_by_name("quantize_and_promote/weekly"))
         assert [s.schedule.cron for s in weekly.schedules] == ["0 3 * * 1"]
         automations = call(lambda c: c.read_automations())
-        assert [a.trigger.expect for a in automations] == [{"distilq.model.promoted"}]
+        expected = [{"distilq.audit.failed"}, {"distilq.model.promoted"}]
+        assert sorted([a.trigger.expect for a in automations], key=sorted) == expected
 
         # A new checkpoint: quantized, validated, promoted; the event re-scores the dataset.
         first = run("quantize_and_promote/weekly", quantize)
@@ -216,6 +196,35 @@ def test_deploy_quantize_trigger_rescore_on_a_server_and_worker(
         wait_for_rescore(v1, count=2)
         check_scored(work / "scored" / v1, v1, dataset)
         assert len(score_runs()) == 4  # one per promotion, and the one by hand
+
+        # A failed audit, as distilq announces it, starts the regate deployment on the data
+        # whose audit failed (the run itself needs the hub's checkpoint: not run here).
+        emit = (
+            "import sys; from distilq.config import ScoreConfig; "
+            "from distilq.manifest import read_output_manifest; "
+            "from tasks.runner import emit_audit_failed; import json; "
+            "m = read_output_manifest(json.load(open(sys.argv[1])), sys.argv[1]); "
+            "emit_audit_failed(m.summary, ScoreConfig(inputs=['./data/to-score'], "
+            "output=m.summary.output, registry='./registry'))"
+        )
+        manifest = work / "scored" / v1 / "_manifest.json"
+        done = subprocess.run(
+            [str(VENV_BIN / "python"), "-c", emit, str(manifest)],
+            env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        regate = call(lambda c: c.read_deployment_by_name("quantize_and_promote/regate"))
+
+        def regate_runs() -> list:
+            from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+            ids = DeploymentFilter(id=DeploymentFilterId(any_=[regate.id]))
+            return call(lambda c: c.read_flow_runs(deployment_filter=ids))
+
+        wait_until(lambda: bool(regate_runs()), 120, "the regate run")
+        config = regate_runs()[0].parameters["config"]
+        assert config["validation"] == ["./data/to-score"] and config["registry"] == "./registry"
+        assert config["text_column"] == "text" and config["no_accuracy_check"] is True
         assert worker.poll() is None
 
 
@@ -245,7 +254,7 @@ def test_serve_runs_the_same_deployments_without_a_work_pool(
 
         def served_deployments() -> bool:
             deployments = call(lambda c: c.read_deployments())
-            return sum(d.work_pool_name is None for d in deployments) == 2
+            return sum(d.work_pool_name is None for d in deployments) == 3
 
         wait_until(served_deployments, 120, "serve.py", served, tmp_path / "serve.log")
         weekly = call(lambda c: c.read_deployment_by_name("quantize_and_promote/weekly"))

@@ -464,7 +464,7 @@ def test_a_killed_worker_fails_its_file_and_the_pool_goes_on(registry, tmp_path)
     assert 1 <= len(summary["failed"]) <= 2  # the files the pool's two workers held
     for why in summary["failed"].values():
         assert "worker process died while scoring it" in why
-    scored = sorted(p.name for p in out.glob("*.parquet"))
+    scored = sorted(p.name for p in out.glob("part*.parquet"))
     assert len(scored) + len(summary["failed"]) == 6  # every other file was scored
     assert "not started yet run on a fresh pool" in stderr
     # the workers' logs and task runs go to this run's API, not to a second server of
@@ -472,7 +472,9 @@ def test_a_killed_worker_fails_its_file_and_the_pool_goes_on(registry, tmp_path)
     assert "Starting temporary server" not in stderr
     resumed = run(*cmd[1:-1])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert sorted(p.name for p in out.glob("*.parquet")) == [f"part{i}.parquet" for i in range(6)]
+    assert sorted(p.name for p in out.glob("part*.parquet")) == [
+        f"part{i}.parquet" for i in range(6)
+    ]
 
 
 # -- 9: costs paid before a refusal ----------------------------------------------------------

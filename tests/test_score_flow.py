@@ -73,7 +73,7 @@ def dask_scheduler(tmp_path_factory):
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_runners_agree_file_for_file(registry, dataset, dask_scheduler, tmp_path):
-    results = {}
+    results, audits = {}, {}
     runners = {
         "local": {"runner": "local"},
         "process": {"runner": "process", "workers": 2},
@@ -87,16 +87,24 @@ def test_runners_agree_file_for_file(registry, dataset, dask_scheduler, tmp_path
             registry=str(registry),
             threads=2,
             probabilities=True,
+            audit_rate=0.1,
             **runner,
         )
         summary = score_parquet(config).model_dump()
         assert (
             summary["files"] == 4 and summary["rows_written"] == 480 and summary["rows_error"] == 4
         )
-        results[name] = outputs(tmp_path / name)
+        assert summary["audit"]["rows"] > 20
+        results[name] = {k: v for k, v in outputs(tmp_path / name).items() if k[0] != "_"}
+        audits[name] = pq.read_table(tmp_path / name / "_audit.parquet").to_pydict()
     assert len(results["local"]) == 4
     for name in runners:
-        assert results[name] == results["local"], name
+        assert results[name] == results["local"], name  # the same scores
+        # The same rows audited, with the same labels; FP32's floats may differ in the last
+        # bits with the threads a worker has.
+        for column in ("file", "index", "fp32_label", "int8_label", "int8_score"):
+            assert audits[name][column] == audits["local"][column], (name, column)
+        assert audits[name]["fp32_score"] == pytest.approx(audits["local"]["fp32_score"])
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -113,6 +121,7 @@ def test_corrupt_file_fails_alone(registry, dataset, tmp_path):
         score_parquet(config)
     assert failed.value.summary.files == 4
     assert sorted(outputs(tmp_path / "out")) == [
+        "_audit.parquet",
         "f0.parquet",
         "f1.parquet",
         "f2.parquet",
@@ -133,7 +142,7 @@ def test_cli_scores_then_resumes_byte_identical(registry, dataset, tmp_path):
     assert summary["rows_written"] == 480
     # The summary says what the files hold.
     scored = pa.concat_tables(
-        pq.read_table(p) for p in sorted((tmp_path / "out").glob("*.parquet"))
+        pq.read_table(p) for p in sorted((tmp_path / "out").glob("f*.parquet"))
     ).to_pydict()
     scores = [s for s in scored["score"] if s is not None]  # rows with an error have none
     assert summary["rows_error"] == 480 - len(scores) > 0
@@ -175,7 +184,8 @@ def test_sigkill_half_way_then_resume_equals_an_uninterrupted_run(registry, tmp_
             data / f"p{i}.parquet",
         )
     base = ["score", "--input", str(data), "--registry", str(registry)]
-    clean = run(*base, "--output", str(tmp_path / "clean"))
+    clean_out = tmp_path / "clean"
+    clean = run(*base, "--output", str(clean_out))
     assert clean.returncode == 0, clean.stderr[-3000:]
 
     env = cli_env()
@@ -191,7 +201,7 @@ def test_sigkill_half_way_then_resume_equals_an_uninterrupted_run(registry, tmp_
     def mid_write() -> bool:
         """Shards finish one after another here: 3 to 5 done and the next one's hidden
         temporary file open, so at least 2 are left whenever the kill lands."""
-        done, writing = list(out.glob("*.parquet")), list(out.glob(".*.tmp"))
+        done, writing = list(out.glob("p*.parquet")), list(out.glob(".*.tmp"))
         return 3 <= len(done) <= 5 and bool(writing)
 
     deadline = time.monotonic() + 300
@@ -200,15 +210,20 @@ def test_sigkill_half_way_then_resume_equals_an_uninterrupted_run(registry, tmp_
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_at_kill = sorted(p.name for p in out.glob("*.parquet"))
+    done_at_kill = sorted(p.name for p in out.glob("p*.parquet"))
     assert 3 <= len(done_at_kill) <= 6  # killed mid-run, the last write cut off
-    for p in out.glob("*.parquet"):  # whatever is visible is complete
+    for p in out.glob("p*.parquet"):  # whatever is visible is complete
         assert pq.read_table(p).num_rows == 400
 
     resumed = run(*base, "--output", str(out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # The same scores, and the same rows audited: those of the shards done before the kill
+    # pooled with those the resume scored.
     assert outputs(out) == outputs(tmp_path / "clean")
-    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json"] + [
+    assert pq.read_table(out / "_audit.parquet").num_rows > 10
+    audits = [json.loads((d / "_manifest.json").read_text())["audit"] for d in (out, clean_out)]
+    assert audits[0] == audits[1]
+    assert sorted(p.name for p in out.iterdir()) == ["_audit.parquet", "_manifest.json"] + [
         f"p{i}.parquet" for i in range(8)
     ]
 

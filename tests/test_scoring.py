@@ -14,6 +14,7 @@ from distilq.config import ScoreConfig, ScoreOptions
 from distilq.errors import InputError
 from distilq.pipelines.score import score_dataset
 from distilq.registry.registry import Registry
+from distilq.score.audit import AUDIT_FILE
 from distilq.score.inputs import plan_shards
 from distilq.score.output import MANIFEST, OutputManifest, output_lock, prepare_output
 from distilq.score.scoring import score_shard
@@ -87,7 +88,9 @@ def test_scores_keep_rows_columns_and_order(classifier, tmp_path):
     summary = manifest.record.summary
     assert summary.rows_read == summary.rows_written == 150 and summary.rows_error == 0
     assert sum(summary.labels.values()) == 150
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MANIFEST, "reviews.parquet"]
+    audited = [AUDIT_FILE] if summary.audit.rows else []
+    listed = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert listed == [*audited, MANIFEST, "reviews.parquet"]
 
 
 def test_bad_texts_are_kept_and_flagged(classifier, tmp_path):

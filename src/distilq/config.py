@@ -37,6 +37,8 @@ DEFAULT_PASS_PROBABILITY = 0.9
 # Rows drawn from a Parquet validation dataset: about 2,100 of them confirm, where 0.99 is
 # certified at 95% with up to 13 flips.
 DEFAULT_VALIDATION_ROWS = 3000
+DEFAULT_AUDIT_RATE = 0.01
+DEFAULT_AUDIT_MAX_ROWS = 10_000
 
 
 class BatchingPolicy(BaseModel):
@@ -169,6 +171,11 @@ class QuantizeConfig(BaseModel):
     )
     registry: str = Field(default_factory=default_registry, description=REGISTRY_HELP)
     dry_run: bool = Field(False, description="Validate and report; publish nothing")
+    keep_reference: bool = Field(
+        False,
+        description="Copy the FP32 checkpoint into the version (hashed like the rest), for "
+        "scoring audits on workers that cannot reach the source",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -282,9 +289,30 @@ class ScoreConfig(BaseModel):
     allow_unattested: bool = Field(
         False, description="Score even if the model fails its self-check on a worker's platform"
     )
+    audit_rate: Fraction = Field(
+        DEFAULT_AUDIT_RATE,
+        description="Share of rows, chosen by a hash of the text, re-run through the FP32 "
+        "model the version was gated against; 0 switches the audit off",
+    )
+    audit_max_rows: AtLeastOne | None = Field(
+        DEFAULT_AUDIT_MAX_ROWS,
+        description="At most this many rows audited in a whole output (the rate is lowered to fit)",
+    )
+    min_audit_agreement: Fraction | None = Field(
+        None,
+        description="The audit fails (exit 3) when the lower bound of its agreement is below "
+        "this (default: the version's min_agreement)",
+    )
+    require_audit: bool = Field(
+        False,
+        description="Refuse to score (exit 2) when the FP32 model cannot be had, instead of "
+        "scoring without an audit",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ScoreConfig:
+        if self.require_audit and self.audit_rate == 0:
+            raise ValueError("--require-audit needs an --audit-rate above 0")
         if self.dask_address and self.runner != "dask":
             raise ValueError("--dask-address needs --runner dask")
         if self.runner == "local" and self.workers != 1:

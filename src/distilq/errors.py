@@ -43,6 +43,15 @@ class ScoringFailed(DistilqError):
         self.summary = summary
 
 
+class AuditFailed(DistilqError):
+    """A scoring run's FP32 audit certified less agreement than its bar; the scored files
+    are kept (`summary`)."""
+
+    def __init__(self, message: str, summary):
+        super().__init__(message)
+        self.summary = summary
+
+
 class PromotionFailed(DistilqError):
     """A version was published but `production` could not be moved to it."""
 

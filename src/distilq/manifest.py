@@ -208,6 +208,58 @@ def _upgrade_version_1(data: dict) -> dict:
     return data
 
 
+class ShardAudit(BaseModel):
+    """The audit of one shard: its sampled rows re-run in FP32 (`rows`, of which `agreeing`
+    kept their label), the rows that flipped, or why it was not audited."""
+
+    rows: int = 0
+    agreeing: int = 0
+    flipped: list[dict[str, Any]] = Field(default_factory=list)  # ids, text cut, both labels
+    reason: str | None = None  # not audited: why
+
+
+class AuditRecord(BaseModel):
+    """The FP32 audit of an output, pooled over every shard in it: how many sampled rows
+    kept their FP32 label, what that certifies at `confidence` and whether it reaches
+    `threshold`. `passed` is None when not audited or too few rows to tell (`reason`)."""
+
+    rate: float  # as asked; `sampling_rate` is lower when --audit-max-rows capped it
+    sampling_rate: float
+    max_rows: int | None
+    rows: int
+    agreeing: int
+    agreement: float | None
+    agreement_lower_bound: float | None
+    confidence: float
+    threshold: float
+    passed: bool | None
+    reason: str | None = None
+    reference: str | None = None  # where the FP32 model came from
+    flipped: list[dict[str, Any]] = Field(default_factory=list)
+    file: str | None = None  # the audited rows, one per row (`_audit.parquet`)
+
+
+class RunAudit(_Record):
+    """`versions/<v>/audits/<run-id>.json`: one scoring run's audit of an output. `rows` to
+    `passed` are the output's, pooled as the run ended; `run_rows` / `run_agreeing` are the
+    rows this run audited itself (a resume's earlier rows are the earlier run's)."""
+
+    run_id: str
+    created_at: str
+    model_version: str
+    output: str
+    rows: int
+    agreeing: int
+    agreement: float | None
+    agreement_lower_bound: float | None
+    confidence: float
+    threshold: float
+    passed: bool | None
+    reason: str | None = None
+    run_rows: int
+    run_agreeing: int
+
+
 class ShardRecord(_Record):
     """A scored shard in an output: its input, which rows, and what scoring it did."""
 
@@ -221,6 +273,7 @@ class ShardRecord(_Record):
     seconds: float
     labels: dict[str, int]
     score_sum: float
+    audit: ShardAudit | None = None  # None: scored with the audit off (or before audits)
 
 
 class ScoreSummary(BaseModel):
@@ -243,6 +296,7 @@ class ScoreSummary(BaseModel):
     rows_scored: int = 0
     files_skipped: int = 0
     rows_skipped: int = 0
+    audit: AuditRecord | None = None
 
 
 class OutputRecord(_Record):
@@ -254,6 +308,7 @@ class OutputRecord(_Record):
     shards: dict[str, ShardRecord] = Field(default_factory=dict)
     failed: dict[str, str] = Field(default_factory=dict)  # input (or shard) -> why
     summary: ScoreSummary | None = None
+    audit: AuditRecord | None = None
 
 
 def read_output_manifest(data: dict, where: str) -> OutputRecord:

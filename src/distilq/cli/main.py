@@ -43,8 +43,13 @@ file (or per row-group shard of a large file), plus _manifest.json. Runs the Pre
 kept with a null label and the reason in `error`. Re-running with the same inputs, model
 and output skips what is done.
 
+A sample of the rows (--audit-rate, chosen by a hash of the text) is re-run through the
+FP32 model the version was gated against; _manifest.json says how many kept their label and
+the lower bound that certifies, _audit.parquet holds every audited row.
+
 exit codes: 0 every input file scored, 1 some file failed (the others are scored),
-2 bad usage or input found before scoring, 3 the model fails its self-check here.
+2 bad usage or input found before scoring, 3 the model fails its self-check here, or the
+audit's lower bound is below --min-audit-agreement (the scored files are kept).
 """
 
 
@@ -122,7 +127,12 @@ def _models_parser(commands) -> None:
     attest.add_argument("--json", action="store_true", help="print the attestation JSON")
     rollback = actions.add_parser("rollback", help="point production back at the previous version")
     rollback.add_argument("--reason", default="manual rollback", help="recorded in the history")
-    for action in (ls, show, promote, attest, rollback):
+    audits = actions.add_parser(
+        "audits", help="the FP32 audits of a version's scoring runs, oldest first"
+    )
+    _ref_arg(audits)
+    audits.add_argument("--json", action="store_true", help="print a JSON list")
+    for action in (ls, show, promote, attest, rollback, audits):
         _registry_arg(action)
 
 
@@ -199,7 +209,7 @@ def cmd_score(args: argparse.Namespace, api: EphemeralApi) -> int:
 
     config = config_from(ScoreConfig, args)
     version, pending = preflight(config)  # seconds, and before any engine starts
-    from distilq.errors import ScoringFailed
+    from distilq.errors import AuditFailed, ScoringFailed
     from flows.score_parquet import score_parquet
 
     console_tracebacks(args.verbose)
@@ -213,7 +223,7 @@ def cmd_score(args: argparse.Namespace, api: EphemeralApi) -> int:
     with api.serving():
         try:
             summary, failed = score_parquet(config), None
-        except ScoringFailed as e:
+        except (ScoringFailed, AuditFailed) as e:
             summary, failed = e.summary, e
     if failed is not None:
         print(f"distilq: {failed}", file=sys.stderr)
@@ -223,6 +233,8 @@ def cmd_score(args: argparse.Namespace, api: EphemeralApi) -> int:
         from distilq.report.render import score_summary_line
 
         print(score_summary_line(summary))
+    if isinstance(failed, AuditFailed):
+        return EXIT_REJECTED
     return EXIT_FAILED if failed is not None else EXIT_OK
 
 
@@ -239,6 +251,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         "attest": _models_attest,
         "promote": _models_promote,
         "rollback": _models_rollback,
+        "audits": _models_audits,
     }[args.action]
     action(registry, args)
     return EXIT_OK
@@ -255,9 +268,13 @@ def _models_list(registry, args: argparse.Namespace) -> None:
 
 
 def _models_show(registry, args: argparse.Namespace) -> None:
+    from distilq.score.audit import live_audit, live_audit_line
+
     manifest = registry.manifest(registry.resolve(args.ref))
+    runs = registry.audits(manifest.version)
+    live = live_audit(runs, manifest.decision.thresholds)
     if args.json:
-        _print_json(manifest.dump())
+        _print_json({**manifest.dump(), "live_audit": live})
         return
     from distilq.report.render import render_report
 
@@ -268,6 +285,31 @@ def _models_show(registry, args: argparse.Namespace) -> None:
         for a in registry.attestations(manifest.version)
     ]
     print(f"Attested platforms: {'; '.join(attested) or 'none recorded'}.")
+    gate = _agreement_line(manifest.metrics, manifest.metrics.confidence)
+    print(f"Gate: {gate}. {live_audit_line(live)}")
+    for run in runs:
+        if run.passed is False:
+            print(f"  FAILED audit: {_audit_row(run)}")
+
+
+def _models_audits(registry, args: argparse.Namespace) -> None:
+    runs = registry.audits(registry.resolve(args.ref))
+    if args.json:
+        _print_json([run.model_dump(mode="json") for run in runs])
+    elif not runs:
+        print(f"no audited scoring runs of {registry.resolve(args.ref)}")
+    else:
+        for run in runs:
+            print(_audit_row(run))
+
+
+def _audit_row(run) -> str:
+    """`20261201T170000Z-ab12cd34  ./scored  400 rows  99.50% (>= 98.73% at 95%)  passed`."""
+    verdict = {True: "passed", False: "FAILED", None: "too few rows to certify"}[run.passed]
+    bound = "" if run.agreement_lower_bound is None else f" (>= {run.agreement_lower_bound:.2%}"
+    bound += f" at {run.confidence:.0%})" if bound else ""
+    agreement = "n/a" if run.agreement is None else f"{run.agreement:.2%}"
+    return f"{run.run_id}  {run.output}  {run.rows:,} rows  {agreement}{bound}  {verdict}"
 
 
 def _models_attest(registry, args: argparse.Namespace) -> None:

@@ -51,7 +51,13 @@ def quantize_and_promote(config: QuantizeConfig, run: Runner | None = None) -> Q
     data = run.step(load_validation, config, found, retries=2)
     tuning, confirmation = run.step(split_validation, data, config)
     key = artifact.run_key(
-        found, config.recipe, data, config.thresholds, config.pass_probability, config.batching
+        found,
+        config.recipe,
+        data,
+        config.thresholds,
+        config.pass_probability,
+        config.batching,
+        config.keep_reference,
     )
     existing = run.step(find_existing, config, key, retries=2)
     if existing is not None:
@@ -325,7 +331,9 @@ def confirm(model, tokenizer, candidate, confirmation, config: QuantizeConfig) -
 
 def stage(staging: Path, gated, tokenizer, found, data, config: QuantizeConfig, key: str):
     """Write the version's files to `staging`; return its manifest."""
-    return artifact.stage_version(staging, gated, tokenizer, found, data, config.batching, key)
+    return artifact.stage_version(
+        staging, gated, tokenizer, found, data, config.batching, key, config.keep_reference
+    )
 
 
 def publish(staging: Path, manifest: VersionManifest, config: QuantizeConfig) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
@@ -20,6 +22,9 @@ class Runner:
 
     Subclasses (the Prefect runner) may run steps as tasks, retrying those given `retries`
     when they fail on something worth a second try (an unreachable source or store)."""
+
+    def __init__(self) -> None:
+        self._run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
     def step(self, fn: Callable[..., T], *args: Any, retries: int = 0) -> T:
         """Run one step."""
@@ -52,6 +57,13 @@ class Runner:
 
     def scored(self, summary: ScoreSummary, manifest: OutputManifest) -> None:
         """A scoring run is done (some files may have failed)."""
+
+    def audit_failed(self, summary: ScoreSummary, config) -> None:
+        """A scoring run's audit failed (`summary.audit`): raise the alarm where it is seen."""
+
+    def run_id(self) -> str:
+        """This run's id: sortable by start, unique."""
+        return self._run_id
 
 
 class Outcome(BaseModel):

@@ -11,11 +11,12 @@ import time
 from tqdm.auto import tqdm
 
 from distilq.config import ScoreConfig, ScoreOptions
-from distilq.errors import ScoringFailed
-from distilq.manifest import ScoreSummary
+from distilq.errors import AuditFailed, ScoringFailed
+from distilq.manifest import RunAudit, ScoreSummary
 from distilq.pipelines.runner import Runner
-from distilq.registry.registry import Registry
+from distilq.registry.registry import Registry, utc_now
 from distilq.report.render import score_summary_line
+from distilq.score.audit import AuditPlan, plan_audit
 from distilq.score.inputs import Plan, Shard, plan_shards
 from distilq.score.output import (
     ManifestNotSaved,
@@ -39,6 +40,7 @@ def score_dataset(config: ScoreConfig, run: Runner | None = None) -> ScoreSummar
     start = time.perf_counter()
     version, options = run.step(resolve_model, config)
     plan = run.step(plan_inputs, config, options)
+    audit = run.step(audit_plan, config, version, plan)
     with output_lock(config.output):
         manifest, todo = run.step(prepare, config, plan, version, options)
         for uri, error in plan.unreadable.items():
@@ -60,18 +62,24 @@ def score_dataset(config: ScoreConfig, run: Runner | None = None) -> ScoreSummar
             bar.update(shard.rows)
             progress(bar.n, total, f"{bar.n:,} of {total:,} rows to score in this run")
 
-        run.map_shards(score_one_shard, todo, (config, version, options), done)
+        run.map_shards(score_one_shard, todo, (config, version, options, audit), done)
         bar.close()
         this_run = {s.output for s in todo}
-        summary = manifest.finalize(time.perf_counter() - start, this_run)
+        summary = manifest.finalize(time.perf_counter() - start, this_run, audit)
+    if summary.audit.rows:
+        run.step(record_audit, config, summary, manifest, this_run, run.run_id(), retries=2)
     log.info(score_summary_line(summary))
     run.scored(summary, manifest)
+    if summary.audit.passed is False:
+        run.audit_failed(summary, config)
     if summary.failed:
         raise ScoringFailed(
             f"{len(summary.failed)} input file(s) failed: "
             + "; ".join(f"{uri}: {why}" for uri, why in summary.failed.items()),
             summary,
         )
+    if summary.audit.passed is False:
+        raise AuditFailed(audit_failed_message(summary), summary)
     return summary
 
 
@@ -125,6 +133,24 @@ def plan_inputs(config: ScoreConfig, options: ScoreOptions) -> Plan:
     return plan
 
 
+def audit_plan(config: ScoreConfig, version: str, plan: Plan) -> AuditPlan:
+    """How this run audits (over every shard of the inputs, so a resume samples as the
+    first run did); says so when it cannot."""
+    registry = Registry(config.registry)
+    audit = plan_audit(config, registry, registry.manifest(version), plan.shards)
+    if audit.active:
+        log.info(
+            "audit: rows sampled at %g against %s, bar %.2f%% at %.0f%%",
+            audit.sampling_rate,
+            audit.reference.describe(),
+            100 * audit.threshold,
+            100 * audit.confidence,
+        )
+    else:
+        log.warning("not audited: %s", audit.reason)
+    return audit
+
+
 def prepare(
     config: ScoreConfig, plan: Plan, version: str, options: ScoreOptions
 ) -> tuple[OutputManifest, list[Shard]]:
@@ -139,9 +165,9 @@ def prepare(
 
 
 def score_one_shard(
-    shard: Shard, config: ScoreConfig, version: str, options: ScoreOptions
+    shard: Shard, config: ScoreConfig, version: str, options: ScoreOptions, audit: AuditPlan
 ) -> ShardStats:
-    """Score one shard on this worker (model loaded once per process); log progress."""
+    """Score one shard on this worker (models loaded once per process); log progress."""
     from distilq.runtime import configure_worker
     from distilq.score.classifier import load_cached
 
@@ -157,6 +183,46 @@ def score_one_shard(
             rate = done / (last - start)
             log.info("%s: %d/%d rows, %.1f rows/s", shard.output, done, shard.rows, rate)
 
-    stats = score_shard(classifier, shard, config.output, options, progress)
+    stats = score_shard(classifier, shard, config.output, options, progress, audit)
     log.info("%s: %d rows in %.1f s", shard.output, stats.rows_written, stats.seconds)
     return stats
+
+
+def record_audit(
+    config: ScoreConfig, summary: ScoreSummary, manifest: OutputManifest, this_run: set, run_id
+) -> RunAudit | None:
+    """`versions/<v>/audits/<run-id>.json`: the output's audit as this run ended, and the
+    rows this run audited itself (what `models show` pools). None, and nothing written,
+    when this run audited no row (a re-run of a complete output)."""
+    audit = summary.audit
+    own = [s.audit for name, s in manifest.record.shards.items() if name in this_run and s.audit]
+    if not sum(a.rows for a in own):
+        return None
+    record = RunAudit(
+        run_id=run_id,
+        created_at=utc_now(),
+        model_version=summary.model_version,
+        output=summary.output,
+        **audit.model_dump(
+            include={
+                "rows", "agreeing", "agreement", "agreement_lower_bound", "confidence",
+                "threshold", "passed", "reason",
+            }
+        ),
+        run_rows=sum(a.rows for a in own),
+        run_agreeing=sum(a.agreeing for a in own),
+    )  # fmt: skip
+    Registry(config.registry).write_audit(record)
+    return record
+
+
+def audit_failed_message(summary: ScoreSummary) -> str:
+    """One line with the numbers."""
+    a = summary.audit
+    return (
+        f"audit FAILED for {summary.model_version} on {summary.output}: {a.agreeing:,} of "
+        f"{a.rows:,} audited rows agree with FP32 ({a.agreement:.2%}); lower bound "
+        f"{a.agreement_lower_bound:.2%} at {a.confidence:.0%} is below the bar "
+        f"{a.threshold:.2%}. The scored files are kept; flipped rows are in "
+        f"{summary.output}/_manifest.json, every audited row in {summary.output}/{a.file}"
+    )

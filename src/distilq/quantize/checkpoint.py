@@ -119,6 +119,17 @@ def _local_checkpoint(source: str, kind: str, path: Path, names: list[str]) -> C
     return Checkpoint(source, kind, path, f"sha256:{combined.hexdigest()}", hashes)
 
 
+def copy_checkpoint(path: str | Path, target: str | Path) -> None:
+    """Copy what distilq reads of a checkpoint directory (config, tokenizer, weights) to
+    `target`."""
+    import shutil
+
+    path, target = Path(path), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in _needed_files([p.name for p in path.iterdir() if p.is_file()]):
+        shutil.copyfile(path / name, target / name)
+
+
 def _cache_root(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir) if cache_dir else Path.home() / ".cache" / "distilq"
 
@@ -206,6 +217,14 @@ def load_checkpoint(path: str | Path):
     trained weights for its head, a missing tokenizer, unreadable weights. Pickle weights
     load only with ``weights_only=True``.
     """
+    path = Path(path)
+    model = load_model(path)
+    return model, _load_tokenizer(path)
+
+
+def load_model(path: str | Path):
+    """The FP32 sequence classifier of a local checkpoint directory, refused as
+    `load_checkpoint` refuses it; no tokenizer needed."""
     from transformers import AutoConfig
 
     path = Path(path)
@@ -214,8 +233,7 @@ def load_checkpoint(path: str | Path):
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as e:
         raise InputError(f"{path}: unsupported config: {e}") from e
-    tokenizer = _load_tokenizer(path)
-    return _load_classifier(path, config).eval(), tokenizer
+    return _load_classifier(path, config).eval()
 
 
 def _load_tokenizer(path: Path):

@@ -28,7 +28,7 @@ from distilq.manifest import (
     VersionManifest,
     VersionMetrics,
 )
-from distilq.quantize.checkpoint import Checkpoint, sha256_file
+from distilq.quantize.checkpoint import Checkpoint, copy_checkpoint, sha256_file
 from distilq.quantize.recipes import AUTO
 from distilq.report import charts
 from distilq.report.render import render_report
@@ -97,9 +97,11 @@ def run_key(
     thresholds: GateThresholds,
     pass_probability: float,
     policy: BatchingPolicy,
+    keep_reference: bool = False,
 ) -> str:
     """Identity of a quantize-and-promote run's inputs (`recipe`: its name, as configured):
-    the same key means the same result."""
+    the same key means the same result (a version that keeps its FP32 reference is another
+    result; without one, keys are as before references existed)."""
     inputs = {
         "source": checkpoint.source,
         "revision": checkpoint.revision,
@@ -110,6 +112,8 @@ def run_key(
         "batching": policy.model_dump(),
         "split": SPLIT_RULE,
     }
+    if keep_reference:
+        inputs["keep_reference"] = True
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -159,16 +163,22 @@ def stage_version(
     validation: ValidationSet,
     policy: BatchingPolicy,
     key: str,
+    keep_reference: bool = False,
 ) -> VersionManifest:
     """Write `model/`, the self-check data and `report.md` under `staging` and return the
     manifest describing them.
 
     `gated` holds the candidate and what the gate measured on `gated.confirmation`, the part
     of `validation` (see `split`) that `auto`'s choices never saw; both models' predictions
-    there are kept for self-checks on other platforms (`distilq.gate.attest`)."""
+    there are kept for self-checks on other platforms (`distilq.gate.attest`). With
+    `keep_reference`, the FP32 checkpoint goes in `reference/` for scoring audits."""
     staging = Path(staging)
     model_dir, candidate = staging / "model", gated.candidate
     weights = _write_model(model_dir, candidate, tokenizer)
+    if keep_reference:
+        from distilq.registry.registry import REFERENCE_PREFIX
+
+        copy_checkpoint(checkpoint.path, staging / REFERENCE_PREFIX)
     write_selfcheck(staging, gated.confirmation, gated.fp32.labels, gated.int8.probs)
     now = datetime.now(UTC)
     manifest = VersionManifest(

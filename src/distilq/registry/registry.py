@@ -4,6 +4,8 @@ Layout under the registry root (a directory or an fsspec URI)::
 
     versions/<version>/model/          config, tokenizer files, INT8 weights
     versions/<version>/report.md
+    versions/<version>/reference/      the FP32 checkpoint, with `quantize --keep-reference`
+    versions/<version>/audits/<run>.json  each scoring run's FP32 audit (not in the manifest)
     versions/<version>/manifest.sha256 the manifest's sha256, checked on every read
     versions/<version>/manifest.json   written last: a version exists once it is there
     aliases/production.json
@@ -35,7 +37,7 @@ from typing import TypeVar
 
 from distilq.errors import DistilqError, InputError, IntegrityError
 from distilq.gate.decide import decide_manifest
-from distilq.manifest import VersionManifest, read_version_manifest
+from distilq.manifest import RunAudit, VersionManifest, read_version_manifest
 from distilq.quantize.checkpoint import sha256_file
 from distilq.registry.store import Store, WriteConflict
 
@@ -45,6 +47,8 @@ MANIFEST = "manifest.json"
 # read: a manifest edited after publishing is refused.
 MANIFEST_SHA256 = "manifest.sha256"
 HISTORY = "history.jsonl"
+REFERENCE_PREFIX = "reference/"  # a kept FP32 checkpoint (see distilq.score.audit)
+AUDITS = "audits"
 CONFLICT_RETRIES = 20
 # A temporary file this old was left by a killed writer (writing one takes milliseconds).
 STALE_TEMPORARY_SECONDS = 600
@@ -222,20 +226,45 @@ class Registry:
     def fetch(
         self, ref: str = PRODUCTION, cache_dir: str | Path | None = None
     ) -> tuple[Path, VersionManifest]:
-        """A local directory holding the version's files, every sha256 checked; and its manifest."""
+        """A local directory holding the version's files, every sha256 checked; and its
+        manifest. A kept FP32 reference (`reference/`) is left out: only audits read it
+        (`fetch_files`)."""
         version = self.resolve(ref)
         manifest = self.manifest(version)
-        local = self.store.local_path("versions", version)
+        keep = {rel for rel in manifest.files if not rel.startswith(REFERENCE_PREFIX)}
+        return self._fetch(manifest, keep, cache_dir), manifest
+
+    def fetch_files(self, version: str, prefix: str, cache_dir: str | Path | None = None) -> Path:
+        """A local directory holding the version's files under `prefix`, sha256 checked."""
+        manifest = self.manifest(version)
+        wanted = {rel for rel in manifest.files if rel.startswith(prefix)}
+        return self._fetch(manifest, wanted, cache_dir)
+
+    def _fetch(self, manifest: VersionManifest, wanted: set[str], cache_dir) -> Path:
+        local = self.store.local_path("versions", manifest.version)
         if local is None:  # an object store: download what the cache lacks
             base = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "distilq" / "registry"
-            local = base / version
-            for rel, sha256 in manifest.files.items():
+            local = base / manifest.version
+            for rel in sorted(wanted):
                 target = local / rel
-                if not target.exists() or sha256_file(target) != sha256:
+                if not target.exists() or sha256_file(target) != manifest.files[rel]:
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    self.store.get_file(f"versions/{version}/{rel}", target)
-        verify_files(local, manifest)
-        return local, manifest
+                    self.store.get_file(f"versions/{manifest.version}/{rel}", target)
+        verify_files(local, manifest, wanted)
+        return local
+
+    def audits(self, version: str) -> list[RunAudit]:
+        """Every scoring run's audit of `version` (`versions/<v>/audits/`), oldest first."""
+        check_ref(version, "version")
+        where = ("versions", version, AUDITS)
+        names = sorted(n for n in self.store.list(*where) if n.endswith(".json"))
+        return [RunAudit.model_validate_json(self.store.read(*where, n)) for n in names]
+
+    def write_audit(self, record: RunAudit) -> None:
+        """Record one scoring run's audit; written once (a conditional create on object
+        stores), never over another run's."""
+        rel = f"versions/{record.model_version}/{AUDITS}/{record.run_id}.json"
+        self.store.write_if_unchanged(rel, manifest_bytes(record.model_dump(mode="json")), None)
 
     # -- writing --------------------------------------------------------------------------
 
@@ -459,10 +488,15 @@ def manifest_bytes(data: dict) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
-def verify_files(directory: str | Path, manifest: VersionManifest) -> None:
-    """Check every file listed in the manifest against its sha256; refuse any mismatch."""
+def verify_files(
+    directory: str | Path, manifest: VersionManifest, only: set[str] | None = None
+) -> None:
+    """Check every file listed in the manifest (or those of them in `only`) against its
+    sha256; refuse any mismatch."""
     directory = Path(directory)
     for rel, expected in manifest.files.items():
+        if only is not None and rel not in only:
+            continue
         path = directory / rel
         if not path.is_file():
             raise IntegrityError(f"{path}: missing (listed in the manifest of {manifest.version})")

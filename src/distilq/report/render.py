@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from distilq.manifest import (
+    AuditRecord,
     FallbackRecord,
     OutputRecord,
     RecipeRecord,
@@ -13,6 +14,7 @@ from distilq.manifest import (
     VersionMetrics,
 )
 from distilq.report.charts import CHART, MISSING, SENSITIVE_LAYERS_SHOWN
+from distilq.score.audit import audit_line
 
 MIB = 2**20
 
@@ -330,7 +332,8 @@ def score_summary_line(summary: ScoreSummary) -> str:
     return (
         f"{line}. Output {s.output} holds {s.rows_written:,} rows from {s.files} file(s) "
         f"scored by {s.model_version}: {labels_text(s.labels)}; mean score {mean}; "
-        f"{s.rows_error:,} row(s) with errors, {s.rows_truncated:,} truncated."
+        f"{s.rows_error:,} row(s) with errors, {s.rows_truncated:,} truncated. "
+        f"{audit_line(s.audit, s.rows_written)}."
     )
 
 
@@ -352,6 +355,19 @@ def score_summary_table(summary: ScoreSummary) -> list[tuple[str, str]]:
         ("mean score", mean),
         ("rows with errors", f"{s.rows_error:,}"),
         ("rows truncated", f"{s.rows_truncated:,}"),
+        *_audit_rows(s.audit),
+    ]
+
+
+def _audit_rows(audit: AuditRecord | None) -> list[tuple[str, str]]:
+    if audit is None or not audit.rows:
+        return [("audit", f"not audited: {audit.reason}" if audit else "none")]
+    verdict = {True: "passed", False: "FAILED", None: "too few rows to certify"}[audit.passed]
+    return [
+        ("rows audited in FP32", f"{audit.rows:,}"),
+        ("audited rows that agree", f"{audit.agreeing:,} ({audit.agreement:.2%})"),
+        (f"agreement lower bound at {audit.confidence:.0%}", f"{audit.agreement_lower_bound:.2%}"),
+        ("audit", f"{verdict} (bar {audit.threshold:.2%})"),
     ]
 
 

@@ -1,4 +1,5 @@
-"""A scoring run's output directory: scored `*.parquet` files and `_manifest.json`.
+"""A scoring run's output directory: scored `*.parquet` files, `_manifest.json` and, when
+rows were audited, `_audit.parquet` (see `distilq.score.audit`).
 
 A shard's file appears under its final name by one rename (or one upload), after it is
 complete; the manifest records which shards are done, from which inputs, with which model
@@ -10,14 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
 
+import pyarrow as pa
+
 from distilq.errors import DistilqError, InputError, IntegrityError
 from distilq.manifest import OutputRecord, ScoreSummary, ShardRecord, read_output_manifest
 from distilq.registry.store import Store, WriteConflict, temporary_prefix
+from distilq.score.audit import AUDIT_FILE, AuditPlan, pooled
 from distilq.score.inputs import Plan, Shard
+
+log = logging.getLogger("distilq")
 
 MANIFEST = "_manifest.json"
 
@@ -34,6 +41,7 @@ class OutputManifest:
         self.store = Store(output_dir)
         self.record: OutputRecord | None = None  # None: no manifest there yet
         self.token: str | None = None  # S3: the ETag of the manifest we last read or wrote
+        self.audit_rows: dict[str, list[dict]] = {}  # shard -> its rows in _audit.parquet
 
     def load(self) -> OutputRecord | None:
         """Read the manifest (None if there is none); refuse one distilq did not write."""
@@ -68,25 +76,69 @@ class OutputManifest:
             ) from e
 
     def record_shard(self, shard: Shard, stats) -> None:
-        """Mark a shard done (`stats`: its `ShardStats`) and save."""
+        """Mark a shard done (`stats`: its `ShardStats`) and save; its audited rows go to
+        `_audit.parquet` first (rows of a shard the manifest does not list are replaced
+        when it is scored again)."""
         self.record.failed.pop(shard.name, None)
+        fields = {k: v for k, v in asdict(stats).items() if k not in ("output", "audit_rows")}
         self.record.shards[shard.output] = ShardRecord(
             input=shard.uri,
             identity=shard.identity,
             row_groups=list(shard.row_groups) if shard.row_groups is not None else None,
-            **{k: v for k, v in asdict(stats).items() if k != "output"},
+            **fields,
         )
+        if stats.audit_rows or self.audit_rows.pop(shard.output, None):
+            if stats.audit_rows:
+                self.audit_rows[shard.output] = stats.audit_rows
+            try:
+                self._save_audit_rows()
+            except OSError as e:  # the shard stays unrecorded on disk: a re-run redoes it
+                raise ManifestNotSaved(
+                    f"could not save {self.output_dir}/{AUDIT_FILE} ({e.strerror or e}); "
+                    "a re-run once this is fixed rewrites the files it did not record"
+                ) from e
         self.save()
+
+    def load_audit_rows(self) -> None:
+        """The audited rows of the shards the manifest lists, from `_audit.parquet`."""
+        import pyarrow.parquet as pq
+
+        self.audit_rows = {}
+        if not self.store.exists(AUDIT_FILE):
+            return
+        try:
+            rows = pq.read_table(pa.BufferReader(self.store.read(AUDIT_FILE))).to_pylist()
+        except (OSError, pa.ArrowException) as e:
+            where = f"{self.output_dir}/{AUDIT_FILE}"
+            log.warning("%s is unreadable (%s); it is written anew", where, e)
+            return
+        for row in rows:
+            if row.get("shard") in self.record.shards:
+                self.audit_rows.setdefault(row["shard"], []).append(row)
+
+    def _save_audit_rows(self) -> None:
+        import pyarrow.parquet as pq
+
+        rows = [row for name in sorted(self.audit_rows) for row in self.audit_rows[name]]
+        if not rows:
+            self.store.remove(AUDIT_FILE)
+            return
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows), sink)
+        self.store.write_atomic(AUDIT_FILE, sink.getvalue().to_pybytes())
 
     def record_failure(self, name: str, error: str) -> None:
         """Record an input file (or shard of one, by `Shard.name`) that failed, and save."""
         self.record.failed[name] = error
         self.save()
 
-    def finalize(self, seconds: float, this_run: set[str]) -> ScoreSummary:
+    def finalize(
+        self, seconds: float, this_run: set[str], audit: AuditPlan | None = None
+    ) -> ScoreSummary:
         """Totals over every shard scored into this output (this run or before), also saved
-        as `summary`; `seconds` is this run's wall time, `this_run` the shards (by output
-        name) it set out to score: the others were skipped, already done."""
+        as `summary`, with the audit pooled over them by `audit`'s bar; `seconds` is this
+        run's wall time, `this_run` the shards (by output name) it set out to score: the
+        others were skipped, already done."""
         shards = self.record.shards.values()
         scored = [s for name, s in self.record.shards.items() if name in this_run]
         skipped = [s for name, s in self.record.shards.items() if name not in this_run]
@@ -110,8 +162,9 @@ class OutputManifest:
             rows_scored=sum(s.rows_written for s in scored),
             files_skipped=len(skipped),
             rows_skipped=sum(s.rows_written for s in skipped),
+            audit=pooled(list(shards), audit) if audit else None,
         )
-        self.record.summary = summary
+        self.record.summary, self.record.audit = summary, summary.audit
         self.save()
         return summary
 
@@ -146,6 +199,7 @@ def prepare_output(
         settings=settings,
         shards=_still_done(store, existing, problems, overwrite),
     )
+    manifest.load_audit_rows()
     manifest.save()
     return manifest, [s for s in plan.shards if s.output not in manifest.record.shards]
 
@@ -200,7 +254,9 @@ def _refuse_foreign_files(
 ) -> None:
     # A distilq output's own files: recorded shards, and shards of this plan that a killed
     # run finished but had not recorded yet.
-    ours = set(existing.shards) | {s.output for s in plan.shards} if existing else set()
+    ours = set()
+    if existing:
+        ours = set(existing.shards) | {s.output for s in plan.shards} | {AUDIT_FILE}
     foreign = [f for f in files if f != MANIFEST and f not in ours and not is_temporary(f)]
     if foreign:
         raise InputError(

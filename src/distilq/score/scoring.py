@@ -13,7 +13,9 @@ import pyarrow.parquet as pq
 
 from distilq.config import ScoreConfig, ScoreOptions
 from distilq.errors import InputError
+from distilq.manifest import ShardAudit
 from distilq.registry.store import Store
+from distilq.score.audit import AuditPlan, ShardSampler
 from distilq.score.inputs import Shard, copied_to_output, open_parquet
 
 
@@ -29,6 +31,8 @@ class ShardStats:
     seconds: float = 0.0
     labels: dict[str, int] = field(default_factory=dict)
     score_sum: float = 0.0
+    audit: ShardAudit | None = None  # None: the audit is off
+    audit_rows: list[dict] = field(default_factory=list)  # one per audited row
 
 
 def options_for(config: ScoreConfig, registry, version: str) -> ScoreOptions:
@@ -70,8 +74,16 @@ def score_window(
 class _ShardWriter:
     """The output columns of one shard, built batch by batch; counts what it wrote."""
 
-    def __init__(self, classifier, shard: Shard, input_schema: pa.Schema, options: ScoreOptions):
+    def __init__(
+        self,
+        classifier,
+        shard: Shard,
+        input_schema: pa.Schema,
+        options: ScoreOptions,
+        sampler: ShardSampler | None = None,
+    ):
         self.classifier, self.shard, self.options = classifier, shard, options
+        self.sampler = sampler
         self.labels = [classifier.id2label[i] for i in sorted(classifier.id2label)]
         names = list(input_schema.names)
         names += [k for k in shard.partitions if k not in input_schema.names]
@@ -91,12 +103,14 @@ class _ShardWriter:
         fields += [pa.field("model_version", pa.string()), pa.field("error", pa.string())]
         return pa.schema(fields)
 
-    def table(self, batch: pa.RecordBatch) -> pa.Table:
-        """The scored rows of one record batch, in input order."""
+    def table(self, batch: pa.RecordBatch, first_row: int) -> pa.Table:
+        """The scored rows of one record batch (`first_row`: the index of its first row in
+        the input file), in input order; the audit's sample taken from them."""
         n, options = batch.num_rows, self.options
-        probs, errors, truncated = score_window(
-            self.classifier, batch.column(options.text_column).to_pylist(), options
-        )
+        texts = batch.column(options.text_column).to_pylist()
+        probs, errors, truncated = score_window(self.classifier, texts, options)
+        if self.sampler:
+            self.sampler.offer(batch, texts, errors, probs, first_row)
         columns = {}
         for name in self.kept:
             if name in batch.schema.names:
@@ -135,22 +149,32 @@ def score_shard(
     output_dir: str,
     options: ScoreOptions,
     on_progress: Callable[[int], None] | None = None,
+    audit: AuditPlan | None = None,
 ) -> ShardStats:
-    """Score one shard into `output_dir/<shard.output>`, streaming record batches.
+    """Score one shard into `output_dir/<shard.output>`, streaming record batches; with an
+    active `audit`, its sampled rows then go through FP32 (see `distilq.score.audit`).
 
     Rows keep their order. The file appears under its name only when complete (see
     `Store.staged_file`): a killed run leaves no partial output.
     """
     start = time.perf_counter()
+    sampler = ShardSampler(audit, shard, options.id_columns) if audit and audit.active else None
     with open_parquet(shard.uri) as parquet, Store(output_dir).staged_file(shard.output) as sink:
-        writer = _ShardWriter(classifier, shard, parquet.schema_arrow, options)
+        writer = _ShardWriter(classifier, shard, parquet.schema_arrow, options, sampler)
+        groups = shard.row_groups or (0,)
+        row = sum(parquet.metadata.row_group(i).num_rows for i in range(groups[0]))
         with pq.ParquetWriter(sink, writer.schema) as out:
             batches = parquet.iter_batches(
                 batch_size=options.window_rows, row_groups=shard.row_groups, columns=writer.read
             )
             for batch in batches:
-                out.write_table(writer.table(batch))
+                out.write_table(writer.table(batch, row))
+                row += batch.num_rows
                 if on_progress:
                     on_progress(batch.num_rows)
+        if sampler:  # before the file is committed: a shard is done with its audit
+            writer.stats.audit, writer.stats.audit_rows = sampler.audit(
+                classifier, options.batching
+            )
     writer.stats.seconds = time.perf_counter() - start
     return writer.stats

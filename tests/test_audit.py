@@ -1,0 +1,339 @@
+"""The FP32 audit of scoring runs: which rows it samples, that it agrees with a plain FP32
+run of them, what it records (output manifest, `_audit.parquet`, the version's live record)
+and the alarm when INT8 disagrees (exit 3, the files kept, a Prefect event)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distilq.config import ScoreConfig
+from distilq.gate import stats
+from distilq.manifest import ShardAudit, ShardRecord
+from distilq.pipelines.score import score_dataset
+from distilq.registry.registry import Registry
+from distilq.score.audit import AuditPlan, apportion, audit_key, pooled
+from tests.conftest import (
+    DISTILQ,
+    cli_env,
+    make_checkpoint,
+    make_texts,
+    quantize,
+    run,
+    tiny_config,
+    wait_until,
+)
+
+RATE = 0.3
+
+
+def by_hand(text: str) -> float:
+    """The documented sampling rule, computed here on its own."""
+    digest = hashlib.sha256(b"distilq-audit:" + text.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def test_the_sample_is_a_hash_of_the_text_at_the_rate():
+    texts = make_texts(20_000, seed=3)
+    assert [audit_key(t) for t in texts[:50]] == [by_hand(t) for t in texts[:50]]
+    share = sum(audit_key(t) < 0.1 for t in set(texts)) / len(set(texts))
+    assert share == pytest.approx(0.1, abs=0.01)
+    assert apportion(10, [5, 5, 5]) == [4, 3, 3]
+    assert apportion(100, [700, 200, 100, 0]) == [70, 20, 10, 0]
+    assert sum(apportion(997, [13, 71, 5, 900])) == 997
+
+
+def plan(threshold: float, reason: str | None = None) -> AuditPlan:
+    return AuditPlan(0.01, 0.01, None, None, threshold, 0.95, None, reason, False, "r", "v")
+
+
+def shard(rows: int, agreeing: int, reason: str | None = None) -> ShardRecord:
+    fields = {"rows_read": rows, "rows_written": rows, "rows_error": 0, "rows_truncated": 0}
+    return ShardRecord(
+        input="x", identity={}, row_groups=None, seconds=0, labels={}, score_sum=0,
+        audit=ShardAudit(rows=rows, agreeing=agreeing, reason=reason), **fields,
+    )  # fmt: skip
+
+
+def test_the_verdict_certifies_never_guesses():
+    # 298 agreeing rows cannot certify 0.99 at 95% (299 are needed): no verdict, never a fail.
+    few = pooled([shard(298, 200)], plan(0.99))
+    assert few.passed is None and "too few rows to certify" in few.reason
+    assert few.agreement_lower_bound == stats.agreement_lower_bound(200, 298, 0.95)
+    # Two shards pool: 600 rows, 3 flips.
+    both = pooled([shard(300, 299), shard(300, 298)], plan(0.98))
+    assert (both.rows, both.agreeing) == (600, 597)
+    assert both.agreement_lower_bound == stats.agreement_lower_bound(597, 600, 0.95)
+    assert both.passed is (both.agreement_lower_bound >= 0.98) is True
+    assert pooled([shard(300, 299), shard(300, 298)], plan(0.99)).passed is False
+    # A shard whose FP32 model could not be had is said, the others still count.
+    part = pooled([shard(400, 400), shard(0, 0, "gone")], plan(0.99))
+    assert part.passed is True and "1 shard(s) not audited: gone" in part.reason
+    off = pooled([], plan(0.99, "--audit-rate 0"))
+    assert off.passed is None and off.rows == 0 and off.reason == "--audit-rate 0"
+
+
+def fp32_by_hand(checkpoint: Path, texts: list[str], max_length: int) -> list[tuple[str, float]]:
+    """Label and score of each text by plain transformers FP32, one text at a time."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    out = []
+    with torch.inference_mode():
+        for text in texts:
+            enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+            probs = model(**enc).logits.softmax(-1)[0]
+            best = int(probs.argmax())
+            out.append((model.config.id2label[best], float(probs[best])))
+    return out
+
+
+@pytest.fixture(scope="module")
+def scored(promoted_registry, tmp_path_factory):
+    """Two files (one with a null and an empty text) scored with a 30% audit, by the
+    library pipeline alone."""
+    root = tmp_path_factory.mktemp("audited")
+    texts = {"a.parquet": make_texts(300, seed=11), "b.parquet": make_texts(200, seed=12)}
+    texts["a.parquet"][5], texts["a.parquet"][6] = None, ""
+    (root / "in").mkdir()
+    for name, column in texts.items():
+        table = pa.table({"id": [f"{name}-{i}" for i in range(len(column))], "text": column})
+        pq.write_table(table, root / "in" / name)
+    config = ScoreConfig(
+        inputs=[str(root / "in")], output=str(root / "out"), registry=str(promoted_registry),
+        audit_rate=RATE, min_audit_agreement=0.8,
+    )  # fmt: skip
+    return config, score_dataset(config), texts
+
+
+def test_the_audit_is_a_plain_fp32_run_of_the_sampled_rows(scored, tiny_checkpoint):
+    config, summary, texts = scored
+    out = Path(config.output)
+    rows = pq.read_table(out / "_audit.parquet").to_pylist()
+    expected = [
+        (str(Path(config.inputs[0]) / name), i)
+        for name in sorted(texts)
+        for i, text in enumerate(texts[name])
+        if text and by_hand(text) < RATE
+    ]
+    assert [(r["file"], r["index"]) for r in rows] == expected and len(expected) > 100
+    sampled = [texts[Path(f).name][i] for f, i in expected]
+    fp32 = fp32_by_hand(tiny_checkpoint, sampled, 64)
+    assert [r["fp32_label"] for r in rows] == [label for label, _ in fp32]
+    assert [r["fp32_score"] for r in rows] == pytest.approx([s for _, s in fp32], abs=1e-5)
+    # INT8's side is the row's score in the output file, as scored with all the others.
+    for r in rows:
+        row = pq.read_table(out / Path(r["file"]).name).slice(r["index"], 1).to_pylist()[0]
+        assert (r["int8_label"], r["int8_score"]) == (row["label"], pytest.approx(row["score"]))
+    flips = [r for r in rows if r["fp32_label"] != r["int8_label"]]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    audit = manifest["audit"]
+    assert (audit["rows"], audit["agreeing"]) == (len(rows), len(rows) - len(flips))
+    assert audit["agreement_lower_bound"] == stats.agreement_lower_bound(
+        audit["agreeing"], audit["rows"], 0.95
+    )
+    assert audit["confidence"] == 0.95 and audit["threshold"] == 0.8
+    assert audit["passed"] is (audit["agreement_lower_bound"] >= 0.8)
+    assert [(f["file"], f["index"], f["int8_label"]) for f in audit["flipped"]] == [
+        (r["file"], r["index"], r["int8_label"]) for r in flips
+    ]
+    assert summary.audit.model_dump() == audit
+    said = (
+        f"audit: {audit['rows']:,} of 500 rows re-run in FP32, {audit['agreeing']:,} agree "
+        f"(lower bound {audit['agreement_lower_bound']:.1%} at 95%)"
+    )
+    from distilq.report.render import score_summary_line
+
+    assert said in score_summary_line(summary)
+
+
+def test_the_version_keeps_a_live_record_of_every_audited_run(scored):
+    config, summary, _ = scored
+    registry = Registry(config.registry)
+    (record,) = [r for r in registry.audits(summary.model_version) if r.output == config.output]
+    assert (record.rows, record.run_rows, record.passed) == (
+        summary.audit.rows,
+        summary.audit.rows,
+        summary.audit.passed,
+    )
+    shown = json.loads(run("models", "show", "--json", "--registry", config.registry).stdout)
+    live = shown["live_audit"]
+    runs = registry.audits(summary.model_version)
+    assert live["runs"] == len(runs) and live["rows"] == sum(r.run_rows for r in runs)
+    assert live["agreement_lower_bound"] == stats.agreement_lower_bound(
+        live["agreeing"], live["rows"], 0.95
+    )
+    listed = json.loads(run("models", "audits", "--json", "--registry", config.registry).stdout)
+    assert config.output in [r["output"] for r in listed]
+
+
+def test_a_rerun_audits_nothing_new_and_pools_what_the_manifest_holds(scored):
+    config, summary, _ = scored
+    again = score_dataset(config)
+    assert again.rows_scored == 0 and again.audit.rows == summary.audit.rows
+    assert again.audit.agreeing == summary.audit.agreeing
+    runs = [r for r in Registry(config.registry).audits(summary.model_version)]
+    assert sum(r.output == config.output for r in runs) == 1  # nothing audited: no record
+
+
+def test_rate_zero_loads_no_fp32_and_says_not_audited(promoted_registry, tmp_path):
+    pq.write_table(pa.table({"text": make_texts(50, seed=2)}), tmp_path / "x.parquet")
+    config = ScoreConfig(
+        inputs=[str(tmp_path / "x.parquet")], output=str(tmp_path / "out"),
+        registry=str(promoted_registry), audit_rate=0,
+    )  # fmt: skip
+    summary = score_dataset(config)
+    assert summary.audit.passed is None and summary.audit.reason == "--audit-rate 0"
+    assert not (tmp_path / "out" / "_audit.parquet").exists()
+
+
+@pytest.fixture
+def own_registry(tmp_path, tiny_validation) -> tuple[Path, Path]:
+    """A promoted tiny version whose source directory the test may change; and that source."""
+    from distilq.pipelines.quantize import quantize_and_promote
+
+    source = make_checkpoint(tmp_path / "source", seed=4)
+    assert quantize_and_promote(tiny_config(source, tiny_validation, tmp_path / "reg")).promoted
+    pq.write_table(pa.table({"text": make_texts(400, seed=9)}), tmp_path / "in.parquet")
+    return tmp_path / "reg", source
+
+
+def score_cli(registry: Path, out: Path, *extra: str):
+    data = out.parent / "in.parquet"
+    args = ["score", "--input", str(data), "--output", str(out), "--registry", str(registry)]
+    return run(*args, "--audit-rate", "0.2", *extra)
+
+
+@pytest.mark.slow
+def test_a_source_gone_or_changed_scores_unaudited_unless_required(own_registry, tmp_path):
+    registry, source = own_registry
+    moved = source.with_name("moved")
+    source.rename(moved)
+    done = score_cli(registry, tmp_path / "gone", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    audit = json.loads(done.stdout)["audit"]
+    assert audit["passed"] is None and audit["rows"] == 0
+    assert "not on this machine" in audit["reason"] and str(source) in audit["reason"]
+    assert len(pq.read_table(tmp_path / "gone" / "in.parquet")) == 400
+
+    required = score_cli(registry, tmp_path / "required", "--require-audit")
+    assert required.returncode == 2 and "--require-audit" in required.stderr
+    assert not list((tmp_path / "required").glob("*.parquet"))  # refused before scoring
+
+    # The source is back but its weights changed: never audited against another model.
+    moved.rename(source)
+    make_checkpoint(source, seed=5)
+    done = score_cli(registry, tmp_path / "changed", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    audit = json.loads(done.stdout)["audit"]
+    assert audit["rows"] == 0 and "sha256 differs" in audit["reason"]
+    assert "not audited" in done.stderr or "not audited" in done.stdout
+
+
+@pytest.mark.slow
+def test_keep_reference_audits_from_the_version_without_the_source(tmp_path, tiny_validation):
+    source = make_checkpoint(tmp_path / "source", seed=4)
+    args = quantize(source, tiny_validation, tmp_path / "reg", "--keep-reference")
+    done = run(*args, "--recipe", "dynamic-int8-pc", "--min-agreement", "0", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads(done.stdout)
+    kept = {rel: sha for rel, sha in manifest["files"].items() if rel.startswith("reference/")}
+    assert kept["reference/model.safetensors"] == manifest["source"]["sha256"]["model.safetensors"]
+    shutil.rmtree(source)
+    pq.write_table(pa.table({"text": make_texts(400, seed=9)}), tmp_path / "in.parquet")
+    done = score_cli(tmp_path / "reg", tmp_path / "out", "--require-audit", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    audit = json.loads(done.stdout)["audit"]
+    assert audit["rows"] > 40 and "kept in the version" in audit["reference"]
+    # Loading the INT8 model never reads the reference: a damaged copy fails the audit only.
+    version = manifest["version"]
+    weights = tmp_path / "reg" / "versions" / version / "reference" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    done = score_cli(tmp_path / "reg", tmp_path / "out2", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "model.safetensors" in json.loads(done.stdout)["audit"]["reason"]
+
+
+def read_back(env: dict, fn):
+    """`fn(client)` on the test server."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def go():
+        async with get_client() as client:
+            return await fn(client)
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        return asyncio.run(go())
+
+
+@pytest.mark.slow
+def test_an_int8_model_that_disagrees_fails_its_audit_and_raises_the_alarm(
+    prefect_server, tmp_path, tiny_validation
+):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    # An outlier planted in one layer: per-channel INT8 rounds the rest of its rows to zero.
+    source = make_checkpoint(tmp_path / "source", seed=1, sensitive=True)
+    args = quantize(source, tiny_validation, tmp_path / "reg", "--recipe", "dynamic-int8-pc")
+    done = run(*args, "--min-agreement", "0", "--max-accuracy-drop", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    pq.write_table(
+        pa.table({"review": list(range(600)), "text": make_texts(600, seed=8)}),
+        tmp_path / "in.parquet",
+    )
+    out = tmp_path / "out"
+    env = {**cli_env(), **prefect_server}
+    args = [
+        DISTILQ, "score", "--input", str(tmp_path / "in.parquet"), "--output", str(out),
+        "--registry", str(tmp_path / "reg"), "--audit-rate", "0.5", "--id-column", "review",
+        "--min-audit-agreement", "0.95",
+    ]  # fmt: skip
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 3, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]  # the run ends with one line, the numbers
+    assert last.startswith("distilq: audit FAILED") and "below the bar 95.00%" in last
+    assert len(pq.read_table(out / "in.parquet")) == 600  # the scored file is kept
+    audit = json.loads((out / "_manifest.json").read_text())["audit"]
+    assert audit["passed"] is False and audit["agreement_lower_bound"] < 0.95
+    assert audit["rows"] - audit["agreeing"] == len(audit["flipped"]) > 10
+    assert pq.read_table(out / "_audit.parquet").column_names[:1] == ["review"]
+
+    def ours() -> list:
+        named = EventFilter(event=EventNameFilter(name=["distilq.audit.failed"]))
+        # limit: the client's default (100) is above what the server accepts (50).
+        events = read_back(prefect_server, lambda c: c.read_events(named, limit=50)).events
+        return [e for e in events if e.payload["output"] == str(out)]
+
+    wait_until(lambda: bool(ours()), 60, "the distilq.audit.failed event")
+    (event,) = ours()
+    version = Registry(tmp_path / "reg").alias()
+    assert event.payload["version"] == version and event.payload["rows"] == audit["rows"]
+    assert event.resource.id == f"distilq.model.{version}"
+    runs = read_back(
+        prefect_server,
+        lambda c: c.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["audit-failed"]))
+        ),
+    )
+    assert [r.state.is_failed() for r in runs] == [True]
+
+    shown = run("models", "show", "--registry", str(tmp_path / "reg"))
+    assert "FAILED audit" in shown.stdout and str(out) in shown.stdout
+
+
+def test_require_audit_with_the_audit_off_is_refused_in_one_line():
+    done = run("score", "--input", "x", "--output", "y", "--audit-rate", "0", "--require-audit")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "distilq: error: --require-audit needs an --audit-rate above 0"
