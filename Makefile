@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_score.py
 	$(PY) bench/bench_int8.py
 	$(PY) bench/bench_startup.py
+	$(PY) bench/bench_audit.py
 
 clean:
 	rm -rf $(VENV) registry .pytest_cache

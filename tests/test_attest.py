@@ -52,7 +52,8 @@ def test_a_new_platform_is_self_checked_once_then_attested(promoted_registry, tm
     again = run("models", "attest", "--registry", str(tmp_path / "reg"))
     assert again.returncode == 0 and "attested earlier on platform" in again.stdout
     shown = run("models", "show", "--registry", str(tmp_path / "reg"))
-    assert f"`{record['platform']['key']}`" in shown.stdout.splitlines()[-1]
+    (attested,) = [line for line in shown.stdout.splitlines() if "Attested platforms" in line]
+    assert f"`{record['platform']['key']}`" in attested
 
 
 @pytest.fixture

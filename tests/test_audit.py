@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distilq.config import ScoreConfig
+from distilq.errors import InputError
 from distilq.gate import stats
 from distilq.manifest import ShardAudit, ShardRecord
 from distilq.pipelines.score import score_dataset
@@ -26,7 +27,6 @@ from tests.conftest import (
     cli_env,
     make_checkpoint,
     make_texts,
-    quantize,
     run,
     tiny_config,
     wait_until,
@@ -78,7 +78,7 @@ def test_the_verdict_certifies_never_guesses():
     part = pooled([shard(400, 400), shard(0, 0, "gone")], plan(0.99))
     assert part.passed is True and "1 shard(s) not audited: gone" in part.reason
     off = pooled([], plan(0.99, "--audit-rate 0"))
-    assert off.passed is None and off.rows == 0 and off.reason == "--audit-rate 0"
+    assert off.passed is None and off.rows == 0 and off.reason == "not audited: --audit-rate 0"
 
 
 def fp32_by_hand(checkpoint: Path, texts: list[str], max_length: int) -> list[tuple[str, float]]:
@@ -150,7 +150,7 @@ def test_the_audit_is_a_plain_fp32_run_of_the_sampled_rows(scored, tiny_checkpoi
     assert summary.audit.model_dump() == audit
     said = (
         f"audit: {audit['rows']:,} of 500 rows re-run in FP32, {audit['agreeing']:,} agree "
-        f"(lower bound {audit['agreement_lower_bound']:.1%} at 95%)"
+        f"(lower bound {audit['agreement_lower_bound']:.1%} at 95%), in {audit['seconds']:.1f} s"
     )
     from distilq.report.render import score_summary_line
 
@@ -193,75 +193,65 @@ def test_rate_zero_loads_no_fp32_and_says_not_audited(promoted_registry, tmp_pat
         registry=str(promoted_registry), audit_rate=0,
     )  # fmt: skip
     summary = score_dataset(config)
-    assert summary.audit.passed is None and summary.audit.reason == "--audit-rate 0"
+    assert summary.audit.passed is None and summary.audit.reason == "not audited: --audit-rate 0"
     assert not (tmp_path / "out" / "_audit.parquet").exists()
 
 
-@pytest.fixture
-def own_registry(tmp_path, tiny_validation) -> tuple[Path, Path]:
-    """A promoted tiny version whose source directory the test may change; and that source."""
+def score_on(registry: Path, out: Path, **fields):
+    """The library pipeline on `in.parquet` beside `out`, auditing a fifth of the rows."""
+    config = ScoreConfig(
+        inputs=[str(out.parent / "in.parquet")], output=str(out), registry=str(registry),
+        audit_rate=0.2, **fields,
+    )  # fmt: skip
+    return score_dataset(config)
+
+
+def test_a_source_gone_or_changed_scores_unaudited_unless_required(tmp_path, tiny_validation):
     from distilq.pipelines.quantize import quantize_and_promote
 
     source = make_checkpoint(tmp_path / "source", seed=4)
     assert quantize_and_promote(tiny_config(source, tiny_validation, tmp_path / "reg")).promoted
     pq.write_table(pa.table({"text": make_texts(400, seed=9)}), tmp_path / "in.parquet")
-    return tmp_path / "reg", source
-
-
-def score_cli(registry: Path, out: Path, *extra: str):
-    data = out.parent / "in.parquet"
-    args = ["score", "--input", str(data), "--output", str(out), "--registry", str(registry)]
-    return run(*args, "--audit-rate", "0.2", *extra)
-
-
-@pytest.mark.slow
-def test_a_source_gone_or_changed_scores_unaudited_unless_required(own_registry, tmp_path):
-    registry, source = own_registry
+    registry = tmp_path / "reg"
     moved = source.with_name("moved")
     source.rename(moved)
-    done = score_cli(registry, tmp_path / "gone", "--json")
-    assert done.returncode == 0, done.stderr[-2000:]
-    audit = json.loads(done.stdout)["audit"]
-    assert audit["passed"] is None and audit["rows"] == 0
-    assert "not on this machine" in audit["reason"] and str(source) in audit["reason"]
-    assert len(pq.read_table(tmp_path / "gone" / "in.parquet")) == 400
+    audit = score_on(registry, tmp_path / "gone").audit
+    assert audit.passed is None and audit.rows == 0
+    assert "not on this machine" in audit.reason and str(source) in audit.reason
+    assert len(pq.read_table(tmp_path / "gone" / "in.parquet")) == 400  # scored all the same
+    assert "not audited: the FP32 source" in (tmp_path / "gone" / "_manifest.json").read_text()
 
-    required = score_cli(registry, tmp_path / "required", "--require-audit")
-    assert required.returncode == 2 and "--require-audit" in required.stderr
-    assert not list((tmp_path / "required").glob("*.parquet"))  # refused before scoring
+    with pytest.raises(InputError, match="--require-audit: the FP32 source directory"):
+        score_on(registry, tmp_path / "required", require_audit=True)
+    assert not (tmp_path / "required").exists()  # refused before anything was written
 
     # The source is back but its weights changed: never audited against another model.
     moved.rename(source)
     make_checkpoint(source, seed=5)
-    done = score_cli(registry, tmp_path / "changed", "--json")
-    assert done.returncode == 0, done.stderr[-2000:]
-    audit = json.loads(done.stdout)["audit"]
-    assert audit["rows"] == 0 and "sha256 differs" in audit["reason"]
-    assert "not audited" in done.stderr or "not audited" in done.stdout
+    audit = score_on(registry, tmp_path / "changed").audit
+    assert audit.rows == 0 and "model.safetensors: sha256 differs" in audit.reason
 
 
-@pytest.mark.slow
 def test_keep_reference_audits_from_the_version_without_the_source(tmp_path, tiny_validation):
+    from distilq.pipelines.quantize import quantize_and_promote
+
     source = make_checkpoint(tmp_path / "source", seed=4)
-    args = quantize(source, tiny_validation, tmp_path / "reg", "--keep-reference")
-    done = run(*args, "--recipe", "dynamic-int8-pc", "--min-agreement", "0", "--json")
-    assert done.returncode == 0, done.stderr[-2000:]
-    manifest = json.loads(done.stdout)
-    kept = {rel: sha for rel, sha in manifest["files"].items() if rel.startswith("reference/")}
-    assert kept["reference/model.safetensors"] == manifest["source"]["sha256"]["model.safetensors"]
+    config = tiny_config(source, tiny_validation, tmp_path / "reg", keep_reference=True)
+    manifest = quantize_and_promote(config).manifest
+    kept = {rel: sha for rel, sha in manifest.files.items() if rel.startswith("reference/")}
+    assert kept["reference/model.safetensors"] == manifest.source.sha256["model.safetensors"]
     shutil.rmtree(source)
     pq.write_table(pa.table({"text": make_texts(400, seed=9)}), tmp_path / "in.parquet")
-    done = score_cli(tmp_path / "reg", tmp_path / "out", "--require-audit", "--json")
-    assert done.returncode == 0, done.stderr[-2000:]
-    audit = json.loads(done.stdout)["audit"]
-    assert audit["rows"] > 40 and "kept in the version" in audit["reference"]
+    audit = score_on(tmp_path / "reg", tmp_path / "out", require_audit=True).audit
+    assert audit.rows > 40 and "kept in the version" in audit.reference
     # Loading the INT8 model never reads the reference: a damaged copy fails the audit only.
-    version = manifest["version"]
-    weights = tmp_path / "reg" / "versions" / version / "reference" / "model.safetensors"
+    weights = tmp_path / "reg" / "versions" / manifest.version / "reference" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
-    done = score_cli(tmp_path / "reg", tmp_path / "out2", "--json")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "model.safetensors" in json.loads(done.stdout)["audit"]["reason"]
+    from distilq.score import audit as audit_module
+
+    audit_module._fp32_models.clear()  # this process loaded the good copy above
+    audit = score_on(tmp_path / "reg", tmp_path / "out2").audit
+    assert audit.rows == 0 and "reference/model.safetensors" in audit.reason
 
 
 def read_back(env: dict, fn):
@@ -285,10 +275,10 @@ def test_an_int8_model_that_disagrees_fails_its_audit_and_raises_the_alarm(
     from prefect.events.filters import EventFilter, EventNameFilter
 
     # An outlier planted in one layer: per-channel INT8 rounds the rest of its rows to zero.
+    from distilq.pipelines.quantize import quantize_and_promote
+
     source = make_checkpoint(tmp_path / "source", seed=1, sensitive=True)
-    args = quantize(source, tiny_validation, tmp_path / "reg", "--recipe", "dynamic-int8-pc")
-    done = run(*args, "--min-agreement", "0", "--max-accuracy-drop", "1")
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert quantize_and_promote(tiny_config(source, tiny_validation, tmp_path / "reg")).promoted
     pq.write_table(
         pa.table({"review": list(range(600)), "text": make_texts(600, seed=8)}),
         tmp_path / "in.parquet",

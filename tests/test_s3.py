@@ -103,16 +103,21 @@ def test_quantize_score_and_load_on_s3(s3, tiny_checkpoint, tiny_validation, tmp
         s3.put_file(str(local / f"part-{i}.parquet"), f"{BUCKET}/data/part-{i}.parquet")
 
     def score(inputs: str, output: str) -> dict:
-        config = ScoreConfig(inputs=[inputs], output=output, registry=registry_uri)
+        config = ScoreConfig(inputs=[inputs], output=output, registry=registry_uri, audit_rate=0.2)
         return score_parquet(config).model_dump()
 
     summary = score(f"s3://{BUCKET}/data/", f"s3://{BUCKET}/scored")
     assert summary["files"] == 2 and summary["rows_written"] == 100 and not summary["failed"]
     assert keys(s3, "scored") == [
+        "scored/_audit.parquet",
         "scored/_manifest.json",
         "scored/part-0.parquet",
         "scored/part-1.parquet",
     ]
+    # Audited against the version's source on S3, hashes checked; recorded in the registry.
+    assert summary["audit"]["rows"] > 5 and source.id in summary["audit"]["reference"]
+    (audited,) = registry.audits(version)
+    assert audited.run_rows == summary["audit"]["rows"]
     manifest = json.loads(s3.cat_file(f"{BUCKET}/scored/_manifest.json"))
     assert manifest["model_version"] == version
     for entry in manifest["shards"].values():  # inputs are recognised by their ETag

@@ -216,6 +216,7 @@ class ShardAudit(BaseModel):
     agreeing: int = 0
     flipped: list[dict[str, Any]] = Field(default_factory=list)  # ids, text cut, both labels
     reason: str | None = None  # not audited: why
+    seconds: float = 0.0  # loading FP32 and running the sampled rows through it
 
 
 class AuditRecord(BaseModel):
@@ -237,6 +238,7 @@ class AuditRecord(BaseModel):
     reference: str | None = None  # where the FP32 model came from
     flipped: list[dict[str, Any]] = Field(default_factory=list)
     file: str | None = None  # the audited rows, one per row (`_audit.parquet`)
+    seconds: float = 0.0  # what the audit cost: FP32 loaded and run, over every shard
 
 
 class RunAudit(_Record):

@@ -2,7 +2,8 @@
 
 Flags, their defaults and their help come from the config models (`distilq.config`), the
 one source of both. Exit codes: 0 success (promoted, or a dry run that passed), 1 any other
-failure, 2 bad usage or input, 3 rejected by the gate (or unattested on this platform).
+failure, 2 bad usage or input, 3 rejected by the gate, unattested on this platform, or a
+scoring run's FP32 audit below its bar.
 """
 
 from __future__ import annotations
@@ -304,12 +305,13 @@ def _models_audits(registry, args: argparse.Namespace) -> None:
 
 
 def _audit_row(run) -> str:
-    """`20261201T170000Z-ab12cd34  ./scored  400 rows  99.50% (>= 98.73% at 95%)  passed`."""
+    """`<run id>  ./scored  400 rows  99.50% agree (lower bound 98.73% at 95%)  passed`: the
+    output's audit as the run ended (a run is recorded only when it audited rows)."""
     verdict = {True: "passed", False: "FAILED", None: "too few rows to certify"}[run.passed]
-    bound = "" if run.agreement_lower_bound is None else f" (>= {run.agreement_lower_bound:.2%}"
-    bound += f" at {run.confidence:.0%})" if bound else ""
-    agreement = "n/a" if run.agreement is None else f"{run.agreement:.2%}"
-    return f"{run.run_id}  {run.output}  {run.rows:,} rows  {agreement}{bound}  {verdict}"
+    return (
+        f"{run.run_id}  {run.output}  {run.rows:,} rows  {run.agreement:.2%} agree (lower "
+        f"bound {run.agreement_lower_bound:.2%} at {run.confidence:.0%})  {verdict}"
+    )
 
 
 def _models_attest(registry, args: argparse.Namespace) -> None:

@@ -361,10 +361,11 @@ def score_summary_table(summary: ScoreSummary) -> list[tuple[str, str]]:
 
 def _audit_rows(audit: AuditRecord | None) -> list[tuple[str, str]]:
     if audit is None or not audit.rows:
-        return [("audit", f"not audited: {audit.reason}" if audit else "none")]
+        return [("audit", audit.reason if audit else "none (scored before audits)")]
     verdict = {True: "passed", False: "FAILED", None: "too few rows to certify"}[audit.passed]
     return [
         ("rows audited in FP32", f"{audit.rows:,}"),
+        ("seconds of the audit (FP32 loaded and run)", f"{audit.seconds:.1f}"),
         ("audited rows that agree", f"{audit.agreeing:,} ({audit.agreement:.2%})"),
         (f"agreement lower bound at {audit.confidence:.0%}", f"{audit.agreement_lower_bound:.2%}"),
         ("audit", f"{verdict} (bar {audit.threshold:.2%})"),

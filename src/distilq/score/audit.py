@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,17 +155,16 @@ def fetch_reference(reference: Reference, registry_uri: str, version: str) -> Pa
     """A local directory holding the FP32 checkpoint, every weight file's sha256 checked
     against the one the gate recorded."""
     from distilq.quantize.checkpoint import resolve_checkpoint
+    from distilq.registry.registry import Registry
 
-    if reference.kind == "kept":
-        from distilq.registry.registry import Registry
-
-        local = Registry(registry_uri).fetch_files(version, REFERENCE_DIR + "/")
-        return local / REFERENCE_DIR
-    revision = reference.revision if reference.kind == "hub" else None
     try:
+        if reference.kind == "kept":
+            local = Registry(registry_uri).fetch_files(version, REFERENCE_DIR + "/")
+            return local / REFERENCE_DIR
+        revision = reference.revision if reference.kind == "hub" else None
         found = resolve_checkpoint(reference.location, revision)
-    except DistilqError as e:
-        raise ReferenceUnavailable(f"cannot load the FP32 source: {e}") from e
+    except (DistilqError, OSError) as e:
+        raise ReferenceUnavailable(f"cannot load {reference.describe()}: {e}") from e
     if found.weight_sha256 != reference.sha256:
         changed = sorted(
             name
@@ -179,25 +179,30 @@ def fetch_reference(reference: Reference, registry_uri: str, version: str) -> Pa
     return found.path
 
 
-_fp32_models: dict[tuple[str, str], object] = {}  # one FP32 model (or why not) per process
+_fp32_models: dict[tuple[str, str], object] = {}  # one FP32 model per process and version
+_unavailable: dict[tuple[str, str], tuple[float, ReferenceUnavailable]] = {}
+RETRY_SECONDS = 60  # a long-lived worker tries a missing FP32 model again after this
 
 
 def fp32_model(plan: AuditPlan):
-    """The plan's FP32 model, loaded once per process; raises ReferenceUnavailable (also
-    on later calls) when it cannot be had."""
+    """The plan's FP32 model, loaded once per process; raises ReferenceUnavailable when it
+    cannot be had (the next shards of the same minute are told so without trying again)."""
     from distilq.quantize.checkpoint import load_model
 
     key = (plan.registry, plan.version)
-    if key not in _fp32_models:
-        try:
-            path = fetch_reference(plan.reference, plan.registry, plan.version)
-            _fp32_models[key] = load_model(path)
-        except (DistilqError, OSError) as e:
-            _fp32_models[key] = ReferenceUnavailable(str(e))
-    found = _fp32_models[key]
-    if isinstance(found, Exception):
-        raise found
-    return found
+    if key in _fp32_models:
+        return _fp32_models[key]
+    failed_at, error = _unavailable.get(key, (-math.inf, None))
+    if time.monotonic() - failed_at < RETRY_SECONDS:
+        raise error
+    try:
+        path = fetch_reference(plan.reference, plan.registry, plan.version)
+        _fp32_models[key] = load_model(path)
+    except (DistilqError, OSError) as e:
+        error = e if isinstance(e, ReferenceUnavailable) else ReferenceUnavailable(str(e))
+        _unavailable[key] = (time.monotonic(), error)
+        raise error from None
+    return _fp32_models[key]
 
 
 class ShardSampler:
@@ -243,6 +248,7 @@ class ShardSampler:
         items = sorted(self._heap, key=lambda item: item[1])  # file order
         if not items:
             return ShardAudit(), []
+        start = time.perf_counter()
         try:
             model = fp32_model(self.plan)
         except ReferenceUnavailable as e:
@@ -251,6 +257,7 @@ class ShardSampler:
             return ShardAudit(reason=str(e)), []
         texts = [item[3] for item in items]
         fp32 = predict(model, classifier.tokenizer, texts, policy).probs
+        seconds = time.perf_counter() - start
         labels = [classifier.id2label[i] for i in sorted(classifier.id2label)]
         records, flipped = [], []
         for (_, _, ids, text, int8), ref in zip(items, fp32, strict=True):
@@ -268,7 +275,8 @@ class ShardSampler:
                 shown = text if len(text) <= TEXT_SHOWN else text[: TEXT_SHOWN - 3] + "..."
                 flipped.append({**ids, "text": shown, **_scores(record)})
         agreeing = len(records) - len(flipped)
-        return ShardAudit(rows=len(records), agreeing=agreeing, flipped=flipped), records
+        audit = ShardAudit(rows=len(records), agreeing=agreeing, flipped=flipped, seconds=seconds)
+        return audit, records
 
 
 def _scores(record: dict) -> dict:
@@ -296,8 +304,9 @@ def pooled(shards: list[ShardRecord], plan: AuditPlan) -> AuditRecord:
             )
         else:
             passed = bound >= plan.threshold
-    elif not reasons:
-        reasons.append(f"no row fell in the sample at rate {plan.sampling_rate:g}")
+    else:
+        reasons = reasons or [f"no row fell in the sample at rate {plan.sampling_rate:g}"]
+        reasons = [f"not audited: {'; '.join(reasons)}"]
     return AuditRecord(
         rate=plan.rate,
         sampling_rate=plan.sampling_rate,
@@ -313,6 +322,7 @@ def pooled(shards: list[ShardRecord], plan: AuditPlan) -> AuditRecord:
         reference=plan.reference.describe() if plan.reference else None,
         flipped=[row for a in audits for row in a.flipped],
         file=AUDIT_FILE if rows else None,
+        seconds=round(sum(a.seconds for a in audits), 3),
     )
 
 
@@ -322,10 +332,11 @@ def audit_line(audit: AuditRecord | None, rows_written: int) -> str:
     if audit is None:
         return "audit: none (scored before audits)"
     if not audit.rows:
-        return f"audit: not audited: {audit.reason}"
+        return f"audit: {audit.reason}"
     line = (
         f"audit: {audit.rows:,} of {rows_written:,} rows re-run in FP32, {audit.agreeing:,} "
-        f"agree (lower bound {audit.agreement_lower_bound:.1%} at {audit.confidence:.0%})"
+        f"agree (lower bound {audit.agreement_lower_bound:.1%} at {audit.confidence:.0%}), "
+        f"in {audit.seconds:.1f} s"
     )
     if audit.passed is None:
         return f"{line}; {audit.reason}"

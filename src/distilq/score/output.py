@@ -146,6 +146,7 @@ class OutputManifest:
         for s in shards:
             labels.update(s.labels)
         labelled = sum(labels.values())
+        by_name = [self.record.shards[name] for name in sorted(self.record.shards)]
         summary = ScoreSummary(
             model_version=self.record.model_version,
             output=self.output_dir,
@@ -162,7 +163,7 @@ class OutputManifest:
             rows_scored=sum(s.rows_written for s in scored),
             files_skipped=len(skipped),
             rows_skipped=sum(s.rows_written for s in skipped),
-            audit=pooled(list(shards), audit) if audit else None,
+            audit=pooled(by_name, audit) if audit else None,
         )
         self.record.summary, self.record.audit = summary, summary.audit
         self.save()
