@@ -30,7 +30,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from distilq.config import ScoreConfig
 from distilq.errors import DistilqError, worth_retrying
-from distilq.manifest import ScoreSummary, VersionManifest
+from distilq.manifest import AuditFigures, ScoreSummary, VersionManifest
 from distilq.pipelines.runner import Outcome, Runner
 from distilq.report import render as report
 from distilq.runtime import configure_logging
@@ -305,11 +305,6 @@ def emit_audit_failed(summary: ScoreSummary, config) -> None:
             "output": summary.output,
             "inputs": config.inputs,
             "text_column": config.text_column,
-            **audit.model_dump(
-                include={
-                    "rows", "agreeing", "agreement", "agreement_lower_bound", "confidence",
-                    "threshold",
-                }
-            ),
+            **audit.model_dump(include=set(AuditFigures.model_fields)),
         },
-    )  # fmt: skip
+    )

@@ -219,14 +219,11 @@ class ShardAudit(BaseModel):
     seconds: float = 0.0  # loading FP32 and running the sampled rows through it
 
 
-class AuditRecord(BaseModel):
-    """The FP32 audit of an output, pooled over every shard in it: how many sampled rows
-    kept their FP32 label, what that certifies at `confidence` and whether it reaches
-    `threshold`. `passed` is None when not audited or too few rows to tell (`reason`)."""
+class AuditFigures(BaseModel):
+    """What an audit measured and concluded: `agreeing` of `rows` kept their FP32 label,
+    the lower bound that certifies at `confidence`, and whether it reaches `threshold`
+    (`passed` is None when not audited or too few rows to tell: `reason` says which)."""
 
-    rate: float  # as asked; `sampling_rate` is lower when --audit-max-rows capped it
-    sampling_rate: float
-    max_rows: int | None
     rows: int
     agreeing: int
     agreement: float | None
@@ -235,29 +232,31 @@ class AuditRecord(BaseModel):
     threshold: float
     passed: bool | None
     reason: str | None = None
+
+
+class AuditRecord(AuditFigures):
+    """The FP32 audit of an output (its manifest's `audit`), pooled over every shard in it."""
+
+    rate: float  # as asked; `sampling_rate` is lower when --audit-max-rows capped it
+    sampling_rate: float
+    max_rows: int | None
     reference: str | None = None  # where the FP32 model came from
     flipped: list[dict[str, Any]] = Field(default_factory=list)
     file: str | None = None  # the audited rows, one per row (`_audit.parquet`)
     seconds: float = 0.0  # what the audit cost: FP32 loaded and run, over every shard
 
 
-class RunAudit(_Record):
-    """`versions/<v>/audits/<run-id>.json`: one scoring run's audit of an output. `rows` to
-    `passed` are the output's, pooled as the run ended; `run_rows` / `run_agreeing` are the
+class RunAudit(AuditFigures):
+    """`versions/<v>/audits/<run-id>.json`: one scoring run's audit of an output. The
+    figures are the output's, pooled as the run ended; `run_rows` / `run_agreeing` are the
     rows this run audited itself (a resume's earlier rows are the earlier run's)."""
+
+    model_config = ConfigDict(extra="allow")  # as every record: newer fields are kept
 
     run_id: str
     created_at: str
     model_version: str
     output: str
-    rows: int
-    agreeing: int
-    agreement: float | None
-    agreement_lower_bound: float | None
-    confidence: float
-    threshold: float
-    passed: bool | None
-    reason: str | None = None
     run_rows: int
     run_agreeing: int
 

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from distilq.config import ScoreConfig, ScoreOptions
 from distilq.errors import AuditFailed, ScoringFailed
-from distilq.manifest import RunAudit, ScoreSummary
+from distilq.manifest import AuditFigures, RunAudit, ScoreSummary
 from distilq.pipelines.runner import Runner
 from distilq.registry.registry import Registry, utc_now
 from distilq.report.render import score_summary_line
@@ -203,12 +203,7 @@ def record_audit(
         created_at=utc_now(),
         model_version=summary.model_version,
         output=summary.output,
-        **audit.model_dump(
-            include={
-                "rows", "agreeing", "agreement", "agreement_lower_bound", "confidence",
-                "threshold", "passed", "reason",
-            }
-        ),
+        **audit.model_dump(include=set(AuditFigures.model_fields)),
         run_rows=sum(a.rows for a in own),
         run_agreeing=sum(a.agreeing for a in own),
     )  # fmt: skip
