@@ -289,7 +289,7 @@ def pooled(shards: list[ShardRecord], plan: AuditPlan) -> AuditRecord:
     audits = [s.audit for s in shards if s.audit is not None]
     rows = sum(a.rows for a in audits)
     agreeing = sum(a.agreeing for a in audits)
-    reasons = list(dict.fromkeys([plan.reason] if plan.reason else []))
+    reasons = [plan.reason] if plan.reason else []
     failed = [a.reason for a in audits if a.reason]
     if failed:
         reasons.append(f"{len(failed)} shard(s) not audited: {'; '.join(dict.fromkeys(failed))}")
