@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from distilq.hardware import cpu_features, cpu_model
+from distilq.score.audit import VERDICTS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -124,15 +125,12 @@ def main() -> None:
     for rate in RATES:
         a, seconds = audits[rate], statistics.median(times[rate])
         own = statistics.median(fp32_seconds[rate])  # FP32 loaded and run, timed in the run
-        verdict = {True: "passed", False: "FAILED", None: "n/a"}[a["passed"]]
-        if a["rows"] and a["passed"] is None:
-            verdict = "too few rows to certify"
         bound = "" if a["agreement_lower_bound"] is None else f"{a['agreement_lower_bound']:.2%}"
         agreement = "" if a["agreement"] is None else f"{a['agreement']:.2%}"
         lines.append(
             f"| {rate:g} | {a['rows']:,} | {seconds:.1f} | {seconds / base - 1:+.1%} | "
             f"{own:.1f} s ({own / seconds:.1%}) | {a['agreeing']:,} | {agreement} | {bound} | "
-            f"{verdict if rate else 'off'} |"
+            f"{VERDICTS[a['passed']] if rate else 'off'} |"
         )
     off, on = statistics.median(one_row["off"]), statistics.median(one_row["0.01"])
     before = (

@@ -294,11 +294,12 @@ def _models_show(registry, args: argparse.Namespace) -> None:
 
 
 def _models_audits(registry, args: argparse.Namespace) -> None:
-    runs = registry.audits(registry.resolve(args.ref))
+    version = registry.resolve(args.ref)
+    runs = registry.audits(version)
     if args.json:
         _print_json([run.model_dump(mode="json") for run in runs])
     elif not runs:
-        print(f"no audited scoring runs of {registry.resolve(args.ref)}")
+        print(f"no audited scoring runs of {version}")
     else:
         for run in runs:
             print(_audit_row(run))
@@ -307,7 +308,9 @@ def _models_audits(registry, args: argparse.Namespace) -> None:
 def _audit_row(run) -> str:
     """`<run id>  ./scored  400 rows  99.50% agree (lower bound 98.73% at 95%)  passed`: the
     output's audit as the run ended (a run is recorded only when it audited rows)."""
-    verdict = {True: "passed", False: "FAILED", None: "too few rows to certify"}[run.passed]
+    from distilq.score.audit import VERDICTS
+
+    verdict = VERDICTS[run.passed]
     return (
         f"{run.run_id}  {run.output}  {run.rows:,} rows  {run.agreement:.2%} agree (lower "
         f"bound {run.agreement_lower_bound:.2%} at {run.confidence:.0%})  {verdict}"

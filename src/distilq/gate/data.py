@@ -242,8 +242,9 @@ DRAW_RULE = (
 )
 
 
-def _text_hash(salt: str, text: str) -> int:
-    """int(sha256(salt + text)[:16], 16): the hash the draw and the split both read."""
+def text_hash(salt: str, text: str) -> int:
+    """int(sha256(salt + text)[:16], 16): the hash the draw, the split and the scoring
+    audit read (each with its own salt)."""
     return int.from_bytes(hashlib.sha256((salt + text).encode()).digest()[:8], "big")
 
 
@@ -253,7 +254,7 @@ def _draw(rows: Iterable[tuple[str, object]], n: int) -> tuple[list[tuple[str, o
     heap: list[tuple[int, int, str, object]] = []  # (-key, -position): the worst kept on top
     position = -1
     for position, (text, label) in enumerate(rows):
-        item = (-_text_hash(DRAW_SALT, text), -position, text, label)
+        item = (-text_hash(DRAW_SALT, text), -position, text, label)
         if len(heap) < n:
             heapq.heappush(heap, item)
         elif item > heap[0]:
@@ -363,7 +364,7 @@ SPLIT_RULE = f"tuning if int(sha256(text)[:16], 16) / 2**64 < {TUNING_FRACTION},
 
 
 def _is_tuning(text: str, salt: str = "") -> bool:
-    return _text_hash(salt, text) / 2**64 < TUNING_FRACTION
+    return text_hash(salt, text) / 2**64 < TUNING_FRACTION
 
 
 def split(data: ValidationSet, salt: str = "") -> tuple[ValidationSet, ValidationSet]:

@@ -14,7 +14,7 @@ from distilq.manifest import (
     VersionMetrics,
 )
 from distilq.report.charts import CHART, MISSING, SENSITIVE_LAYERS_SHOWN
-from distilq.score.audit import audit_line
+from distilq.score.audit import VERDICTS, audit_line
 
 MIB = 2**20
 
@@ -362,7 +362,7 @@ def score_summary_table(summary: ScoreSummary) -> list[tuple[str, str]]:
 def _audit_rows(audit: AuditRecord | None) -> list[tuple[str, str]]:
     if audit is None or not audit.rows:
         return [("audit", audit.reason if audit else "none (scored before audits)")]
-    verdict = {True: "passed", False: "FAILED", None: "too few rows to certify"}[audit.passed]
+    verdict = VERDICTS[audit.passed]
     return [
         ("rows audited in FP32", f"{audit.rows:,}"),
         ("seconds of the audit (FP32 loaded and run)", f"{audit.seconds:.1f}"),

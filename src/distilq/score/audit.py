@@ -9,7 +9,6 @@ source, its weight files checked against the sha256 the gate recorded.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import math
 import time
@@ -20,10 +19,11 @@ import numpy as np
 
 from distilq.config import DEFAULT_CONFIDENCE, ScoreConfig
 from distilq.errors import DistilqError, InputError
+from distilq.gate.data import text_hash
 from distilq.gate.stats import agreement_lower_bound, examples_needed
 from distilq.manifest import AuditRecord, RunAudit, ShardAudit, ShardRecord, VersionManifest
 
-AUDIT_SALT = b"distilq-audit:"  # apart from the gate's split and draw hashes
+AUDIT_SALT = "distilq-audit:"  # apart from the gate's split and draw hashes
 AUDIT_FILE = "_audit.parquet"
 REFERENCE_DIR = "reference"  # the FP32 checkpoint kept in a version
 TEXT_SHOWN = 160  # characters of a flipped row's text kept in the manifest
@@ -35,8 +35,7 @@ class ReferenceUnavailable(DistilqError):
 
 def audit_key(text: str) -> float:
     """Where a text falls in [0, 1): it is audited at rates above this."""
-    digest = hashlib.sha256(AUDIT_SALT + text.encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+    return text_hash(AUDIT_SALT, text) / 2**64
 
 
 def apportion(total: int, weights: list[int]) -> list[int]:
@@ -326,6 +325,9 @@ def pooled(shards: list[ShardRecord], plan: AuditPlan) -> AuditRecord:
     )
 
 
+VERDICTS = {True: "passed", False: "FAILED", None: "too few rows to certify"}  # by `passed`
+
+
 def audit_line(audit: AuditRecord | None, rows_written: int) -> str:
     """`audit: 52 of 5,200 rows re-run in FP32, 52 agree (lower bound 94.4% at 95%)`, and
     what that means against the bar."""
@@ -340,8 +342,7 @@ def audit_line(audit: AuditRecord | None, rows_written: int) -> str:
     )
     if audit.passed is None:
         return f"{line}; {audit.reason}"
-    verdict = "passed" if audit.passed else "FAILED"
-    line += f"; {verdict}: bar {audit.threshold:.2%}"
+    line += f"; {VERDICTS[audit.passed]}: bar {audit.threshold:.2%}"
     return f"{line}; {audit.reason}" if audit.reason else line
 
 
