@@ -15,9 +15,7 @@ __all__ = ["QuantizeResult", "quantize_and_promote"]
 
 def run_name() -> str:
     """`quantize <source>[@<revision>] <recipe>`: what ran, in the runs list."""
-    config = QuantizeConfig.model_validate(flow_run.parameters.get("config") or {})
-    revision = f"@{config.revision}" if config.revision else ""
-    return f"quantize {config.source}{revision} {config.recipe}"
+    return pipeline.run_name(QuantizeConfig.model_validate(flow_run.parameters.get("config") or {}))
 
 
 # persist_result=False: nothing reads a stored copy of the run's result.

@@ -39,6 +39,7 @@ from distilq.score.output import OutputManifest
 PROMOTED_EVENT = "distilq.model.promoted"
 AUDIT_FAILED_EVENT = "distilq.audit.failed"
 AUDIT_FAILED_TAG = "audit-failed"
+MLFLOW_BEHIND_TAG = "mlflow-behind"  # the MLflow mirror could not follow this run
 STARTED_DIR = "DISTILQ_STARTED_DIR"  # where shard tasks say they started
 RETRY_DELAYS = [2, 10, 30]
 
@@ -181,7 +182,7 @@ class PrefectRunner(Runner):
 
     def decided(self, manifest: VersionManifest, outcome: Outcome) -> None:
         """The report, outcome first, and the metrics table as artifacts; outcome tags."""
-        add_tags(outcome.tags)
+        add_tags(outcome.tags + ([MLFLOW_BEHIND_TAG] if outcome.mirror_behind else []))
         said = f"{outcome.headline}. Gate: {'; '.join(outcome.reasons)}"
         reused = "reused" in outcome.tags  # nothing was measured: no report, no metrics
         if reused:
@@ -195,7 +196,8 @@ class PrefectRunner(Runner):
                 encoded = base64.b64encode(outcome.chart_png).decode("ascii")
                 chart = f"data:image/png;base64,{encoded}"
             body = report.render_report(manifest, chart)
-        markdown = f"**{outcome.headline}.**\n\n{body}"
+        mirror = f"{outcome.mirror}.\n\n" if outcome.mirror else ""
+        markdown = f"**{outcome.headline}.**\n\n{mirror}{body}"
         create_markdown_artifact(key="quantize-report", markdown=markdown, description=said)
         if reused:
             return
@@ -244,6 +246,11 @@ class PrefectRunner(Runner):
 
         started = super().run_id()
         return f"{started.split('-')[0]}-{flow_run.id}" if flow_run.id else started
+
+    def run_name(self) -> str | None:
+        from prefect.runtime import flow_run
+
+        return flow_run.name
 
     def audit_failed(self, summary: ScoreSummary, config) -> None:
         """Tag the flow run `audit-failed` and emit `distilq.audit.failed`, for automations."""

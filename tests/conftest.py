@@ -35,6 +35,9 @@ SENSITIVE_LAYER = "distilbert.transformer.layer.1.ffn.lin2"
 DISTILQ = str(Path(sys.executable).parent / "distilq")
 
 
+# MLflow sends usage reports by default; tests send nothing off this machine.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
 # The Prefect home of the session's `distilq` processes: its database is made by the first
 # one (a fresh database costs a run about 7 s of migrations here). A test that needs an
 # empty home passes its own.

@@ -11,7 +11,7 @@ from distilq.errors import GateRejected
 from distilq.quantize.recipes import resolve_recipe
 from distilq.registry.registry import Registry
 from flows.quantize_and_promote import quantize_and_promote
-from tests.conftest import as_shown, tiny_config
+from tests.conftest import as_shown, free_port, tiny_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -132,3 +132,20 @@ def test_validation_parameter_takes_one_spec_or_several():
     jsonschema.validate(["a.tsv", "b.csv"], field)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate([], field)
+
+
+def test_an_unreachable_mlflow_is_said_and_tagged_and_production_moves(
+    tiny_checkpoint, tiny_validation, tmp_path
+):
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    config = tiny_config(
+        tiny_checkpoint, tiny_validation, tmp_path / "reg", mlflow_tracking_uri=down,
+        mlflow_model="sst2-int8",
+    )  # fmt: skip
+    state = quantize_and_promote(config, return_state=True)
+    result = state.result()
+    assert result.promoted and Registry(tmp_path / "reg").alias() == result.version
+    assert result.mirror.startswith(f"MLflow mirror behind: MLflow at {down} does not answer")
+    run, artifacts = as_shown(state)
+    assert run.tags == ["dynamic-int8-pc", "mlflow-behind", "promoted"]
+    assert f"\n\n{result.mirror}.\n\n# distilq INT8" in artifacts["quantize-report"].data

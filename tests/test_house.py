@@ -111,12 +111,18 @@ def test_every_imported_package_is_declared():
     extras = project["optional-dependencies"]
     installed_by = packages_distributions()  # module -> the distributions that install it
     for roots, declared in (
-        # matplotlib: the optional `charts` extra (reports are written without a chart without it)
+        # matplotlib: the optional `charts` extra (reports are written without a chart without
+        # it); mlflow and pandas: the optional `mlflow` extra (the MLflow mirror)
         (
             ("src", "tasks", "flows", "deployments"),
-            _declared(project["dependencies"] + extras["charts"]),
+            _declared(project["dependencies"] + extras["charts"] + extras["mlflow"]),
         ),
-        (("tests",), _declared(project["dependencies"] + extras["dev"] + extras["charts"])),
+        (
+            ("tests",),
+            _declared(
+                project["dependencies"] + extras["dev"] + extras["charts"] + extras["mlflow"]
+            ),
+        ),
     ):
         for module in sorted(_imported(*roots)):
             names = {canonicalize_name(d) for d in installed_by.get(module, [module])}

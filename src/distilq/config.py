@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -101,6 +103,43 @@ ValidationSpecs = Annotated[
         }
     ),
 ]
+
+
+def _from_env(env: str):
+    """An optional setting that, when not given (or given as null, as a deployment's
+    parameters may), is the environment variable `env`, else None."""
+    return Annotated[
+        str | None,
+        AfterValidator(lambda value: value or os.environ.get(env) or None),
+        Field(validate_default=True),
+    ]
+
+
+MlflowTrackingUri = _from_env("DISTILQ_MLFLOW_TRACKING_URI")
+MlflowModel = _from_env("DISTILQ_MLFLOW_MODEL")
+MLFLOW_TRACKING_URI_HELP = (
+    "MLflow tracking server (env DISTILQ_MLFLOW_TRACKING_URI); needs the mlflow extra"
+)
+
+
+MLFLOW_PREFIX = "mlflow:"  # `--model mlflow:NAME@ALIAS` or `mlflow:NAME/VERSION`
+MLFLOW_MISSING = (
+    "the MLflow mirror needs MLflow, which is not installed: pip install 'distilq[mlflow]'"
+)
+
+
+def check_mlflow(uri: str | None, model: str | None) -> None:
+    """Refuse, before any work, MLflow settings that cannot work: a tracking URI without a
+    model (or the other way round), or MLflow not installed."""
+    if bool(uri) != bool(model):
+        raise ValueError(
+            "--mlflow-tracking-uri and --mlflow-model go together (env "
+            "DISTILQ_MLFLOW_TRACKING_URI, DISTILQ_MLFLOW_MODEL): give both, or neither"
+        )
+    if uri and importlib.util.find_spec("mlflow") is None:
+        raise ValueError(MLFLOW_MISSING)
+
+
 RecipeName = Literal[RECIPE_NAMES]  # type: ignore[valid-type]  (built from the registry)
 REGISTRY_HELP = "Registry directory or fsspec URI (env DISTILQ_REGISTRY)"
 
@@ -176,6 +215,14 @@ class QuantizeConfig(BaseModel):
         description="Copy the FP32 checkpoint into the version (hashed like the rest), for "
         "scoring audits on workers that cannot reach the source",
     )
+    mlflow_tracking_uri: MlflowTrackingUri = Field(
+        None,
+        description=MLFLOW_TRACKING_URI_HELP + ": each published version is mirrored there, "
+        "and MLflow's production alias follows distilq's",
+    )
+    mlflow_model: MlflowModel = Field(
+        None, description="Registered model in MLflow (env DISTILQ_MLFLOW_MODEL)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -212,6 +259,7 @@ class QuantizeConfig(BaseModel):
             raise ValueError(
                 "--no-accuracy-check ignores labels: drop --label-map and --label-column, or it"
             )
+        check_mlflow(self.mlflow_tracking_uri, self.mlflow_model)
         return self
 
     @property
@@ -253,7 +301,11 @@ class ScoreConfig(BaseModel):
     )
     keep_text: bool = Field(False, description="Keep the text column too")
     probabilities: bool = Field(False, description="Add prob_<label> for every class")
-    model: str = Field("production", description="Registry version or alias")
+    model: str = Field(
+        "production",
+        description="Registry version or alias, or an MLflow model version mirrored from the "
+        "registry: mlflow:NAME@ALIAS or mlflow:NAME/VERSION (with --mlflow-tracking-uri)",
+    )
     registry: str = Field(default_factory=default_registry, description=REGISTRY_HELP)
     batch_size: BatchSize | None = Field(
         None, description="Default: the batching policy the gate validated"
@@ -308,9 +360,16 @@ class ScoreConfig(BaseModel):
         description="Refuse to score (exit 2) when the FP32 model cannot be had, instead of "
         "scoring without an audit",
     )
+    mlflow_tracking_uri: MlflowTrackingUri = Field(
+        None, description=MLFLOW_TRACKING_URI_HELP + ", for --model mlflow:..."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ScoreConfig:
+        if self.model.startswith(MLFLOW_PREFIX):
+            if not self.mlflow_tracking_uri:
+                raise ValueError(f"--model {self.model} needs --mlflow-tracking-uri")
+            check_mlflow(self.mlflow_tracking_uri, self.model)
         if self.require_audit and self.audit_rate == 0:
             raise ValueError("--require-audit needs an --audit-rate above 0")
         if self.dask_address and self.runner != "dask":

@@ -133,8 +133,27 @@ def _models_parser(commands) -> None:
     )
     _ref_arg(audits)
     audits.add_argument("--json", action="store_true", help="print a JSON list")
-    for action in (ls, show, promote, attest, rollback, audits):
+    sync = actions.add_parser(
+        "sync-mlflow",
+        help="register in MLflow the versions it lacks and point its production alias where "
+        "distilq's is (safe any time: nothing is registered twice or deleted)",
+    )
+    sync.add_argument("--json", action="store_true", help="print what was done as JSON")
+    for action in (ls, show, promote, attest, rollback, audits, sync):
         _registry_arg(action)
+    for action in (promote, rollback, sync):
+        _mlflow_args(action, required=action is sync)
+
+
+def _mlflow_args(parser: argparse.ArgumentParser, required: bool) -> None:
+    follows = "" if required else "; with both, MLflow's production alias follows the move"
+    for flag, env, what in (
+        ("--mlflow-tracking-uri", "DISTILQ_MLFLOW_TRACKING_URI", "MLflow tracking server"),
+        ("--mlflow-model", "DISTILQ_MLFLOW_MODEL", "registered model in MLflow"),
+    ):
+        parser.add_argument(
+            flag, default=os.environ.get(env) or None, help=f"{what} (env {env}){follows}"
+        )
 
 
 def _print_json(data) -> None:
@@ -190,6 +209,8 @@ def _print_quantized(result) -> None:
     if result.location:
         print(f"  artifact: {result.location}/model")
     print(f"  report:   {result.report}")
+    if result.mirror:
+        print(f"  {result.mirror}")
 
 
 def _agreement_line(figures, confidence: float | None) -> str:
@@ -253,6 +274,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         "promote": _models_promote,
         "rollback": _models_rollback,
         "audits": _models_audits,
+        "sync-mlflow": _models_sync_mlflow,
     }[args.action]
     action(registry, args)
     return EXIT_OK
@@ -332,17 +354,60 @@ def _models_attest(registry, args: argparse.Namespace) -> None:
 
 
 def _models_promote(registry, args: argparse.Namespace) -> None:
+    _check_mlflow(args)  # before production moves
     entry = registry.promote(args.version, args.reason, force=args.force)
     if entry is None:
         print(f"production already is {args.version}")
-        return
-    print(f"production: {entry['from']} -> {entry['to']}")
-    _announce_promotion(args.version, args.registry, entry)
+    else:
+        print(f"production: {entry['from']} -> {entry['to']}")
+        _announce_promotion(args.version, args.registry, entry)
+    _follow_in_mlflow(registry, args)
 
 
 def _models_rollback(registry, args: argparse.Namespace) -> None:
+    _check_mlflow(args)
     entry = registry.rollback(args.reason)
     print(f"production: {entry['from']} -> {entry['to']} (rolled back)")
+    _follow_in_mlflow(registry, args)
+
+
+def _check_mlflow(args: argparse.Namespace) -> None:
+    from distilq.config import check_mlflow
+
+    try:
+        check_mlflow(args.mlflow_tracking_uri, args.mlflow_model)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def _follow_in_mlflow(registry, args: argparse.Namespace) -> None:
+    """Move MLflow's production where distilq's now is (distilq's has moved either way)."""
+    if not args.mlflow_tracking_uri:
+        return
+    from distilq.registry.mirror import follow
+
+    line, _ = follow(registry, args.mlflow_tracking_uri, args.mlflow_model)
+    print(line)
+
+
+def _models_sync_mlflow(registry, args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from distilq.registry.mirror import MlflowMirror
+
+    if not (args.mlflow_tracking_uri and args.mlflow_model):
+        raise InputError("sync-mlflow needs --mlflow-tracking-uri and --mlflow-model")
+    _check_mlflow(args)
+    try:
+        result = MlflowMirror(args.mlflow_tracking_uri, args.mlflow_model).sync(registry)
+    except DistilqError:
+        raise
+    except Exception as e:  # MLflow's own errors: one line, not a traceback
+        raise DistilqError(f"MLflow at {args.mlflow_tracking_uri}: {e}") from e
+    if args.json:
+        _print_json(asdict(result))
+    else:
+        print(result.line())
 
 
 def _list_rows(registry) -> list[dict]:

@@ -38,6 +38,7 @@ class QuantizeResult(BaseModel):
     location: str | None  # the version's directory in the registry; None for a dry run
     report: str  # report.md: in the registry, or a dry run's copy in the temp directory
     manifest: VersionManifest
+    mirror: str | None = None  # what the MLflow mirror did, or why it is behind
 
 
 def quantize_and_promote(config: QuantizeConfig, run: Runner | None = None) -> QuantizeResult:
@@ -121,11 +122,14 @@ def _promote(
     else:
         production = Registry(config.registry).alias()
     said = outcome(manifest, decision, config, reused, entry, production, chart_png)
+    said.mirror, said.mirror_behind = _mirror(manifest, config, run)
     _decided(run, manifest, said)
     where = _location(config, manifest)
-    return _result(
+    result = _result(
         manifest, config, decision, where, f"{where}/report.md", reused, entry is not None
     )
+    result.mirror = said.mirror
+    return result
 
 
 def _raise_if_rejected(
@@ -139,12 +143,22 @@ def _raise_if_rejected(
     """A published candidate the gate rejected fails the run (CLI exit 3)."""
     if config.dry_run or decision.approved:
         return
-    _decided(run, manifest, outcome(manifest, decision, config, reused, chart_png=chart_png))
+    said = outcome(manifest, decision, config, reused, chart_png=chart_png)
+    said.mirror, said.mirror_behind = _mirror(manifest, config, run)
+    _decided(run, manifest, said)
     raise GateRejected(
         f"gate rejected {manifest.version}: {'; '.join(decision.reasons)}. It is kept in "
         f"{config.registry} with its report; production is unchanged.",
         manifest,
     )
+
+
+def _mirror(manifest: VersionManifest, config: QuantizeConfig, run: Runner):
+    """Mirror the published version to MLflow, when asked to: what it did (None: not asked),
+    and whether the mirror is behind."""
+    if not config.mlflow_tracking_uri:
+        return None, False
+    return run.step(mirror, manifest.version, config, run.run_name() or run_name(config))
 
 
 def _decided(run: Runner, manifest: VersionManifest, said: Outcome) -> None:
@@ -212,6 +226,13 @@ def _result(
         report=report,
         manifest=manifest,
     )
+
+
+def run_name(config: QuantizeConfig) -> str:
+    """`quantize <source>[@<revision>] <recipe>`: what ran (the flow run's name, and the
+    MLflow run's)."""
+    revision = f"@{config.revision}" if config.revision else ""
+    return f"quantize {config.source}{revision} {config.recipe}"
 
 
 # The steps of quantize_and_promote, in order.
@@ -353,3 +374,12 @@ def promote(version: str, config: QuantizeConfig) -> dict | None:
     else:
         log.info("production: %s -> %s", entry["from"], entry["to"])
     return entry
+
+
+def mirror(version: str, config: QuantizeConfig, name: str) -> tuple[str, bool]:
+    """Mirror `version` to MLflow as the run `name` and point MLflow's `production` where
+    distilq's is; never fails the run: says "MLflow mirror behind: <why>" instead."""
+    from distilq.registry.mirror import follow
+
+    registry = Registry(config.registry)
+    return follow(registry, config.mlflow_tracking_uri, config.mlflow_model, [version], name)

@@ -65,6 +65,10 @@ class Runner:
         """This run's id: sortable by start, unique."""
         return self._run_id
 
+    def run_name(self) -> str | None:
+        """This run's name where it is shown (a Prefect flow run's), if it has one."""
+        return None
+
 
 class Outcome(BaseModel):
     """How a quantize run ended, said first wherever the run is shown."""
@@ -73,3 +77,5 @@ class Outcome(BaseModel):
     headline: str  # one sentence: the decision, and what happened to production
     reasons: list[str]  # the gate's, one per threshold
     chart_png: bytes | None = Field(None, repr=False)  # the report's chart, when one was drawn
+    mirror: str | None = None  # what the MLflow mirror did, or why it is behind
+    mirror_behind: bool = False

@@ -10,7 +10,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from distilq.config import ScoreConfig, ScoreOptions
+from distilq.config import MLFLOW_PREFIX, ScoreConfig, ScoreOptions
 from distilq.errors import AuditFailed, ScoringFailed
 from distilq.manifest import AuditFigures, RunAudit, ScoreSummary
 from distilq.pipelines.runner import Runner
@@ -114,7 +114,12 @@ def resolve_model(config: ScoreConfig) -> tuple[str, ScoreOptions]:
     """The version behind `config.model` and the options to score with (its batching
     policy); fails early if the model is unknown or cannot take `max_length`."""
     registry = Registry(config.registry)
-    version = registry.resolve(config.model)
+    if config.model.startswith(MLFLOW_PREFIX):
+        from distilq.registry.mirror import resolve_ref
+
+        version = resolve_ref(config.mlflow_tracking_uri, config.model, registry)
+    else:
+        version = registry.resolve(config.model)
     options = options_for(config, registry, version)
     log.info("model %s (%s) from %s", version, config.model, config.registry)
     return version, options

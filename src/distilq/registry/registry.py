@@ -110,26 +110,22 @@ class Registry:
 
     def manifest(self, version: str) -> VersionManifest:
         """The manifest of `version`, refused if it changed since it was published."""
+        data, seal = self.sealed(version)
+        return sealed_manifest(data, seal, self.store.uri_of("versions", version), version)
+
+    def sealed(self, version: str) -> tuple[bytes, str | None]:
+        """The manifest of `version` as published, and its seal (None: published before
+        manifests were sealed); unchecked: `manifest` checks them."""
         check_ref(version, "version")
-        base = self.store.uri_of("versions", version)
         try:
             data = self.store.read("versions", version, MANIFEST)
         except FileNotFoundError:
             raise InputError(f"registry {self.uri}: no version {version!r}") from None
         try:
-            recorded = self.store.read("versions", version, MANIFEST_SHA256).decode().strip()
+            seal = self.store.read("versions", version, MANIFEST_SHA256).decode().strip()
         except FileNotFoundError:
-            recorded = None  # published before manifests were sealed: nothing to check
-        if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
-            raise IntegrityError(
-                f"{base}/{MANIFEST} was changed after it was published (its sha256 is not the "
-                f"one in {MANIFEST_SHA256}); refusing to trust version {version}"
-            )
-        try:
-            parsed = json.loads(data)
-        except ValueError as e:
-            raise IntegrityError(f"{base}/{MANIFEST} is not valid JSON: {e}") from e
-        return read_version_manifest(parsed, f"{base}/{MANIFEST}")
+            seal = None
+        return data, seal
 
     def model_config(self, version: str) -> dict:
         """The version's transformers config.json (checked against its manifest)."""
@@ -229,10 +225,8 @@ class Registry:
         """A local directory holding the version's files, every sha256 checked; and its
         manifest. A kept FP32 reference (`reference/`) is left out: only audits read it
         (`fetch_files`)."""
-        version = self.resolve(ref)
-        manifest = self.manifest(version)
-        keep = {rel for rel in manifest.files if not rel.startswith(REFERENCE_PREFIX)}
-        return self._fetch(manifest, keep, cache_dir), manifest
+        manifest = self.manifest(self.resolve(ref))
+        return self._fetch(manifest, model_files(manifest), cache_dir), manifest
 
     def fetch_files(self, version: str, prefix: str, cache_dir: str | Path | None = None) -> Path:
         """A local directory holding the version's files under `prefix`, sha256 checked."""
@@ -481,6 +475,27 @@ def _is_move(entry: object) -> bool:
     if not isinstance(entry, dict) or not is_plain_ref(entry.get("to")):
         return False
     return entry.get("from") is None or is_plain_ref(entry.get("from"))
+
+
+def model_files(manifest: VersionManifest) -> set[str]:
+    """The files a loaded model reads and checks: all the version's files but a kept FP32
+    reference (only audits read that)."""
+    return {rel for rel in manifest.files if not rel.startswith(REFERENCE_PREFIX)}
+
+
+def sealed_manifest(data: bytes, seal: str | None, where: str, version: str) -> VersionManifest:
+    """The manifest of `version` in `data` (read from the directory `where`), refused if its
+    sha256 is not `seal` (written beside it when it was published; None: published unsealed)."""
+    if seal is not None and hashlib.sha256(data).hexdigest() != seal:
+        raise IntegrityError(
+            f"{where}/{MANIFEST} was changed after it was published (its sha256 is not the "
+            f"one in {MANIFEST_SHA256}); refusing to trust version {version}"
+        )
+    try:
+        parsed = json.loads(data)
+    except ValueError as e:
+        raise IntegrityError(f"{where}/{MANIFEST} is not valid JSON: {e}") from e
+    return read_version_manifest(parsed, f"{where}/{MANIFEST}")
 
 
 def manifest_bytes(data: dict) -> bytes:

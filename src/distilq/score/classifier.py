@@ -80,14 +80,23 @@ def load(
     sha256, and make sure it is attested on this platform (see `distilq.gate.attest`: a version
     gated on another CPU runs its self-check here first; one that fails it is refused
     unless `allow_unattested`)."""
+    registry = Registry(registry or default_registry())
+    local, manifest = registry.fetch(ref, cache_dir)
+    return open_version(local, manifest, registry, allow_unattested)
+
+
+def open_version(
+    local: Path, manifest: VersionManifest, registry: Registry | None, allow_unattested: bool
+) -> Classifier:
+    """The `Classifier` in a local copy of a version whose files were checked against
+    `manifest`, attested on this platform (attestations read from and written to `registry`;
+    None: the self-check runs in this process only, as in an MLflow model)."""
     from transformers import AutoTokenizer
 
     from distilq.gate.attest import ensure_attested
     from distilq.quantize.int8 import load_int8
 
-    registry = Registry(registry or default_registry())
-    local, manifest = registry.fetch(ref, cache_dir)
-    model_dir = local / "model"
+    model_dir = Path(local) / "model"
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     classifier = Classifier(load_int8(model_dir), tokenizer, manifest)
     classifier.attestation = ensure_attested(registry, classifier, local, allow_unattested)

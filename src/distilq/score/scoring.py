@@ -71,6 +71,17 @@ def score_window(
     return probs, errors, sum(n > options.max_length for n in lengths)
 
 
+def top_labels(
+    probs: np.ndarray, errors: list[str | None], labels: list[str]
+) -> tuple[list[str | None], np.ndarray, np.ndarray]:
+    """Per row: the most probable label (None where the value could not be scored), its
+    probability (float32, NaN there) and whether the row could be scored."""
+    best = np.nan_to_num(probs, nan=-1).argmax(axis=1)
+    score = probs[np.arange(len(best)), best].astype(np.float32)
+    ok = np.array([e is None for e in errors], dtype=bool)
+    return [labels[b] if o else None for b, o in zip(best, ok, strict=True)], score, ok
+
+
 class _ShardWriter:
     """The output columns of one shard, built batch by batch; counts what it wrote."""
 
@@ -117,29 +128,25 @@ class _ShardWriter:
                 columns[name] = batch.column(name)
             else:  # a hive partition value
                 columns[name] = pa.array([self.shard.partitions[name]] * n, pa.string())
-        best = np.nan_to_num(probs, nan=-1).argmax(axis=1)
-        score = probs[np.arange(n), best]
-        ok = np.array([e is None for e in errors])
-        columns["label"] = pa.array(
-            [self.labels[b] if o else None for b, o in zip(best, ok, strict=True)], pa.string()
-        )
+        best, score, ok = top_labels(probs, errors, self.labels)
+        columns["label"] = pa.array(best, pa.string())
         columns["score"] = pa.array(score, pa.float32(), mask=~ok)
         if options.probabilities:
             for j, label in enumerate(self.labels):
                 columns[f"prob_{label}"] = pa.array(probs[:, j], pa.float32(), mask=~ok)
         columns["model_version"] = pa.array([self.classifier.version] * n, pa.string())
         columns["error"] = pa.array(errors, pa.string())
-        self._count(n, best[ok], score[ok], truncated)
+        self._count(n, [b for b in best if b is not None], score[ok], truncated)
         return pa.Table.from_pydict(columns, schema=self.schema)
 
-    def _count(self, n: int, best: np.ndarray, score: np.ndarray, truncated: int) -> None:
+    def _count(self, n: int, labels: list[str], score: np.ndarray, truncated: int) -> None:
         stats = self.stats
         stats.rows_read += n
         stats.rows_written += n
-        stats.rows_error += n - len(best)
+        stats.rows_error += n - len(labels)
         stats.rows_truncated += truncated
-        for b in best:
-            stats.labels[self.labels[b]] = stats.labels.get(self.labels[b], 0) + 1
+        for label in labels:
+            stats.labels[label] = stats.labels.get(label, 0) + 1
         stats.score_sum += float(score.sum())
 
 
