@@ -152,6 +152,7 @@ def test_gated_promotion_registers_a_tagged_version_and_moves_production(mirrore
     source = client.get_model_version(NAME, "1").source  # models:/<logged model id>
     model = client.get_logged_model(source.removeprefix("models:/"))
     assert model.source_run_id == mlflow_run.info.run_id and model.status == "READY"
+    assert model.name == approved and model.params == params
     assert {m.key for m in model.metrics} == set(metrics)
     location = model.artifact_location
     files = Path(mlflow.artifacts.download_artifacts(location, tracking_uri=server.uri))

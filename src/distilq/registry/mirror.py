@@ -240,16 +240,21 @@ class MlflowMirror:
     ) -> str:
         """The run's params, metrics and artifacts, and its model (an MLflow logged model, the
         metrics linked to it); the model's id."""
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import LoggedModelOutput, Metric, Param
 
         local, _ = registry.fetch(manifest.version, cache_dir=scratch / "cache")
         data, seal = registry.sealed(manifest.version)
         model_dir = scratch / "model"
         save_pyfunc(model_dir, local, manifest, data, seal, scratch / VERSION_DIR)
-        model = self.client.create_logged_model(
-            experiment, name="model", source_run_id=run_id, tags={TAG_VERSION: manifest.version}
-        )
         params = [Param(k, str(v)[:6000]) for k, v in run_params(manifest).items()]
+        model = self.client.create_logged_model(
+            experiment,
+            name=manifest.version,
+            source_run_id=run_id,
+            tags={TAG_VERSION: manifest.version},
+            params={p.key: p.value for p in params},
+            model_type="distilq-int8",
+        )
         metrics = [
             Metric(k, v, 0, 0, model_id=model.model_id) for k, v in run_metrics(manifest).items()
         ]
@@ -261,6 +266,9 @@ class MlflowMirror:
         self.client.log_artifact(run_id, str(scratch / MANIFEST))
         self.client.log_model_artifacts(model.model_id, str(model_dir))
         self.client.finalize_logged_model(model.model_id, "READY")
+        self.client.log_outputs(
+            run_id, [LoggedModelOutput(model.model_id, step=0)]
+        )  # the UI's link
         return model.model_id
 
     def _register(self, run_id: str, model_id: str, manifest: VersionManifest, registry):
