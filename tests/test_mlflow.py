@@ -298,3 +298,10 @@ def test_without_mlflow_the_flags_name_the_extra(monkeypatch):
 
     with pytest.raises(InputError, match=r"distilq\[mlflow\]"):
         require_mlflow()
+
+
+def test_validation_sets_become_keys_mlflow_takes():
+    from distilq.registry.mirror import set_keys
+
+    names = ["/data/a/val.tsv", "s3://bucket/b/val.tsv", "builtin:sst2-gate", "glue:sst2@dev"]
+    assert set_keys(names) == ["val.tsv", "val.tsv-2", "builtin:sst2-gate", "glue:sst2_dev"]

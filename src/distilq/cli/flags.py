@@ -19,6 +19,8 @@ METAVARS = {
     "id_columns": "COL",
     "label_map": "DATA=MODEL,...",
     "validation_rows": "N",
+    "mlflow_tracking_uri": "URI",
+    "mlflow_model": "NAME",
 }
 
 

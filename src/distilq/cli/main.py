@@ -141,18 +141,19 @@ def _models_parser(commands) -> None:
     sync.add_argument("--json", action="store_true", help="print what was done as JSON")
     for action in (ls, show, promote, attest, rollback, audits, sync):
         _registry_arg(action)
-    for action in (promote, rollback, sync):
-        _mlflow_args(action, required=action is sync)
+    follows = "; with both, MLflow's production alias follows the move"
+    for action, note in ((promote, follows), (rollback, follows), (sync, "")):
+        _mlflow_args(action, note)
 
 
-def _mlflow_args(parser: argparse.ArgumentParser, required: bool) -> None:
-    follows = "" if required else "; with both, MLflow's production alias follows the move"
-    for flag, env, what in (
-        ("--mlflow-tracking-uri", "DISTILQ_MLFLOW_TRACKING_URI", "MLflow tracking server"),
-        ("--mlflow-model", "DISTILQ_MLFLOW_MODEL", "registered model in MLflow"),
+def _mlflow_args(parser: argparse.ArgumentParser, note: str) -> None:
+    for flag, metavar, env, what in (
+        ("--mlflow-tracking-uri", "URI", "DISTILQ_MLFLOW_TRACKING_URI", "MLflow tracking server"),
+        ("--mlflow-model", "NAME", "DISTILQ_MLFLOW_MODEL", "registered model in MLflow"),
     ):
+        default = os.environ.get(env) or None
         parser.add_argument(
-            flag, default=os.environ.get(env) or None, help=f"{what} (env {env}){follows}"
+            flag, metavar=metavar, default=default, help=f"{what} (env {env}){note}"
         )
 
 

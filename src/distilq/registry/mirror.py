@@ -6,8 +6,9 @@ UDFs). Each distilq version becomes, once:
 
 - an MLflow run (named as the Prefect run that made it) with the gate's params, metrics
   and `report.md`, `report.png`, `manifest.json` as artifacts;
-- under it, a `pyfunc` model (`distilq.registry.pyfunc`) holding the version's files and
-  sealed manifest, with pinned requirements;
+- the run's output, an MLflow logged model named by the version: a `pyfunc` model
+  (`distilq.registry.pyfunc`) holding the version's files and sealed manifest, with
+  pinned requirements;
 - a version of the registered model, tagged `distilq_version`, `approved`, `recipe`,
   `platform_key` (and where it came from: `registry`, `manifest_sha256`).
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -51,10 +53,10 @@ REF = re.compile(r"mlflow:(?P<name>[^@/]+)(?:@(?P<alias>[\w-]+)|/(?P<number>\d+)
 # What a mirrored model pins: distilq and what decides its numbers (dynamic INT8 differs
 # between torch builds). Each at the version installed where the model was logged.
 PINNED = ["distilq", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas"]
-# An unreachable server must not hold a promotion for minutes: MLflow's client retries
-# failed requests 7 times with backoff by default. A user's own setting wins.
 KIND = "custom_model_development"  # the experiment kind of MLflow's model-training UI
 VERSION_DIR = "version"  # the version's files inside the MLflow model's artifacts
+# An unreachable server must not hold a promotion for minutes: MLflow's client retries
+# failed requests 7 times with backoff by default. A user's own setting wins.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 log = logging.getLogger("distilq")
 
@@ -115,15 +117,15 @@ class MlflowMirror:
     # -- reading --------------------------------------------------------------------------
 
     def check_reachable(self) -> None:
-        """Fail in seconds, saying so, when an HTTP tracking server does not answer."""
+        """Fail in seconds, saying so, when an HTTP tracking server does not answer at all
+        (any answer will do: a server behind a proxy may not serve /health)."""
         if not self.tracking_uri.startswith(("http://", "https://")):
             return
         import httpx
 
-        url = f"{self.tracking_uri.rstrip('/')}/health"
         try:
-            httpx.get(url, timeout=5).raise_for_status()
-        except httpx.HTTPError as e:
+            httpx.get(f"{self.tracking_uri.rstrip('/')}/health", timeout=5)
+        except httpx.TransportError as e:
             raise DistilqError(f"MLflow at {self.tracking_uri} does not answer: {e}") from e
 
     def mirrored(self) -> dict[str, Mirrored]:
@@ -154,8 +156,9 @@ class MlflowMirror:
         self.check_reachable()
         match = REF.fullmatch(ref)
         if not match:
-            raise InputError(f"--model {ref!r}: an MLflow model is mlflow:NAME@ALIAS or "
-                             "mlflow:NAME/VERSION")  # fmt: skip
+            raise InputError(
+                f"--model {ref!r}: an MLflow model is mlflow:NAME@ALIAS or mlflow:NAME/VERSION"
+            )
         name, alias, number = match["name"], match["alias"], match["number"]
         try:
             if alias:
@@ -163,8 +166,8 @@ class MlflowMirror:
             else:
                 mv = self.client.get_model_version(name, number)
         except MlflowException as e:
-            raise InputError(f"MLflow at {self.tracking_uri} has no {ref[len(MLFLOW_PREFIX):]}: "
-                             f"{e.message}") from None  # fmt: skip
+            what = ref.removeprefix(MLFLOW_PREFIX)
+            raise InputError(f"MLflow at {self.tracking_uri} has no {what}: {e.message}") from None
         if TAG_VERSION not in mv.tags:
             raise InputError(
                 f"{ref}: MLflow version {mv.version} of {name} was not mirrored by distilq "
@@ -200,6 +203,12 @@ class MlflowMirror:
     def publish(self, registry: Registry, version: str, run_name: str) -> str:
         """Log `version` as a run with its pyfunc model and register it; MLflow's number."""
         manifest = registry.manifest(version)
+        data, seal = registry.sealed(version)
+        if seal is None:
+            raise DistilqError(
+                f"version {version} was published before manifests were sealed: MLflow's copy "
+                "could not be checked on load, so it is not mirrored"
+            )
         experiment = self._experiment()
         tags = {
             TAG_VERSION: version,
@@ -214,8 +223,10 @@ class MlflowMirror:
         run_id = run.info.run_id
         try:
             with tempfile.TemporaryDirectory(prefix="distilq-mlflow-") as scratch:
-                model_id = self._log_run(experiment, run_id, registry, manifest, Path(scratch))
-            mv = self._register(run_id, model_id, manifest, registry)
+                model_id = self._log_run(
+                    experiment, run_id, registry, manifest, data, Path(scratch)
+                )
+            mv = self._register(run_id, model_id, manifest, seal, registry)
         except BaseException:
             self._end(run_id, "FAILED")
             raise
@@ -236,16 +247,21 @@ class MlflowMirror:
         return self.client.create_experiment(name, tags={"mlflow.experimentKind": KIND})
 
     def _log_run(
-        self, experiment: str, run_id: str, registry: Registry, manifest: VersionManifest, scratch
+        self,
+        experiment: str,
+        run_id: str,
+        registry: Registry,
+        manifest: VersionManifest,
+        data: bytes,
+        scratch: Path,
     ) -> str:
         """The run's params, metrics and artifacts, and its model (an MLflow logged model, the
-        metrics linked to it); the model's id."""
+        metrics linked to it); the model's id. `data`: the manifest as published."""
         from mlflow.entities import LoggedModelOutput, Metric, Param
 
         local, _ = registry.fetch(manifest.version, cache_dir=scratch / "cache")
-        data, seal = registry.sealed(manifest.version)
         model_dir = scratch / "model"
-        save_pyfunc(model_dir, local, manifest, data, seal, scratch / VERSION_DIR)
+        save_pyfunc(model_dir, local, manifest, data, scratch / VERSION_DIR)
         params = [Param(k, str(v)[:6000]) for k, v in run_params(manifest).items()]
         model = self.client.create_logged_model(
             experiment,
@@ -266,12 +282,13 @@ class MlflowMirror:
         self.client.log_artifact(run_id, str(scratch / MANIFEST))
         self.client.log_model_artifacts(model.model_id, str(model_dir))
         self.client.finalize_logged_model(model.model_id, "READY")
-        self.client.log_outputs(
-            run_id, [LoggedModelOutput(model.model_id, step=0)]
-        )  # the UI's link
+        # The run's output: how MLflow's UI links the run and its model.
+        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
         return model.model_id
 
-    def _register(self, run_id: str, model_id: str, manifest: VersionManifest, registry):
+    def _register(
+        self, run_id: str, model_id: str, manifest: VersionManifest, seal: str, registry: Registry
+    ):
         from mlflow.exceptions import MlflowException
 
         try:
@@ -281,7 +298,6 @@ class MlflowMirror:
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        _, seal = registry.sealed(manifest.version)
         decision = decide_manifest(manifest)
         tags = {
             TAG_VERSION: manifest.version,
@@ -289,7 +305,7 @@ class MlflowMirror:
             "recipe": manifest.recipe.name,
             "platform_key": manifest.platform.key if manifest.platform else "unrecorded",
             "registry": _where(registry),
-            "manifest_sha256": seal or "",
+            "manifest_sha256": seal,
         }
         return self.client.create_model_version(
             self.model,
@@ -311,7 +327,6 @@ class MlflowMirror:
         if current == number:
             return None
         self.client.set_registered_model_alias(self.model, PRODUCTION, number)
-        log.info("MLflow: %s@%s: %s -> %s", self.model, PRODUCTION, current, number)
         return current, number
 
 
@@ -401,21 +416,18 @@ def set_keys(names: list[str]) -> list[str]:
 
 
 def save_pyfunc(
-    path: Path, local: Path, manifest: VersionManifest, data: bytes, seal: str | None, files
+    path: Path, local: Path, manifest: VersionManifest, data: bytes, files: Path
 ) -> None:
     """Write the version as an MLflow pyfunc model at `path`: the files a load checks
-    (copied from `local`, already checked) and the sealed manifest, under `version/`."""
+    (copied from `local`, already checked) and the manifest as published (`data`) with its
+    seal, under `files`, the model's artifact."""
     import mlflow.pyfunc
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     from distilq.registry.pyfunc import CODE, VERSION_ARTIFACT
 
-    if seal is None:
-        raise DistilqError(
-            f"version {manifest.version} was published before manifests were sealed; "
-            "MLflow's copy could not be checked on load, so it is not mirrored"
-        )
+    seal = hashlib.sha256(data).hexdigest()
     for rel in sorted(model_files(manifest)):
         (files / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(local / rel, files / rel)
