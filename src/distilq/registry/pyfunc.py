@@ -80,10 +80,11 @@ class DistilqModel(mlflow.pyfunc.PythonModel):
         for start in range(0, len(texts), window):
             probs, errors, _ = classifier.score(texts[start : start + window])
             label, score, _ = top_labels(probs, errors, labels)
-            part = {"label": label, "score": score}
+            # object columns keep None for a missing label or error: JSON null when served
+            part = {"label": pd.Series(label, dtype=object), "score": score}
             if (params or {}).get("probabilities"):
                 part.update({f"prob_{name}": probs[:, j] for j, name in enumerate(labels)})
-            part.update(model_version=classifier.version, error=errors)
+            part.update(model_version=classifier.version, error=pd.Series(errors, dtype=object))
             parts.append(pd.DataFrame(part))
         if not parts:
             return pd.DataFrame(columns=["label", "score", "model_version", "error"])
