@@ -136,7 +136,13 @@ def check_mlflow(uri: str | None, model: str | None) -> None:
             "--mlflow-tracking-uri and --mlflow-model go together (env "
             "DISTILQ_MLFLOW_TRACKING_URI, DISTILQ_MLFLOW_MODEL): give both, or neither"
         )
-    if uri and importlib.util.find_spec("mlflow") is None:
+    if uri:
+        check_mlflow_installed()
+
+
+def check_mlflow_installed() -> None:
+    """Refuse MLflow settings where MLflow is not installed, naming the extra."""
+    if importlib.util.find_spec("mlflow") is None:
         raise ValueError(MLFLOW_MISSING)
 
 
@@ -369,7 +375,7 @@ class ScoreConfig(BaseModel):
         if self.model.startswith(MLFLOW_PREFIX):
             if not self.mlflow_tracking_uri:
                 raise ValueError(f"--model {self.model} needs --mlflow-tracking-uri")
-            check_mlflow(self.mlflow_tracking_uri, self.model)
+            check_mlflow_installed()
         if self.require_audit and self.audit_rate == 0:
             raise ValueError("--require-audit needs an --audit-rate above 0")
         if self.dask_address and self.runner != "dask":

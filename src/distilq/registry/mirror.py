@@ -45,6 +45,7 @@ from distilq.registry.registry import (
     PRODUCTION,
     Registry,
     model_files,
+    sealed_manifest,
 )
 from distilq.report import charts
 
@@ -149,29 +150,23 @@ class MlflowMirror:
             if not token:
                 return versions
 
-    def resolve(self, ref: str) -> Mirrored:
-        """The distilq version behind `mlflow:NAME@ALIAS` or `mlflow:NAME/VERSION`."""
+    def resolve(self, alias: str | None = None, number: str | None = None) -> Mirrored:
+        """The distilq version behind the model's `alias` or version `number`."""
         from mlflow.exceptions import MlflowException
 
         self.check_reachable()
-        match = REF.fullmatch(ref)
-        if not match:
-            raise InputError(
-                f"--model {ref!r}: an MLflow model is mlflow:NAME@ALIAS or mlflow:NAME/VERSION"
-            )
-        name, alias, number = match["name"], match["alias"], match["number"]
+        what = f"{self.model}@{alias}" if alias else f"{self.model}/{number}"
         try:
             if alias:
-                mv = self.client.get_model_version_by_alias(name, alias)
+                mv = self.client.get_model_version_by_alias(self.model, alias)
             else:
-                mv = self.client.get_model_version(name, number)
+                mv = self.client.get_model_version(self.model, number)
         except MlflowException as e:
-            what = ref.removeprefix(MLFLOW_PREFIX)
             raise InputError(f"MLflow at {self.tracking_uri} has no {what}: {e.message}") from None
         if TAG_VERSION not in mv.tags:
             raise InputError(
-                f"{ref}: MLflow version {mv.version} of {name} was not mirrored by distilq "
-                f"(no {TAG_VERSION} tag)"
+                f"{MLFLOW_PREFIX}{what}: MLflow version {mv.version} was not mirrored by "
+                f"distilq (no {TAG_VERSION} tag)"
             )
         return _mirrored(mv)
 
@@ -192,18 +187,17 @@ class MlflowMirror:
         have = self.mirrored()
         for version in wanted:
             if version not in have:
-                number = self.publish(registry, version, run_name or f"mirror {version}")
-                result.registered[version] = number
-                have = self.mirrored()
+                have[version] = self.publish(registry, version, run_name or f"mirror {version}")
+                result.registered[version] = have[version].number
         if production is not None:
             result.alias_moved = self._point_production(have[production].number)
             result.production = have[production].number
         return result
 
-    def publish(self, registry: Registry, version: str, run_name: str) -> str:
-        """Log `version` as a run with its pyfunc model and register it; MLflow's number."""
-        manifest = registry.manifest(version)
+    def publish(self, registry: Registry, version: str, run_name: str) -> Mirrored:
+        """Log `version` as a run with its pyfunc model and register it."""
         data, seal = registry.sealed(version)
+        manifest = sealed_manifest(data, seal, registry.store.uri_of("versions", version), version)
         if seal is None:
             raise DistilqError(
                 f"version {version} was published before manifests were sealed: MLflow's copy "
@@ -231,7 +225,7 @@ class MlflowMirror:
             self._end(run_id, "FAILED")
             raise
         self._end(run_id, "FINISHED")
-        return mv.version
+        return _mirrored(mv)
 
     def _end(self, run_id: str, status: str) -> None:
         # MLflow prints the run's address on stdout, which `--json` keeps for its JSON.
@@ -486,14 +480,20 @@ def follow(
 def resolve_ref(tracking_uri: str, ref: str, registry: Registry) -> str:
     """The distilq version `mlflow:NAME@ALIAS` or `mlflow:NAME/VERSION` names, checked to be
     in `registry` with the very manifest MLflow mirrored."""
-    found = MlflowMirror(tracking_uri, "").resolve(ref)
+    match = REF.fullmatch(ref)
+    if not match:
+        raise InputError(
+            f"--model {ref!r}: an MLflow model is mlflow:NAME@ALIAS or mlflow:NAME/VERSION"
+        )
+    found = MlflowMirror(tracking_uri, match["name"]).resolve(match["alias"], match["number"])
     where = f"{ref} (MLflow version {found.number})"
-    if found.version not in registry.versions():
+    try:
+        _, seal = registry.sealed(found.version)
+    except InputError:
         raise InputError(
             f"{where} is distilq version {found.version} of registry {found.registry}, which "
             f"is not in --registry {registry.uri}"
-        )
-    _, seal = registry.sealed(found.version)
+        ) from None
     if seal != found.manifest_sha256:
         raise IntegrityError(
             f"{where}: the manifest sha256 MLflow recorded is not the one of {found.version} "

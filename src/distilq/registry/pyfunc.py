@@ -74,7 +74,7 @@ class DistilqModel(mlflow.pyfunc.PythonModel):
         frame = pd.DataFrame(model_input)
         # pandas holds a missing text as NaN: it is null, as in a Parquet file.
         texts = [None if _missing(v) else v for v in frame[self.text_column]]
-        labels = [classifier.id2label[i] for i in sorted(classifier.id2label)]
+        labels = classifier.labels
         window = classifier.batching.batch_size * DEFAULT_WINDOW_BATCHES
         parts = []
         for start in range(0, len(texts), window):

@@ -257,7 +257,7 @@ class ShardSampler:
         texts = [item[3] for item in items]
         fp32 = predict(model, classifier.tokenizer, texts, policy).probs
         seconds = time.perf_counter() - start
-        labels = [classifier.id2label[i] for i in sorted(classifier.id2label)]
+        labels = classifier.labels
         records, flipped = [], []
         for (_, _, ids, text, int8), ref in zip(items, fp32, strict=True):
             a, b = int(ref.argmax()), int(int8.argmax())

@@ -24,6 +24,7 @@ class Classifier:
         positions = getattr(model.config, "max_position_embeddings", None)
         self.batching = manifest.recipe.batching.capped(positions)  # as `distilq score` does
         self.id2label = {int(k): v for k, v in model.config.id2label.items()}
+        self.labels = [self.id2label[i] for i in sorted(self.id2label)]  # in class-id order
         self.attestation = ""  # how this platform is attested (set by `load`)
 
     def score(

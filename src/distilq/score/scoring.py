@@ -95,7 +95,7 @@ class _ShardWriter:
     ):
         self.classifier, self.shard, self.options = classifier, shard, options
         self.sampler = sampler
-        self.labels = [classifier.id2label[i] for i in sorted(classifier.id2label)]
+        self.labels = classifier.labels
         names = list(input_schema.names)
         names += [k for k in shard.partitions if k not in input_schema.names]
         self.kept = [c for c in names if copied_to_output(c, options)]
