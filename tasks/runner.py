@@ -39,7 +39,6 @@ from distilq.score.output import OutputManifest
 PROMOTED_EVENT = "distilq.model.promoted"
 AUDIT_FAILED_EVENT = "distilq.audit.failed"
 AUDIT_FAILED_TAG = "audit-failed"
-MLFLOW_BEHIND_TAG = "mlflow-behind"  # the MLflow mirror could not follow this run
 STARTED_DIR = "DISTILQ_STARTED_DIR"  # where shard tasks say they started
 RETRY_DELAYS = [2, 10, 30]
 
@@ -182,7 +181,7 @@ class PrefectRunner(Runner):
 
     def decided(self, manifest: VersionManifest, outcome: Outcome) -> None:
         """The report, outcome first, and the metrics table as artifacts; outcome tags."""
-        add_tags(outcome.tags + ([MLFLOW_BEHIND_TAG] if outcome.mirror_behind else []))
+        add_tags(outcome.tags)
         said = f"{outcome.headline}. Gate: {'; '.join(outcome.reasons)}"
         reused = "reused" in outcome.tags  # nothing was measured: no report, no metrics
         if reused:

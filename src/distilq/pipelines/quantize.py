@@ -24,6 +24,7 @@ from distilq.report import charts
 from distilq.score.inference import predict
 
 log = logging.getLogger("distilq")
+MLFLOW_BEHIND_TAG = "mlflow-behind"  # the MLflow mirror could not follow this run
 
 
 class QuantizeResult(BaseModel):
@@ -122,7 +123,7 @@ def _promote(
     else:
         production = Registry(config.registry).alias()
     said = outcome(manifest, decision, config, reused, entry, production, chart_png)
-    said.mirror, said.mirror_behind = _mirror(manifest, config, run)
+    _mirror(said, manifest, config, run)
     _decided(run, manifest, said)
     where = _location(config, manifest)
     result = _result(
@@ -144,7 +145,7 @@ def _raise_if_rejected(
     if config.dry_run or decision.approved:
         return
     said = outcome(manifest, decision, config, reused, chart_png=chart_png)
-    said.mirror, said.mirror_behind = _mirror(manifest, config, run)
+    _mirror(said, manifest, config, run)
     _decided(run, manifest, said)
     raise GateRejected(
         f"gate rejected {manifest.version}: {'; '.join(decision.reasons)}. It is kept in "
@@ -153,12 +154,15 @@ def _raise_if_rejected(
     )
 
 
-def _mirror(manifest: VersionManifest, config: QuantizeConfig, run: Runner):
-    """Mirror the published version to MLflow, when asked to: what it did (None: not asked),
-    and whether the mirror is behind."""
+def _mirror(said: Outcome, manifest: VersionManifest, config: QuantizeConfig, run: Runner):
+    """Mirror the published version to MLflow, when asked to: `said` gets what that did,
+    and the tag `mlflow-behind` when MLflow could not follow."""
     if not config.mlflow_tracking_uri:
-        return None, False
-    return run.step(mirror, manifest.version, config, run.run_name() or run_name(config))
+        return
+    name = run.run_name() or run_name(config)
+    said.mirror, behind = run.step(mirror, manifest.version, config, name)
+    if behind:
+        said.tags.append(MLFLOW_BEHIND_TAG)
 
 
 def _decided(run: Runner, manifest: VersionManifest, said: Outcome) -> None:

@@ -73,9 +73,9 @@ class Runner:
 class Outcome(BaseModel):
     """How a quantize run ended, said first wherever the run is shown."""
 
-    tags: list[str]  # promoted | approved | rejected | reused | dry-run, and the recipe
+    # promoted | approved | rejected | reused | dry-run, mlflow-behind, and the recipe
+    tags: list[str]
     headline: str  # one sentence: the decision, and what happened to production
     reasons: list[str]  # the gate's, one per threshold
     chart_png: bytes | None = Field(None, repr=False)  # the report's chart, when one was drawn
     mirror: str | None = None  # what the MLflow mirror did, or why it is behind
-    mirror_behind: bool = False
