@@ -99,13 +99,15 @@ def make_checkpoint(
     seed: int = 0,
     sensitive: bool = False,
     labels: tuple[str, ...] = ("NEGATIVE", "POSITIVE"),
+    dim: int = 32,
 ) -> Path:
     """Save a tiny random DistilBERT sequence classifier with a WordPiece tokenizer, its
     classes named `labels`.
 
     `sensitive=True` plants an outlier in one Linear layer (SENSITIVE_LAYER): a huge weight
     on an input that is always ~0, so FP32 is unaffected but per-channel INT8 rounds the
-    rest of each row to zero.
+    rest of each row to zero. `dim` (hidden size; the FFN is twice as wide) at 384, the
+    shared model's, takes torch's float GEMM onto the paths whose sums depend on the rows.
     """
     from transformers import (
         DistilBertConfig,
@@ -119,12 +121,12 @@ def make_checkpoint(
     torch.manual_seed(seed)
     config = DistilBertConfig(
         vocab_size=len(SPECIAL) + len(WORDS),
-        dim=32,
+        dim=dim,
         n_layers=2,
         n_heads=2,
-        hidden_dim=64,
+        hidden_dim=2 * dim,
         max_position_embeddings=64,
-        initializer_range=0.2,
+        initializer_range=0.2 * (32 / dim) ** 0.5,  # the same spread of activations at any width
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
     )
@@ -168,6 +170,12 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sensitive_checkpoint(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("sensitive") / "ckpt", seed=1, sensitive=True)
+
+
+@pytest.fixture(scope="session")
+def wide_sensitive_checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("wide-sensitive") / "ckpt"
+    return make_checkpoint(path, seed=1, sensitive=True, dim=384)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,8 @@ from distilq.pipelines.quantize import quantize_and_promote
 from distilq.pipelines.score import score_dataset
 from distilq.quantize.checkpoint import load_checkpoint
 from distilq.quantize.int8 import quantize
+from distilq.quantize.kernels.exact_linear import ExactLinear
+from distilq.quantize.kernels.per_token import batch_independent
 from distilq.quantize.kernels.token_linear import (
     TOKEN_KERNELS,
     Int8TokenLinear,
@@ -29,7 +31,7 @@ from distilq.quantize.kernels.token_linear import (
 from distilq.quantize.recipes import RECIPES, get_recipe, resolve_recipe
 from distilq.report.render import render_report
 from distilq.score.inference import predict
-from tests.conftest import make_texts, tiny_config
+from tests.conftest import SENSITIVE_LAYER, make_texts, run, tiny_config
 
 # Lengths from 3 to 14 words: every batch below pads most of its rows.
 TEXTS = make_texts(60, seed=31)
@@ -190,3 +192,84 @@ def test_auto_records_where_it_started_and_why(tiny_checkpoint, tiny_validation,
     assert record.auto.base_reason == auto.base_reason and record.activations == auto.activations
     shown = f"`auto` started from `{auto.base}`: {auto.base_reason}"
     assert shown in render_report(result.manifest)
+
+
+VNNI = ["avx2", "avx512f", "avx512_vnni"]
+
+
+@pytest.fixture(scope="module")
+def vnni_auto_version(wide_sensitive_checkpoint, tiny_validation, tmp_path_factory):
+    """An `auto` version made as on a VNNI CPU (per-token start), which must keep the planted
+    sensitive layer FP32 to pass its gate."""
+    registry = tmp_path_factory.mktemp("vnni-auto") / "reg"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("distilq.pipelines.quantize.cpu_features", lambda: VNNI)
+        config = tiny_config(
+            wide_sensitive_checkpoint, tiny_validation, registry, recipe="auto", min_agreement=0.9
+        )
+        result = quantize_and_promote(config)
+    recipe = result.manifest.recipe
+    assert result.promoted and recipe.activations == "per-token" and recipe.fp32_layers
+    assert recipe.batch_independent is True
+    return registry, result.manifest
+
+
+def test_an_auto_version_with_fp32_layers_gives_a_row_one_answer_in_any_batch(
+    vnni_auto_version,
+):
+    # Kept FP32 layers ran torch's float GEMM, whose sums depend on the rows per call; the
+    # next per-token layer rounded those last bits into answers up to 4e-3 apart.
+    registry, manifest = vnni_auto_version
+    classifier = distilq.load(registry)
+    answers = {
+        size: classifier.predict_proba(TEXTS, BatchingPolicy(batch_size=size))
+        for size in (1, 7, 32)
+    }
+    assert np.array_equal(answers[1], answers[7]) and np.array_equal(answers[1], answers[32])
+    assert "batch-independent: yes" in render_report(manifest)
+
+
+def test_fp32_layers_of_a_per_token_model_are_summed_exactly(wide_sensitive_checkpoint):
+    # torch's float GEMM sums a row by how many rows the call has and how many threads run
+    # it; the exact layer sums integers, so neither changes a bit, and it stays FP32-close.
+    model, _ = load_checkpoint(wide_sensitive_checkpoint)
+    layer = model.get_submodule(SENSITIVE_LAYER)
+    exact = ExactLinear.from_float(layer)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(300, layer.in_features, generator=gen) * torch.rand(300, 1, generator=gen)
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        reference = exact(x)
+        for start, rows in ((0, 1), (5, 7), (20, 64), (100, 129)):
+            assert torch.equal(exact(x[start : start + rows]), reference[start : start + rows])
+        torch.set_num_threads(1)
+        try:
+            assert torch.equal(exact(x), reference)
+        finally:
+            torch.set_num_threads(threads)
+        fp32 = layer(x)
+    scale = fp32.abs().max()
+    assert (reference - fp32).abs().max() < 1e-5 * scale
+    assert batch_independent(quantize(model, "dynamic-int8-token", keep_fp32=[SENSITIVE_LAYER]))
+    assert not batch_independent(quantize(model, "dynamic-int8-pc"))
+
+
+@pytest.mark.slow
+def test_distilq_score_of_an_auto_version_gives_equal_probabilities_at_any_batch_size(
+    vnni_auto_version, tmp_path
+):
+    registry, _ = vnni_auto_version
+    pq.write_table(pa.table({"text": TEXTS * 3}), tmp_path / "in.parquet")
+
+    def scored(batch_size: int) -> np.ndarray:
+        out = tmp_path / f"out-{batch_size}"
+        done = run(
+            "score", "--input", str(tmp_path / "in.parquet"), "--output", str(out),
+            "--registry", str(registry), "--batch-size", str(batch_size), "--probabilities",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        table = pq.read_table(out / "in.parquet")
+        return np.stack([table["prob_NEGATIVE"].to_numpy(), table["prob_POSITIVE"].to_numpy()], 1)
+
+    one = scored(1)
+    assert np.array_equal(scored(7), one) and np.array_equal(scored(32), one)

@@ -89,6 +89,18 @@ class RecipeRecord(_Record):
     batching: BatchingPolicy
     activations: str = "per-tensor"  # or "per-token"
     auto: FallbackRecord | None = None
+    # Whether a row's answer is the same in any batch (None: made before it was recorded;
+    # read `rows_independent`).
+    batch_independent: bool | None = None
+
+    @property
+    def rows_independent(self) -> bool:
+        """Whether a row's answer is the same in any batch. For versions made before it was
+        recorded: per-token with no FP32 layer was; FP32 layers then ran torch's float GEMM,
+        whose sums depend on the rows per call."""
+        if self.batch_independent is not None:
+            return self.batch_independent
+        return self.activations == "per-token" and not self.fp32_layers
 
 
 class DrawnRecord(BaseModel):

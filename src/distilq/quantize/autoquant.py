@@ -29,6 +29,7 @@ from distilq.gate.data import ValidationSet
 from distilq.gate.stats import flips_allowed, pass_probability
 from distilq.manifest import Attempt, FallbackRecord, LayerSensitivity, RecipeRecord
 from distilq.quantize.int8 import int8_bytes, linear_names, quantize
+from distilq.quantize.kernels.per_token import batch_independent
 from distilq.quantize.recipes import Recipe
 from distilq.score.inference import Predictions, predict, progress_bar
 
@@ -109,6 +110,12 @@ class Candidate:
 
     def recipe_record(self, policy: BatchingPolicy) -> RecipeRecord:
         """What the manifest records under `recipe`."""
+        independent = batch_independent(self.model)
+        if self.recipe.activations == "per-token" and not independent:
+            # What per-token is for (and `auto` on a VNNI CPU starts from): never shipped.
+            raise RuntimeError(
+                f"{self.recipe.name}: a per-token model whose rows depend on the batch"
+            )
         fallback = None
         if self.recipe.fallback:
             fallback = FallbackRecord(
@@ -129,6 +136,7 @@ class Candidate:
             batching=policy,
             activations=self.recipe.activations,
             auto=fallback,
+            batch_independent=independent,
         )
 
 

@@ -26,14 +26,16 @@ from distilq.quantize.kernels import (
     linear_kind,
 )
 from distilq.quantize.kernels.base import quantized_engine, quiet_torch
+from distilq.quantize.kernels.exact_linear import ExactLinear
 from distilq.quantize.recipes import Recipe, get_recipe
 
 WEIGHTS_FILE = "model.safetensors"
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Names of the float `nn.Linear` modules, in model order."""
-    return [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    """Names of the float Linear modules (`nn.Linear`, or `ExactLinear` in a per-token
+    model), in model order."""
+    return [name for name, m in model.named_modules() if type(m) in (nn.Linear, ExactLinear)]
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -56,8 +58,9 @@ def quantize(
 ) -> nn.Module:
     """Return an INT8 copy of `model` made by `recipe`; `model` is left untouched.
 
-    `keep_fp32` names Linear layers that stay FP32. `only` (sensitivity analysis) quantizes
-    just those Linear layers and no embeddings.
+    `keep_fp32` names Linear layers that keep their FP32 weights (in a per-token model they
+    run summed exactly, `kernels.exact_linear`). `only` (sensitivity analysis) quantizes
+    just those Linear layers, no embeddings, and leaves the model's FP32 rest as it is.
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     names = linear_names(model)
@@ -71,10 +74,12 @@ def quantize(
     with quantized_engine(recipe.engine):
         for name in targets:
             _set_module(out, name, kind.quantize(out.get_submodule(name), recipe.per_channel))
-    if recipe.int8_embeddings and only is None:
-        for name in _embedding_names(out):
-            _set_module(out, name, EMBEDDING.quantize(out.get_submodule(name), True))
-    kind.prepare(out)
+    if only is None:
+        if recipe.int8_embeddings:
+            for name in _embedding_names(out):
+                _set_module(out, name, EMBEDDING.quantize(out.get_submodule(name), True))
+        kind.prepare(out)
+    # else: a sensitivity probe, measured and never shipped: its FP32 rest runs as it is.
     return out
 
 

@@ -137,8 +137,13 @@ def _sets_section(metrics: VersionMetrics) -> list[str]:
 
 ACTIVATIONS = {
     "per-tensor": "7-bit dynamic activations, one scale per batch",
-    "per-token": "8-bit dynamic activations, one scale per token (a row's answer does not "
-    "depend on its batch)",
+    "per-token": "8-bit dynamic activations, one scale per token",
+}
+
+
+BATCH_INDEPENDENT = {
+    True: "yes (a row's answer is the same in any batch, bit for bit)",
+    False: "no (a row's last bits depend on the rows batched with it)",
 }
 
 
@@ -158,6 +163,8 @@ def _recipe_section(r: RecipeRecord) -> list[str]:
         *start,
         "",
         f"FP32 layers: {', '.join(f'`{x}`' for x in r.fp32_layers) or 'none'}.",
+        "",
+        f"batch-independent: {BATCH_INDEPENDENT[r.rows_independent]}",
     ]
 
 

@@ -6,8 +6,8 @@ for a Linear layer (absent: per tensor, the first format's only kind).
 
 from distilq.quantize.kernels.base import FORMAT, LayerKind
 from distilq.quantize.kernels.embedding import EmbeddingKind
+from distilq.quantize.kernels.per_token import FORMAT_PER_TOKEN, TokenLinearKind
 from distilq.quantize.kernels.tensor_linear import TensorLinearKind
-from distilq.quantize.kernels.token_linear import FORMAT_PER_TOKEN, TokenLinearKind
 
 LINEAR_KINDS: dict[str, LayerKind] = {
     "per-tensor": TensorLinearKind(),

@@ -1,22 +1,17 @@
 """Linear layers with per-channel INT8 weights and per-token INT8 activations, on torch's
-integer GEMM, and the row-wise attention that keeps a text's result independent of its batch."""
+integer GEMM (or exact float32 GEMMs where it is slow), and the choice of that kernel."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import threading
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from distilq.quantize.kernels.base import LayerKind, int8_rows, linear_tensors
-
-# Files with per-token Linear layers: a reader of /1 alone would run them per tensor.
-FORMAT_PER_TOKEN = "distilq-int8/2"
+from distilq.quantize.kernels.base import int8_rows
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +49,19 @@ def token_linear_float(
     float32 holding the int8 values. Each slice of at most EXACT_FLOAT_DEPTH inputs gives
     exact integers; slices are summed in int32, as the integer GEMM sums."""
     q, scale = _row_scales(rows)
-    depth = q.shape[1]
-    if depth <= EXACT_FLOAT_DEPTH:
-        out = q @ weight_t  # exact integers below 2**24: what int32 -> float32 gives too
-    else:
-        total = None
-        for start in range(0, depth, EXACT_FLOAT_DEPTH):
-            stop = start + EXACT_FLOAT_DEPTH
-            part = (q[:, start:stop] @ weight_t[start:stop]).to(torch.int32)
-            total = part if total is None else total.add_(part)
-        out = total.float()
-    out.mul_(weight_scale).mul_(scale)
+    out = exact_float_product(q, weight_t).float().mul_(weight_scale).mul_(scale)
     return out if bias is None else out.add_(bias)
+
+
+def exact_float_product(q: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """q [n, in] @ weight_t [in, out], both float32 holding int8 values: the integer
+    product, exact, as int32 (what torch._int_mm gives)."""
+    total = None
+    for start in range(0, q.shape[1], EXACT_FLOAT_DEPTH):
+        stop = start + EXACT_FLOAT_DEPTH
+        part = (q[:, start:stop] @ weight_t[start:stop]).to(torch.int32)
+        total = part if total is None else total.add_(part)
+    return total
 
 
 class TokenKernels:
@@ -220,64 +216,3 @@ class Int8TokenLinear(nn.Module):
             for part, into in chunks:
                 into.copy_(kernel(part, *args))
         return out.reshape(*x.shape[:-1], self.out_features)
-
-
-ROWWISE_ATTENTION = "distilq_rowwise"
-
-
-def _rowwise_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """Self-attention of each sequence over its own tokens only, in tensors shaped as if it
-    were alone: padding and neighbours change no bit of a text's result (batched attention
-    sums padded rows in other orders; per-token INT8 would round those last bits apart)."""
-    batch, heads, length, dim = query.shape
-    scaling = scaling or dim**-0.5
-    if attention_mask is None:  # no padding
-        keys = torch.ones(batch, length, dtype=torch.bool)
-    else:  # [batch, 1, query, key]: True, or 0.0 when additive, where a key may be seen
-        keys = attention_mask[:, 0, 0, :]
-        keys = keys if keys.dtype == torch.bool else keys == 0
-    out = query.new_zeros(batch, length, heads, dim)
-    counts = keys.sum(dim=1, keepdim=True)
-    if not bool((keys == (torch.arange(length) < counts)).all()):
-        raise ValueError("per-token attention needs right padding (the tokenizer's default)")
-    first = 0
-    for n, texts in itertools.groupby(counts.squeeze(1).tolist()):
-        # Neighbours of one length n (length-sorted batches have many) in one call: each
-        # computed as if alone, through views with the strides a text alone has, set by the
-        # projections' (token, head, dim) layout, not by the padded length.
-        last = first + len(list(texts))
-        q, k, v = (t[first:last, :, :n] for t in (query, key, value))
-        attended = F.scaled_dot_product_attention(q, k, v, scale=scaling)
-        out[first:last, :n] = attended.transpose(1, 2)
-        first = last
-    return out, None
-
-
-def use_rowwise_attention(model: nn.Module) -> None:
-    """Run `model`'s attention for each sequence over its own tokens (`_rowwise_attention`)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(ROWWISE_ATTENTION, _rowwise_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ROWWISE_ATTENTION, sdpa_mask)
-    model.set_attn_implementation(ROWWISE_ATTENTION)
-
-
-class TokenLinearKind(LayerKind):
-    module = Int8TokenLinear
-    format = FORMAT_PER_TOKEN
-
-    def quantize(self, float_module: nn.Module, per_channel: bool) -> nn.Module:
-        return Int8TokenLinear.from_float(float_module)  # weights always per channel
-
-    def tensors(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return linear_tensors(module.weight_int8, module.weight_scale, module.bias)
-
-    def entry(self, module: nn.Module) -> dict:
-        return {"per_channel": True, "activations": "per-token"}
-
-    def load(self, tensors: dict[str, torch.Tensor], entry: dict) -> nn.Module:
-        return Int8TokenLinear(tensors["weight_int8"], tensors["weight_scale"], tensors.get("bias"))
-
-    def prepare(self, model: nn.Module) -> None:
-        use_rowwise_attention(model)
