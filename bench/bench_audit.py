@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from distilq.hardware import cpu_features, cpu_model
-from distilq.score.audit import VERDICTS
+from distilq.report.audit import VERDICTS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

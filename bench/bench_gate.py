@@ -26,8 +26,8 @@ from pathlib import Path
 import distilq
 from distilq.gate.stats import agreement_lower_bound
 from distilq.hardware import cpu_features, cpu_model
+from distilq.inference import predict
 from distilq.quantize.checkpoint import load_checkpoint
-from distilq.score.inference import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

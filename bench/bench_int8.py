@@ -31,12 +31,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from distilq.config import BatchingPolicy
+from distilq.config.shared import BatchingPolicy
 from distilq.gate.data import PACKAGED_VALIDATION, load_validation
 from distilq.hardware import cpu_features, cpu_model
+from distilq.inference import predict
 from distilq.quantize.int8 import quantize
 from distilq.quantize.kernels.token_linear import TOKEN_KERNELS, token_linear
-from distilq.score.inference import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

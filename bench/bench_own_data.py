@@ -30,15 +30,15 @@ from pathlib import Path
 
 import torch
 
-from distilq.config import BatchingPolicy, GateThresholds
+from distilq.config.shared import BatchingPolicy, GateThresholds
 from distilq.gate.compare import compare
 from distilq.gate.data import load_validation, split
 from distilq.gate.decide import decide
 from distilq.hardware import cpu_features, cpu_model
+from distilq.inference import predict
 from distilq.quantize.autoquant import PassTarget, quantize_for_gate
 from distilq.quantize.checkpoint import load_checkpoint, resolve_checkpoint
-from distilq.quantize.recipes import resolve_recipe
-from distilq.score.inference import predict
+from distilq.recipes import resolve_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from distilq.config import BatchingPolicy, QuantizeConfig
+from distilq.config.quantize import QuantizeConfig
+from distilq.config.shared import BatchingPolicy
 from distilq.gate.compare import best_rows_per_second
 from distilq.gate.data import PACKAGED_VALIDATION, load_validation
 from distilq.hardware import cpu_features, cpu_model
 from distilq.pipelines.quantize import quantize_and_promote
 from distilq.quantize.int8 import save_int8
-from distilq.quantize.recipes import RECIPE_NAMES, RECIPES
+from distilq.recipes import RECIPE_NAMES, RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODEL = ROOT.parent / "shared" / "models" / "distilbert-sst2-minilm"

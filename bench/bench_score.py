@@ -99,7 +99,7 @@ def in_process_rates(model_dir: Path, registry: Path, texts: dict[str, list[str]
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
     import distilq
-    from distilq.score.inference import predict
+    from distilq.inference import predict
 
     fp32 = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

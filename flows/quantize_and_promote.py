@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from distilq.config import QuantizeConfig
+from distilq.config.quantize import QuantizeConfig
 from distilq.pipelines import quantize as pipeline
 from distilq.pipelines.quantize import QuantizeResult
 from tasks.runner import PrefectRunner

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from distilq.config import ScoreConfig
+from distilq.config.score import ScoreConfig
 from distilq.manifest import ScoreSummary
 from distilq.pipelines import score as pipeline
 from tasks.runner import PrefectRunner, task_runner_for

@@ -28,7 +28,7 @@ from prefect.futures import as_completed
 from prefect.states import Crashed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from distilq.config import ScoreConfig
+from distilq.config.score import ScoreConfig
 from distilq.errors import DistilqError, worth_retrying
 from distilq.manifest import AuditFigures, ScoreSummary, VersionManifest
 from distilq.pipelines.runner import Outcome, Runner

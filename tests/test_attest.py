@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from distilq.gate.attest import SELFCHECK
-from distilq.quantize.checkpoint import sha256_file
 from distilq.registry.registry import Registry
+from distilq.storage.store import sha256_file
 from tests.conftest import DISTILQ, cli_env, make_texts, stage_tiny_version
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distilq.config import ScoreConfig
+from distilq.config.score import ScoreConfig
 from distilq.errors import InputError
 from distilq.gate import stats
 from distilq.manifest import ShardAudit, ShardRecord

@@ -8,14 +8,14 @@ import re
 
 import pytest
 
-from distilq.config import BatchingPolicy
+from distilq.config.shared import BatchingPolicy
 from distilq.gate.data import combine, load_validation
 from distilq.gate.stats import pass_probability
+from distilq.inference import predict
 from distilq.quantize.autoquant import PassTarget, quantize_for_gate
 from distilq.quantize.checkpoint import load_checkpoint
 from distilq.quantize.int8 import linear_names, save_int8
-from distilq.quantize.recipes import get_recipe, resolve_recipe
-from distilq.score.inference import predict
+from distilq.recipes import get_recipe, resolve_recipe
 from tests.conftest import SENSITIVE_LAYER
 
 # `auto` starts per token on CPUs with VNNI, per tensor on the others: both run here, on

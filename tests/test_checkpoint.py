@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from distilq.errors import InputError, SourceUnavailable
-from distilq.quantize.checkpoint import load_checkpoint, resolve_checkpoint, sha256_file
+from distilq.quantize.checkpoint import load_checkpoint, resolve_checkpoint
+from distilq.storage.store import sha256_file
 
 
 def _copy(src, dst):

@@ -30,7 +30,7 @@ def registry_with_two(tmp_path, tiny_checkpoint, tiny_validation):
 
 
 def test_version_and_help():
-    assert run("--version").stdout.strip() == "distilq 0.1.0"
+    assert run("--version").stdout.strip() == "distilq 0.2.0"
     for command in (
         ["quantize"],
         ["models"],

@@ -200,7 +200,7 @@ def test_deploy_quantize_trigger_rescore_on_a_server_and_worker(
         # A failed audit, as distilq announces it, starts the regate deployment on the data
         # whose audit failed (the run itself needs the hub's checkpoint: not run here).
         emit = (
-            "import sys; from distilq.config import ScoreConfig; "
+            "import sys; from distilq.config.score import ScoreConfig; "
             "from distilq.manifest import read_output_manifest; "
             "from tasks.runner import emit_audit_failed; import json; "
             "m = read_output_manifest(json.load(open(sys.argv[1])), sys.argv[1]); "

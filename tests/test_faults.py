@@ -23,16 +23,17 @@ import pytest
 import distilq
 from distilq.cli.flags import config_from
 from distilq.cli.main import build_parser
-from distilq.config import QuantizeConfig, ScoreConfig, ScoreOptions
+from distilq.config.quantize import QuantizeConfig
+from distilq.config.score import ScoreConfig, ScoreOptions
 from distilq.errors import (
     InputError,
     IntegrityError,
     SourceUnavailable,
     worth_retrying,
 )
+from distilq.inference import CHARS_PER_TOKEN_BOUND, cut_text
 from distilq.pipelines.quantize import quantize_and_promote
 from distilq.registry.registry import Registry
-from distilq.score.inference import CHARS_PER_TOKEN_BOUND, cut_text
 from distilq.score.inputs import plan_shards
 from distilq.score.output import output_lock
 from tests.conftest import (
@@ -349,7 +350,7 @@ import os, signal, sys
 from pathlib import Path
 from distilq.manifest import VersionManifest
 from distilq.registry.registry import Registry
-from distilq.registry.store import Store
+from distilq.storage.store import Store
 from distilq.gate.attest import gate_attestation
 
 staging, registry, when = Path(sys.argv[1]), sys.argv[2], sys.argv[3]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from distilq.config import QuantizeConfig
+from distilq.config.quantize import QuantizeConfig
 from distilq.errors import GateRejected
-from distilq.quantize.recipes import resolve_recipe
+from distilq.recipes import resolve_recipe
 from distilq.registry.registry import Registry
 from flows.quantize_and_promote import quantize_and_promote
 from tests.conftest import as_shown, free_port, tiny_config

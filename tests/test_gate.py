@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distilq.config import GateThresholds
+from distilq.config.shared import GateThresholds
 from distilq.errors import InputError
 from distilq.gate.compare import compare
 from distilq.gate.data import ValidationSet, combine
 from distilq.gate.decide import check_certifiable, decide
 from distilq.gate.stats import agreement_lower_bound, agreement_needed, examples_needed
-from distilq.score.inference import Predictions
+from distilq.inference import Predictions
 
 ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}
 

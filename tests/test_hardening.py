@@ -19,11 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 
 import distilq
-from distilq.config import ScoreConfig, ScoreOptions
+from distilq.config.score import ScoreConfig, ScoreOptions
 from distilq.errors import GateRejected, InputError, IntegrityError
-from distilq.registry.artifact import STAGING_PREFIX, remove_stale_staging
-from distilq.registry.registry import MANIFEST_SHA256, Registry
-from distilq.score.inference import NO_TOKENS
+from distilq.inference import NO_TOKENS
+from distilq.pipelines.staging import STAGING_PREFIX, remove_stale_staging
+from distilq.registry.layout import MANIFEST_SHA256
+from distilq.registry.registry import Registry
 from distilq.score.inputs import plan_shards
 from distilq.score.output import MANIFEST, prepare_output
 from distilq.score.scoring import options_for, score_shard

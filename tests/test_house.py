@@ -39,7 +39,7 @@ print(json.dumps({"library": library, "prefect": prefect}))
     found = json.loads(done.stdout.splitlines()[-1])
     # The walk found the folders, not just the top level.
     assert {"distilq.pipelines.score", "distilq.quantize.kernels.token_linear",
-            "distilq.gate.attest", "distilq.registry.store"} <= set(found["library"])  # fmt: skip
+            "distilq.gate.attest", "distilq.storage.store"} <= set(found["library"])  # fmt: skip
     assert found["prefect"] == []
 
 
@@ -127,3 +127,14 @@ def test_every_imported_package_is_declared():
         for module in sorted(_imported(*roots)):
             names = {canonicalize_name(d) for d in installed_by.get(module, [module])}
             assert names & declared, f"{module} is imported under {roots} but not declared"
+
+
+def test_every_package_of_the_tree_is_in_the_wheel():
+    """A folder of modules missing from pyproject.toml's list works in an editable install and
+    is absent from a built wheel: every package under src/distilq must be listed."""
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    src = ROOT / "src"
+    found = {".".join(p.parent.relative_to(src).parts) for p in src.rglob("__init__.py")}
+    assert found - listed == set()

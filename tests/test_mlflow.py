@@ -14,7 +14,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from distilq.config import MLFLOW_MISSING, QuantizeConfig, ScoreConfig
+from distilq.config.quantize import QuantizeConfig
+from distilq.config.score import ScoreConfig
+from distilq.config.shared import MLFLOW_MISSING
 from distilq.registry.registry import Registry
 from tests.conftest import (
     VENV_BIN,
@@ -294,14 +296,14 @@ def test_without_mlflow_the_flags_name_the_extra(monkeypatch):
         QuantizeConfig(mlflow_model=NAME, mlflow_tracking_uri=None)
     assert "distilq[mlflow]" in MLFLOW_MISSING
     from distilq.errors import InputError
-    from distilq.registry.mirror import require_mlflow
+    from distilq.integrations.mlflow.mirror import require_mlflow
 
     with pytest.raises(InputError, match=r"distilq\[mlflow\]"):
         require_mlflow()
 
 
 def test_validation_sets_become_keys_mlflow_takes():
-    from distilq.registry.mirror import set_keys
+    from distilq.integrations.mlflow.logged import set_keys
 
     names = ["/data/a/val.tsv", "s3://bucket/b/val.tsv", "builtin:sst2-gate", "glue:sst2@dev"]
     assert set_keys(names) == ["val.tsv", "val.tsv-2", "builtin:sst2-gate", "glue:sst2_dev"]

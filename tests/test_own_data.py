@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distilq.config import QuantizeConfig
+from distilq.config.quantize import QuantizeConfig
 from distilq.errors import InputError
 from distilq.gate.data import (
     PACKAGED_VALIDATION,
@@ -22,9 +22,9 @@ from distilq.gate.data import (
     split,
 )
 from distilq.gate.stats import flips_allowed, pass_probability
+from distilq.inference import predict
 from distilq.pipelines.quantize import quantize_and_promote
 from distilq.quantize.checkpoint import load_checkpoint
-from distilq.score.inference import predict
 from tests.conftest import ROOT, make_checkpoint, make_texts, quantize, run, tiny_config
 
 THREE = ("negative", "neutral", "positive")

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import distilq
-from distilq.config import BatchingPolicy, ScoreConfig
+from distilq.config.score import ScoreConfig
+from distilq.config.shared import BatchingPolicy
 from distilq.errors import InputError
 from distilq.hardware import cpu_features
+from distilq.inference import predict
 from distilq.pipelines.quantize import quantize_and_promote
 from distilq.pipelines.score import score_dataset
 from distilq.quantize.checkpoint import load_checkpoint
@@ -28,9 +30,8 @@ from distilq.quantize.kernels.token_linear import (
     token_linear,
     token_linear_float,
 )
-from distilq.quantize.recipes import RECIPES, get_recipe, resolve_recipe
+from distilq.recipes import RECIPES, get_recipe, resolve_recipe
 from distilq.report.render import render_report
-from distilq.score.inference import predict
 from tests.conftest import SENSITIVE_LAYER, make_texts, run, tiny_config
 
 # Lengths from 3 to 14 words: every batch below pads most of its rows.

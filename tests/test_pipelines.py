@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import distilq
-from distilq.config import ScoreConfig
+from distilq.config.score import ScoreConfig
 from distilq.gate.decide import decide_manifest
 from distilq.pipelines.quantize import quantize_and_promote
 from distilq.pipelines.score import score_dataset
-from distilq.registry.artifact import STAGING_PREFIX
+from distilq.pipelines.staging import STAGING_PREFIX
 from distilq.registry.registry import Registry
 from distilq.report.render import render_report
 from tests.conftest import tiny_config

@@ -16,7 +16,7 @@ from distilq.quantize.int8 import WEIGHTS_FILE, linear_names, load_int8, quantiz
 from distilq.quantize.kernels import EMBEDDING, LINEAR_KINDS, kind_of
 from distilq.quantize.kernels.base import quantized_engine, quiet_torch
 from distilq.quantize.kernels.embedding import Int8Embedding
-from distilq.quantize.recipes import RECIPES
+from distilq.recipes import RECIPES
 from tests.conftest import make_texts
 
 

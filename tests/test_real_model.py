@@ -6,14 +6,14 @@ import dataclasses
 
 import pytest
 
-from distilq.config import BatchingPolicy
+from distilq.config.shared import BatchingPolicy
 from distilq.gate.compare import compare
 from distilq.gate.data import PACKAGED_VALIDATION, load_validation
+from distilq.inference import Predictions, predict
 from distilq.quantize.autoquant import quantize_for_gate
 from distilq.quantize.checkpoint import load_checkpoint, resolve_checkpoint
 from distilq.quantize.int8 import save_int8
-from distilq.quantize.recipes import RECIPES
-from distilq.score.inference import Predictions, predict
+from distilq.recipes import RECIPES
 from tests.conftest import SHARED_MODEL
 
 pytestmark = [

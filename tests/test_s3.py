@@ -11,13 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 
 import distilq
-from distilq.config import QuantizeConfig, ScoreConfig
+from distilq.config.quantize import QuantizeConfig
+from distilq.config.score import ScoreConfig
 from distilq.errors import InputError, IntegrityError
 from distilq.manifest import OutputRecord
-from distilq.quantize.checkpoint import sha256_file
 from distilq.registry.registry import Registry
-from distilq.registry.store import Store, WriteConflict, url_to_fs
 from distilq.score.output import OutputManifest
+from distilq.storage.store import Store, WriteConflict, sha256_file, url_to_fs
 from tests.conftest import (
     VENV_BIN,
     free_port,

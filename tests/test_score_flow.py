@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distilq.config import ScoreConfig
+from distilq.config.score import ScoreConfig
 from distilq.errors import ScoringFailed
 from flows.score_parquet import score_parquet
 from tests.conftest import DISTILQ, VENV_BIN, as_shown, cli_env, free_port, make_texts, run, running

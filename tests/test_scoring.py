@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import distilq
-from distilq.config import ScoreConfig, ScoreOptions
+from distilq.config.score import ScoreConfig, ScoreOptions
 from distilq.errors import InputError
 from distilq.pipelines.score import score_dataset
 from distilq.registry.registry import Registry

@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distilq.config import BatchingPolicy
+from distilq.config.shared import BatchingPolicy
 from distilq.errors import InputError
 from distilq.gate.data import PACKAGED_VALIDATION, ValidationSet, combine, load_validation, split
+from distilq.inference import batch_order, predict, token_lengths
 from distilq.quantize.checkpoint import load_checkpoint
-from distilq.score.inference import batch_order, predict, token_lengths
 from tests.conftest import make_texts
 
 LABEL2ID = {"NEGATIVE": 0, "POSITIVE": 1}

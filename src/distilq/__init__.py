@@ -1,6 +1,6 @@
 """distilq: validated INT8 sentiment classifiers, and batch scoring of Parquet datasets on CPU."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["__version__", "load"]
 

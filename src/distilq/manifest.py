@@ -13,9 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from distilq.config import BatchingPolicy, GateThresholds
+from distilq.config.shared import BatchingPolicy, GateThresholds
 from distilq.errors import IntegrityError
-from distilq.gate.metrics import Metrics, SetMetrics
+from distilq.metrics import Metrics, SetMetrics
 
 VERSION_SCHEMA = 2  # 1: before schema versions (certified gate, platforms, split optional)
 OUTPUT_SCHEMA = 1

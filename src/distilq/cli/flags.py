@@ -4,11 +4,13 @@ from the field, and pydantic's errors said of the flags in one line."""
 from __future__ import annotations
 
 import argparse
+import os
 import types
 import typing
 
 from pydantic import BaseModel, ValidationError
 
+from distilq.config.shared import default_registry
 from distilq.errors import InputError
 
 FLAG_NAMES = {"inputs": "--input", "id_columns": "--id-column"}
@@ -103,3 +105,51 @@ def _flag_problem(error: dict) -> str:
     if error["type"] == "literal_error":
         return f"{flag} must be one of {ctx['expected']} (got {error['input']!r})"
     return f"{flag}: {error['msg']}"
+
+
+def common_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--json", action="store_true", help=f"print only the {what} JSON")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the tracebacks of failed steps here too (they are always in the run's "
+        "Prefect logs)",
+    )
+
+
+def registry_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--registry",
+        default=default_registry(),
+        help="registry directory or fsspec URI (env DISTILQ_REGISTRY; default %(default)s)",
+    )
+
+
+def ref_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "ref", nargs="?", default="production", help="version or alias (default production)"
+    )
+
+
+def mlflow_args(parser: argparse.ArgumentParser, note: str) -> None:
+    for flag, metavar, env, what in (
+        ("--mlflow-tracking-uri", "URI", "DISTILQ_MLFLOW_TRACKING_URI", "MLflow tracking server"),
+        ("--mlflow-model", "NAME", "DISTILQ_MLFLOW_MODEL", "registered model in MLflow"),
+    ):
+        default = os.environ.get(env) or None
+        parser.add_argument(
+            flag, metavar=metavar, default=default, help=f"{what} (env {env}){note}"
+        )
+
+
+def add_flow_command(
+    commands, name: str, model: type[BaseModel], summary: str, help: str, what: str
+):
+    """A command that runs a flow: a flag per field of its config `model`, and `--json`
+    (printing the flow's `what` JSON) and `--verbose`."""
+    command = commands.add_parser(
+        name, help=summary, description=help, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_flags(command, model)
+    common_flags(command, what)
+    return command

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 from distilq.errors import Unattested
 from distilq.gate.compare import set_metrics
 from distilq.gate.decide import certified_agreement, decide_sets
-from distilq.gate.metrics import SetMetrics
 from distilq.hardware import platform_record
 from distilq.manifest import VersionManifest
+from distilq.metrics import SetMetrics
 
 SELFCHECK = "selfcheck.parquet"
 log = logging.getLogger("distilq")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from distilq.config import BatchingPolicy
+from distilq.config.shared import BatchingPolicy
 from distilq.gate.data import ValidationSet
-from distilq.gate.metrics import Flip, Metrics, SetMetrics, Speed
 from distilq.gate.stats import agreement_lower_bound, paired_difference_interval
-from distilq.score.inference import Predictions, predict, token_lengths
+from distilq.inference import Predictions, predict, token_lengths
+from distilq.metrics import Flip, Metrics, SetMetrics, Speed
 
 
 def best_rows_per_second(

@@ -7,31 +7,20 @@ from __future__ import annotations
 import csv
 import glob as globlib
 import hashlib
-import heapq
 import json
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from distilq.config import DEFAULT_VALIDATION_ROWS
+from distilq.config.shared import DEFAULT_VALIDATION_ROWS
 from distilq.errors import InputError, SourceUnavailable
+from distilq.gate.draw import DRAW_RULE, NO_LABEL, Drawn, draw_parquet, draw_rows, text_hash
 
 # Shipped in the package (data/PROVENANCE.md says where each came from):
 # GLUE SST-2 validation (872 rows), and the gate's default: those 872 plus 3,006 whole
 # SST-2 sentences, enough for a confirmation part that can certify 0.99 at 95%.
 PACKAGED_VALIDATION = "builtin:sst2-validation"
 BUILTIN = {PACKAGED_VALIDATION: "sst2_validation.tsv", "builtin:sst2-gate": "sst2_gate.tsv"}
-
-
-@dataclass(frozen=True)
-class Drawn:
-    """How a set's rows were drawn from a larger source (`DRAW_RULE`): how many rows were
-    read, and the Parquet files read with their size and mtime or ETag."""
-
-    rule: str
-    rows_read: int
-    files: dict[str, dict]
 
 
 @dataclass(frozen=True)
@@ -179,20 +168,20 @@ def load_validation(
     model's classes by `place_labels`; `check_accuracy=False` reads none.
     """
     if is_parquet_dataset(spec):
-        pairs, drawn = _draw_parquet(
+        pairs, drawn = draw_parquet(
             spec, text_column, label_column, check_accuracy, rows or DEFAULT_VALIDATION_ROWS
         )
     else:
         pairs, drawn = _read_rows(spec, text_column, label_column, check_accuracy), None
         if rows is not None and len(pairs) > rows:
-            pairs, read = _draw(pairs, rows)
+            pairs, read = draw_rows(pairs, rows)
             drawn = Drawn(DRAW_RULE, read, {})
     if not pairs:
         raise InputError(f"validation {spec!r} has no rows")
     texts = [t for t, _ in pairs]
     raw = [label for _, label in pairs]
     labels = None
-    if check_accuracy and any(label is not _NO_LABEL for label in raw):
+    if check_accuracy and any(label is not NO_LABEL for label in raw):
         labels = place_labels(spec, raw, label2id or {}, label_map or {})
     return ValidationSet(spec, texts, labels, _digest(texts, labels), drawn=drawn)
 
@@ -204,9 +193,6 @@ def _digest(texts: list[str], labels: list[int] | None) -> str:
     for piece in json.JSONEncoder().iterencode([texts, labels]):
         digest.update(piece.encode())
     return digest.hexdigest()
-
-
-_NO_LABEL = object()  # a row of data that has no label column
 
 
 def _read_rows(spec: str, text_column: str, label_column: str | None, with_labels: bool):
@@ -228,105 +214,8 @@ def _read_rows(spec: str, text_column: str, label_column: str | None, with_label
         raise InputError(f"validation {spec!r}: rows {bad[:5]} have no text in {text_column!r}")
     column = label_column or ("label" if "label" in columns else None)
     if column is None or not with_labels:
-        return [(t, _NO_LABEL) for t in texts]
+        return [(t, NO_LABEL) for t in texts]
     return list(zip(texts, table.column(column).to_pylist(), strict=True))
-
-
-# Rows drawn from a larger set: by a hash of the text (salted apart from the split's hash,
-# or every drawn row would fall on the tuning side), so the same data gives the same rows
-# whatever the order of its files.
-DRAW_SALT = "distilq-draw:"
-DRAW_RULE = (
-    f"the N rows with the smallest int(sha256({DRAW_SALT!r} + text)[:16], 16), ties by "
-    "position, kept in dataset order (files sorted by path)"
-)
-
-
-def text_hash(salt: str, text: str) -> int:
-    """int(sha256(salt + text)[:16], 16): the hash the draw, the split and the scoring
-    audit read (each with its own salt)."""
-    return int.from_bytes(hashlib.sha256((salt + text).encode()).digest()[:8], "big")
-
-
-def _draw(rows: Iterable[tuple[str, object]], n: int) -> tuple[list[tuple[str, object]], int]:
-    """The `n` rows of `rows` with the smallest draw keys, in their order, holding only
-    those in memory; and how many rows were read."""
-    heap: list[tuple[int, int, str, object]] = []  # (-key, -position): the worst kept on top
-    position = -1
-    for position, (text, label) in enumerate(rows):
-        item = (-text_hash(DRAW_SALT, text), -position, text, label)
-        if len(heap) < n:
-            heapq.heappush(heap, item)
-        elif item > heap[0]:
-            heapq.heapreplace(heap, item)
-    kept = sorted(heap, key=lambda item: -item[1])
-    return [(text, label) for _, _, text, label in kept], position + 1
-
-
-# Rows decoded at a time from a Parquet file: what the draw holds besides the rows it keeps.
-_READ_BATCH = 4096
-
-
-def _draw_parquet(
-    spec: str, text_column: str, label_column: str | None, with_labels: bool, n: int
-) -> tuple[list[tuple[str, object]], Drawn]:
-    """`n` rows drawn from a Parquet dataset, streamed one batch at a time. Hive
-    `key=value` directories are columns; with no `label_column`, a `label` column is used
-    if the first file has one."""
-    from distilq.score.inputs import discover_inputs
-
-    files, _ = discover_inputs([spec], flag="--validation")
-    rows = _parquet_rows(files, text_column, label_column, with_labels)
-    pairs, read = _draw(rows, n)
-    return pairs, Drawn(DRAW_RULE, read, {uri: identity for uri, _, identity in files})
-
-
-def _parquet_rows(
-    files, text_column: str, label_column: str | None, with_labels: bool
-) -> Iterator[tuple[str, object]]:
-    """(text, label) of every row of every file, read a batch at a time; with no
-    `label_column`, `label` if the first file has one."""
-    from distilq.score.inputs import open_parquet, partitions_of
-
-    if not with_labels:
-        label_column = None
-    for i, (uri, relative, _) in enumerate(files):
-        partitions = partitions_of(uri, relative)
-        try:
-            with open_parquet(uri) as parquet:
-                names = parquet.schema_arrow.names
-                if i == 0 and with_labels and label_column is None:
-                    label_column = "label" if "label" in [*names, *partitions] else None
-                if text_column not in names:
-                    raise InputError(
-                        f"validation {uri} has no text column {text_column!r}; columns: "
-                        f"{', '.join(names)}"
-                    )
-                in_file = label_column in names
-                if label_column is not None and not in_file and label_column not in partitions:
-                    raise InputError(
-                        f"validation {uri} has no label column {label_column!r}; columns: "
-                        f"{', '.join([*names, *partitions])}"
-                    )
-                columns = [text_column, label_column] if in_file else [text_column]
-                row = 0
-                for batch in parquet.iter_batches(batch_size=_READ_BATCH, columns=columns):
-                    texts = batch.column(0).to_pylist()
-                    if in_file:
-                        labels = batch.column(1).to_pylist()
-                    else:
-                        labels = [partitions.get(label_column, _NO_LABEL)] * len(texts)
-                    for text, label in zip(texts, labels, strict=True):
-                        if not isinstance(text, str) or not text.strip():
-                            raise InputError(
-                                f"validation {uri} row {row}: no text in {text_column!r}"
-                            )
-                        yield text, _NO_LABEL if label_column is None else label
-                        row += 1
-        except InputError:
-            raise
-        except Exception as e:
-            raise InputError(f"validation {uri} is not a readable Parquet file: {e}") from e
 
 
 def combine(sets: list[ValidationSet]) -> ValidationSet:
@@ -402,7 +291,7 @@ def place_labels(
     are refused, naming both label sets: accuracy is never measured in the wrong label space."""
     keys = []
     for i, value in enumerate(values):
-        if value is None or value is _NO_LABEL or (isinstance(value, str) and not value.strip()):
+        if value is None or value is NO_LABEL or (isinstance(value, str) and not value.strip()):
             raise InputError(f"validation {where} row {i}: no label")
         if isinstance(value, float) and value.is_integer():
             value = int(value)  # Parquet and pandas often hold class ids as floats

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from distilq.config import GateThresholds
+from distilq.config.shared import GateThresholds
 from distilq.errors import InputError
-from distilq.gate.metrics import Metrics, SetMetrics
 from distilq.gate.stats import agreement_lower_bound, examples_needed
 from distilq.manifest import Decision, VersionManifest
+from distilq.metrics import Metrics, SetMetrics
 
 # Agreement and accuracy drop are ratios of counts; this absorbs float rounding at the edge.
 _EPS = 1e-12

@@ -9,19 +9,19 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from distilq.config import QuantizeConfig
+from distilq.config.quantize import QuantizeConfig
 from distilq.errors import DistilqError, GateRejected, PromotionFailed
 from distilq.gate import attest, compare, decide
 from distilq.gate import data as validation
 from distilq.hardware import cpu_features
+from distilq.inference import predict
 from distilq.manifest import Decision, VersionManifest
 from distilq.pipelines.runner import Outcome, Runner
+from distilq.pipelines.staging import Gated, keep_report, run_key, stage_version, staging_dir
 from distilq.quantize import checkpoint
-from distilq.quantize.recipes import resolve_recipe
-from distilq.registry import artifact
+from distilq.recipes import resolve_recipe
 from distilq.registry.registry import Registry
 from distilq.report import charts
-from distilq.score.inference import predict
 
 log = logging.getLogger("distilq")
 MLFLOW_BEHIND_TAG = "mlflow-behind"  # the MLflow mirror could not follow this run
@@ -52,7 +52,7 @@ def quantize_and_promote(config: QuantizeConfig, run: Runner | None = None) -> Q
     found = run.step(resolve_source, config, retries=3)
     data = run.step(load_validation, config, found, retries=2)
     tuning, confirmation = run.step(split_validation, data, config)
-    key = artifact.run_key(
+    key = run_key(
         found,
         config.recipe,
         data,
@@ -72,13 +72,13 @@ def quantize_and_promote(config: QuantizeConfig, run: Runner | None = None) -> Q
         quantize, model, tokenizer, tuning, fp32_tuning, confirmation, config, progress
     )
     gated = run.step(confirm, model, tokenizer, candidate, confirmation, config)
-    staging = artifact.staging_dir()
+    staging = staging_dir()
     try:
         manifest = run.step(stage, staging, gated, tokenizer, found, data, config, key)
         chart = staging / charts.CHART
         chart_png = chart.read_bytes() if chart.exists() else None
         if config.dry_run:
-            kept = artifact.keep_report(staging, manifest)
+            kept = keep_report(staging, manifest)
             _decided(run, manifest, outcome(manifest, gated.decision, config, chart_png=chart_png))
             return _result(manifest, config, gated.decision, None, str(kept))
         run.step(publish, staging, manifest, config, retries=2)
@@ -329,7 +329,7 @@ def quantize(model, tokenizer, tuning, fp32, confirmation, config: QuantizeConfi
     return candidate
 
 
-def confirm(model, tokenizer, candidate, confirmation, config: QuantizeConfig) -> artifact.Gated:
+def confirm(model, tokenizer, candidate, confirmation, config: QuantizeConfig) -> Gated:
     """Both models on the confirmation part, which the recipe never saw: the metrics, both
     models' warm speed, and the gate's decision."""
     policy = config.batching
@@ -351,12 +351,12 @@ def confirm(model, tokenizer, candidate, confirmation, config: QuantizeConfig) -
     )
     verdict = "passed" if decision.approved else "FAILED"
     log.info("gate %s: %s", verdict, "; ".join(decision.reasons))
-    return artifact.Gated(candidate, confirmation, fp32, int8, metrics, decision)
+    return Gated(candidate, confirmation, fp32, int8, metrics, decision)
 
 
 def stage(staging: Path, gated, tokenizer, found, data, config: QuantizeConfig, key: str):
     """Write the version's files to `staging`; return its manifest."""
-    return artifact.stage_version(
+    return stage_version(
         staging, gated, tokenizer, found, data, config.batching, key, config.keep_reference
     )
 
@@ -383,7 +383,7 @@ def promote(version: str, config: QuantizeConfig) -> dict | None:
 def mirror(version: str, config: QuantizeConfig, name: str) -> tuple[str, bool]:
     """Mirror `version` to MLflow as the run `name` and point MLflow's `production` where
     distilq's is; never fails the run: says "MLflow mirror behind: <why>" instead."""
-    from distilq.registry.mirror import follow
+    from distilq.integrations.mlflow.mirror import follow
 
     registry = Registry(config.registry)
     return follow(registry, config.mlflow_tracking_uri, config.mlflow_model, [version], name)

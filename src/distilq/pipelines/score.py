@@ -10,11 +10,13 @@ import time
 
 from tqdm.auto import tqdm
 
-from distilq.config import MLFLOW_PREFIX, ScoreConfig, ScoreOptions
+from distilq.config.score import ScoreConfig, ScoreOptions
+from distilq.config.shared import MLFLOW_PREFIX
 from distilq.errors import AuditFailed, ScoringFailed
 from distilq.manifest import AuditFigures, RunAudit, ScoreSummary
 from distilq.pipelines.runner import Runner
-from distilq.registry.registry import Registry, utc_now
+from distilq.registry.layout import utc_now
+from distilq.registry.registry import Registry
 from distilq.report.render import score_summary_line
 from distilq.score.audit import AuditPlan, plan_audit
 from distilq.score.inputs import Plan, Shard, plan_shards
@@ -115,7 +117,7 @@ def resolve_model(config: ScoreConfig) -> tuple[str, ScoreOptions]:
     policy); fails early if the model is unknown or cannot take `max_length`."""
     registry = Registry(config.registry)
     if config.model.startswith(MLFLOW_PREFIX):
-        from distilq.registry.mirror import resolve_ref
+        from distilq.integrations.mlflow.mirror import resolve_ref
 
         version = resolve_ref(config.mlflow_tracking_uri, config.model, registry)
     else:

@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
-from distilq.config import BatchingPolicy, GateThresholds
+from distilq.config.shared import BatchingPolicy, GateThresholds
 from distilq.gate.compare import set_flips
 from distilq.gate.data import ValidationSet
 from distilq.gate.stats import flips_allowed, pass_probability
+from distilq.inference import Predictions, predict, progress_bar
 from distilq.manifest import Attempt, FallbackRecord, LayerSensitivity, RecipeRecord
 from distilq.quantize.int8 import int8_bytes, linear_names, quantize
 from distilq.quantize.kernels.per_token import batch_independent
-from distilq.quantize.recipes import Recipe
-from distilq.score.inference import Predictions, predict, progress_bar
+from distilq.recipes import Recipe
 
 log = logging.getLogger("distilq")
 

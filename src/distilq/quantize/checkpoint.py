@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distilq.errors import InputError, SourceUnavailable
-from distilq.registry.store import Store
+from distilq.storage.store import Store, sha256_file
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILES = (
@@ -41,15 +41,6 @@ class Checkpoint:
     def weight_bytes(self) -> int:
         """Bytes on disk of the source's weight files."""
         return sum((self.path / name).stat().st_size for name in self.weight_sha256)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weight_files(names: list[str]) -> list[str]:

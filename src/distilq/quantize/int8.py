@@ -27,7 +27,7 @@ from distilq.quantize.kernels import (
 )
 from distilq.quantize.kernels.base import quantized_engine, quiet_torch
 from distilq.quantize.kernels.exact_linear import ExactLinear
-from distilq.quantize.recipes import Recipe, get_recipe
+from distilq.recipes import Recipe, get_recipe
 
 WEIGHTS_FILE = "model.safetensors"
 

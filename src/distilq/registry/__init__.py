@@ -1,2 +1,2 @@
-"""Where versions live: the storage (local or fsspec), the registry (versions, aliases,
-attestations), and a version's files as staged for publishing."""
+"""The model registry: keeps, resolves, promotes and verifies versions (registry.py, its
+alias moves in aliases.py, its layout and checks in layout.py), and nothing else."""

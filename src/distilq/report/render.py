@@ -13,8 +13,8 @@ from distilq.manifest import (
     VersionManifest,
     VersionMetrics,
 )
+from distilq.report.audit import VERDICTS, audit_line
 from distilq.report.charts import CHART, MISSING, SENSITIVE_LAYERS_SHOWN
-from distilq.score.audit import VERDICTS, audit_line
 
 MIB = 2**20
 

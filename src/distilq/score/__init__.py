@@ -1,2 +1,2 @@
-"""Scoring Parquet data: the inputs and their shards, inference, one shard scored, the output
-directory and its manifest, and the `Classifier` that users load."""
+"""Scoring Parquet data: the inputs cut into shards, one shard scored, the output directory
+and its manifest, the FP32 audit of a run, and the `Classifier` that users load."""

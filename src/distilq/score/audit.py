@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from distilq.config import DEFAULT_CONFIDENCE, ScoreConfig
+from distilq.config.score import ScoreConfig
+from distilq.config.shared import DEFAULT_CONFIDENCE
 from distilq.errors import DistilqError, InputError
-from distilq.gate.data import text_hash
+from distilq.gate.draw import text_hash
 from distilq.gate.stats import agreement_lower_bound, examples_needed
 from distilq.manifest import AuditRecord, RunAudit, ShardAudit, ShardRecord, VersionManifest
 
@@ -139,7 +140,7 @@ def locate_reference(registry, manifest: VersionManifest) -> Reference:
             "machine (quantize with --keep-reference to keep a copy in the version)"
         )
     if source.kind == "uri":
-        from distilq.registry.store import Store
+        from distilq.storage.store import Store
 
         try:
             found = Store(source.id).exists()
@@ -242,7 +243,7 @@ class ShardSampler:
         """Run the sampled rows through FP32 in batches of their own; the shard's audit
         and one record per audited row. A FP32 model that cannot be had is said in the
         audit's reason (or raised, when the audit is required)."""
-        from distilq.score.inference import predict
+        from distilq.inference import predict
 
         items = sorted(self._heap, key=lambda item: item[1])  # file order
         if not items:
@@ -325,27 +326,6 @@ def pooled(shards: list[ShardRecord], plan: AuditPlan) -> AuditRecord:
     )
 
 
-VERDICTS = {True: "passed", False: "FAILED", None: "too few rows to certify"}  # by `passed`
-
-
-def audit_line(audit: AuditRecord | None, rows_written: int) -> str:
-    """`audit: 52 of 5,200 rows re-run in FP32, 52 agree (lower bound 94.4% at 95%)`, and
-    what that means against the bar."""
-    if audit is None:
-        return "audit: none (scored before audits)"
-    if not audit.rows:
-        return f"audit: {audit.reason}"
-    line = (
-        f"audit: {audit.rows:,} of {rows_written:,} rows re-run in FP32, {audit.agreeing:,} "
-        f"agree (lower bound {audit.agreement_lower_bound:.1%} at {audit.confidence:.0%}), "
-        f"in {audit.seconds:.1f} s"
-    )
-    if audit.passed is None:
-        return f"{line}; {audit.reason}"
-    line += f"; {VERDICTS[audit.passed]}: bar {audit.threshold:.2%}"
-    return f"{line}; {audit.reason}" if audit.reason else line
-
-
 def live_audit(runs: list[RunAudit], thresholds) -> dict:
     """A version's agreement with FP32 where it is used: every audited row of every run
     (each row counted by the run that audited it), its lower bound at the gate's
@@ -363,15 +343,3 @@ def live_audit(runs: list[RunAudit], thresholds) -> dict:
         "confidence": confidence,
         "failed_runs": [r.run_id for r in runs if r.passed is False],
     }
-
-
-def live_audit_line(live: dict) -> str:
-    """`Live audit: 1,204 rows over 3 runs, 99.58% agree (lower bound 99.05% at 95%)`."""
-    if not live["rows"]:
-        return "Live audit: no audited scoring run recorded."
-    failed = live["failed_runs"]
-    return (
-        f"Live audit: {live['rows']:,} rows over {live['runs']} run(s), {live['agreement']:.2%} "
-        f"agree (lower bound {live['agreement_lower_bound']:.2%} at {live['confidence']:.0%}); "
-        f"{len(failed)} run(s) failed their audit."
-    )

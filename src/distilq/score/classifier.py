@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from distilq.config import BatchingPolicy, default_registry
+from distilq.config.shared import BatchingPolicy, default_registry
+from distilq.inference import predict, screen_texts
 from distilq.manifest import VersionManifest
-from distilq.registry.registry import PRODUCTION, Registry
-from distilq.score.inference import predict, screen_texts
+from distilq.registry.layout import PRODUCTION
+from distilq.registry.registry import Registry
 
 
 class Classifier:

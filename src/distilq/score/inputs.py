@@ -3,19 +3,16 @@ place, and cut them into shards (a file, or a run of its row groups)."""
 
 from __future__ import annotations
 
-import contextlib
-import glob as globlib
 import hashlib
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distilq.errors import InputError
-from distilq.registry.store import Store
+from distilq.storage.parquet import discover_inputs, open_parquet, partitions_of
+from distilq.storage.store import Store
 
 OUTPUT_COLUMNS = ("label", "score", "model_version", "error")
 
@@ -59,67 +56,6 @@ def copied_to_output(column: str, options) -> bool:
     return kept_column(column, options) or (options.keep_text and column == options.text_column)
 
 
-@contextlib.contextmanager
-def open_parquet(uri: str) -> Iterator[pq.ParquetFile]:
-    """A Parquet file on any store, closed after."""
-    store = Store(uri)
-    with store.fs.open(store.root, "rb") as f:
-        yield pq.ParquetFile(f)
-
-
-def _identity(info: dict) -> dict:
-    ident = {"size": int(info.get("size") or 0)}
-    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created"):
-        if info.get(key) is not None:
-            ident["version"] = str(info[key])
-            break
-    return ident
-
-
-def discover_inputs(
-    inputs: list[str], flag: str = "--input"
-) -> tuple[list[tuple[str, str, dict]], list[str]]:
-    """Every Parquet file named by `inputs` (files, directories, globs, fsspec URIs), with
-    the name relative to what the user gave and the file's identity; and the directories
-    the inputs walk (given directories, roots of `**` globs). Missing inputs fail, said of
-    `flag`."""
-    found: list[tuple[str, str, dict]] = []
-    walked: list[str] = []
-    for spec in inputs:
-        store = Store(spec)
-        fs, path = store.fs, store.root
-        if globlib.has_magic(path):
-            root = path[: min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
-            paths = sorted(p for p in fs.glob(path) if fs.isfile(p))
-            if not paths:
-                raise InputError(f"{flag} {spec!r} matches no file")
-            if "**" in path:
-                walked.append(store.to_uri(root))
-        elif fs.isdir(path):
-            root = path.rstrip("/")
-            paths = sorted(
-                p
-                for p in fs.find(path)
-                if p.endswith(".parquet")
-                and not any(part.startswith(("_", ".")) for part in p[len(root) :].split("/"))
-            )
-            if not paths:
-                raise InputError(f"{flag} {spec!r} is a directory with no *.parquet file")
-            walked.append(store.to_uri(root))
-        elif fs.isfile(path):
-            root, paths = path.rsplit("/", 1)[0] if "/" in path else "", [path]
-        else:
-            raise InputError(f"{flag} {spec!r} does not exist")
-        for p in paths:
-            relative = p[len(root) :].lstrip("/") if root else p
-            found.append((store.to_uri(p), relative, _identity(fs.info(p))))
-    uris = [u for u, _, _ in found]
-    duplicates = {u for u in uris if uris.count(u) > 1}
-    if duplicates:
-        raise InputError(f"inputs name these files more than once: {', '.join(sorted(duplicates))}")
-    return found, walked
-
-
 def _canonical(uri: str) -> str:
     return Store(uri).canonical()
 
@@ -148,23 +84,6 @@ def check_output(output: str, input_dirs: list[str], input_files: list[str]) -> 
                 f"--output {output!r} holds the input file {file}: distilq never writes where "
                 "it reads; choose an --output outside the inputs"
             )
-
-
-def partitions_of(uri: str, relative: str) -> dict[str, str]:
-    """The hive `key=value` directories of a file's path; a key given twice with two values
-    is refused (which one would the rows hold?)."""
-    partitions: dict[str, str] = {}
-    for part in PurePosixPath(relative).parts[:-1]:
-        if "=" not in part or part.startswith("="):
-            continue
-        key, value = part.split("=", 1)
-        if partitions.get(key, value) != value:
-            raise InputError(
-                f"{uri}: the hive partition {key!r} is given twice in its path, as "
-                f"{partitions[key]!r} and {value!r}; rename a directory"
-            )
-        partitions[key] = value
-    return partitions
 
 
 def plan_shards(inputs: list[str], options, output: str | None = None) -> Plan:

@@ -20,9 +20,9 @@ import pyarrow as pa
 
 from distilq.errors import DistilqError, InputError, IntegrityError
 from distilq.manifest import OutputRecord, ScoreSummary, ShardRecord, read_output_manifest
-from distilq.registry.store import Store, WriteConflict, temporary_prefix
 from distilq.score.audit import AUDIT_FILE, AuditPlan, pooled
 from distilq.score.inputs import Plan, Shard
+from distilq.storage.store import Store, WriteConflict, temporary_prefix
 
 log = logging.getLogger("distilq")
 

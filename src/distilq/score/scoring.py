@@ -11,12 +11,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distilq.config import ScoreConfig, ScoreOptions
+from distilq.config.score import ScoreConfig, ScoreOptions
 from distilq.errors import InputError
 from distilq.manifest import ShardAudit
-from distilq.registry.store import Store
 from distilq.score.audit import AuditPlan, ShardSampler
-from distilq.score.inputs import Shard, copied_to_output, open_parquet
+from distilq.score.inputs import Shard, copied_to_output
+from distilq.storage.parquet import open_parquet
+from distilq.storage.store import Store
 
 
 @dataclass

@@ -99,7 +99,7 @@ class TokenKernels:
     def choose(self, cpu_features: list[str] | None = None) -> None:
         """The eager kernel for a CPU with `cpu_features` (default: this one's)."""
         from distilq.hardware import cpu_features as read_features
-        from distilq.quantize.recipes import INTEGER_GEMM_FEATURES
+        from distilq.recipes import INTEGER_GEMM_FEATURES
 
         with self._lock:
             features = read_features() if cpu_features is None else cpu_features

@@ -10,6 +10,7 @@ must appear whole. A new backend is a new branch in these methods, nowhere else.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -30,6 +31,15 @@ def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path of a local path or fsspec URI. Other processes write to the
     same store (workers, concurrent runs), so cached directory listings are never used."""
     return fsspec.core.url_to_fs(uri, use_listings_cache=False)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def temporary_prefix(final: str) -> str:

@@ -3,6 +3,6 @@ the model is unpickled). Its files are checked in `DistilqModel.load_context`.""
 
 import mlflow
 
-from distilq.registry.pyfunc import DistilqModel
+from distilq.integrations.mlflow.pyfunc import DistilqModel
 
 mlflow.models.set_model(DistilqModel())

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distilq.config import BatchingPolicy
+from distilq.config.shared import BatchingPolicy
 
 
 @dataclass

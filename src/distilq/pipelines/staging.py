@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from distilq.config import BatchingPolicy, GateThresholds
+from distilq.config.shared import BatchingPolicy, GateThresholds
 from distilq.gate.attest import write_selfcheck
 from distilq.gate.data import SPLIT_RULE, ValidationSet
-from distilq.gate.metrics import Metrics
 from distilq.hardware import platform_record
+from distilq.inference import Predictions
 from distilq.manifest import (
     Decision,
     DrawnRecord,
@@ -28,11 +28,12 @@ from distilq.manifest import (
     VersionManifest,
     VersionMetrics,
 )
-from distilq.quantize.checkpoint import Checkpoint, copy_checkpoint, sha256_file
-from distilq.quantize.recipes import AUTO
+from distilq.metrics import Metrics
+from distilq.quantize.checkpoint import Checkpoint, copy_checkpoint
+from distilq.recipes import AUTO
 from distilq.report import charts
 from distilq.report.render import render_report
-from distilq.score.inference import Predictions
+from distilq.storage.store import sha256_file
 
 if TYPE_CHECKING:
     from distilq.quantize.autoquant import Candidate  # imports torch
@@ -176,7 +177,7 @@ def stage_version(
     model_dir, candidate = staging / "model", gated.candidate
     weights = _write_model(model_dir, candidate, tokenizer)
     if keep_reference:
-        from distilq.registry.registry import REFERENCE_PREFIX
+        from distilq.registry.layout import REFERENCE_PREFIX
 
         copy_checkpoint(checkpoint.path, staging / REFERENCE_PREFIX)
     write_selfcheck(staging, gated.confirmation, gated.fp32.labels, gated.int8.probs)

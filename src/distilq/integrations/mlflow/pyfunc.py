@@ -15,9 +15,9 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 
-from distilq.config import DEFAULT_WINDOW_BATCHES
+from distilq.config.shared import DEFAULT_WINDOW_BATCHES
 from distilq.errors import IntegrityError
-from distilq.registry.registry import (
+from distilq.registry.layout import (
     MANIFEST,
     MANIFEST_SHA256,
     model_files,
