@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_int8.py
 	$(PY) bench/bench_startup.py
 	$(PY) bench/bench_audit.py
+	$(PY) bench/bench_audit_rules.py
 
 clean:
 	rm -rf $(VENV) registry .pytest_cache

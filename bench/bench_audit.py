@@ -3,7 +3,7 @@
 The real shared model, quantized and gated on the default data (`distilq quantize`, recipe
 `auto`), scores 2,000 IMDB reviews with `distilq score` at `--audit-rate` 0 (no audit),
 0.01, 0.05 and 0.2: whole-process wall time of each (runs interleaved, median of
-`--repeats`), and the audit's rows, agreement, lower bound and verdict. Then a one-row
+`--repeats`), and the audit's rows, agreement, both bounds and verdict. Then a one-row
 `distilq score` with the audit off and at the default rate, side by side.
 
 Writes its table between markers in bench/RESULTS.md. Usage: python bench/bench_audit.py
@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 import torch
 
 from distilq.hardware import cpu_features, cpu_model
-from distilq.report.audit import VERDICTS
+from distilq.manifest import AuditRecord
+from distilq.report.audit import bounds, verdict_word
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -118,19 +119,20 @@ def main() -> None:
         f"({version}); {REVIEWS:,} IMDB reviews (512 tokens at most); `distilq score`, whole "
         f"process, median of {args.repeats} interleaved runs.",
         "",
-        "| --audit-rate | rows audited | seconds | vs no audit | of which the audit | agree | "
-        "agreement | lower bound (95%) | verdict |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| --audit-rate | texts audited | seconds | vs no audit | of which the audit | agree | "
+        "agreement | bounds (95%) | verdict |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for rate in RATES:
         a, seconds = audits[rate], statistics.median(times[rate])
         own = statistics.median(fp32_seconds[rate])  # FP32 loaded and run, timed in the run
-        bound = "" if a["agreement_lower_bound"] is None else f"{a['agreement_lower_bound']:.2%}"
+        record = AuditRecord.model_validate(a)
+        bound = "" if not record.rows else bounds(record)
         agreement = "" if a["agreement"] is None else f"{a['agreement']:.2%}"
         lines.append(
             f"| {rate:g} | {a['rows']:,} | {seconds:.1f} | {seconds / base - 1:+.1%} | "
             f"{own:.1f} s ({own / seconds:.1%}) | {a['agreeing']:,} | {agreement} | {bound} | "
-            f"{VERDICTS[a['passed']] if rate else 'off'} |"
+            f"{verdict_word(record) if rate else 'off'} |"
         )
     off, on = statistics.median(one_row["off"]), statistics.median(one_row["0.01"])
     before = (

@@ -18,10 +18,11 @@ import pytest
 from distilq.config.score import ScoreConfig
 from distilq.errors import InputError
 from distilq.gate import stats
-from distilq.manifest import ShardAudit, ShardRecord
+from distilq.manifest import AuditFigures, RunAudit, ShardAudit, ShardRecord
 from distilq.pipelines.score import score_dataset
 from distilq.registry.registry import Registry
-from distilq.score.audit import AuditPlan, apportion, audit_key, pooled
+from distilq.score.audit import AuditPlan, apportion, audit_key
+from distilq.score.evidence import pooled, verdict
 from tests.conftest import (
     DISTILQ,
     cli_env,
@@ -63,22 +64,49 @@ def shard(rows: int, agreeing: int, reason: str | None = None) -> ShardRecord:
     )  # fmt: skip
 
 
-def test_the_verdict_certifies_never_guesses():
+def test_the_verdict_says_what_the_rows_are_evidence_of():
     # 298 agreeing rows cannot certify 0.99 at 95% (299 are needed): no verdict, never a fail.
     few = pooled([shard(298, 200)], plan(0.99))
-    assert few.passed is None and "too few rows to certify" in few.reason
+    assert few.passed is None and few.verdict == "too few rows" and not few.alarm
+    assert "too few rows to certify" in few.reason
     assert few.agreement_lower_bound == stats.agreement_lower_bound(200, 298, 0.95)
+    # Counts whose answer is known, at bar 0.99 and 95%.
+    certified = pooled([shard(1000, 1000)], plan(0.99))
+    assert (certified.verdict, certified.passed, certified.alarm) == ("certified", True, False)
+    consistent = pooled([shard(439, 436)], plan(0.99))  # 99.32%: bounds 98.24% to 99.81%
+    assert consistent.agreement_lower_bound < 0.99 < consistent.agreement_upper_bound
+    assert (consistent.verdict, consistent.passed, consistent.alarm) == ("consistent", None, False)
+    assert "about 2,672 audited rows would decide at this rate" in consistent.reason
+    failed = pooled([shard(439, 409)], plan(0.99))  # 30 flips: the upper bound is 95.04%
+    assert failed.agreement_upper_bound == 1 - stats.agreement_lower_bound(30, 439, 0.95)
+    assert (failed.verdict, failed.passed, failed.alarm) == ("failed", False, True)
+    # The strict rule, asked for: anything not certified alarms (too few rows still does not).
+    strict = {**plan(0.99).__dict__, "fail_on": "uncertified"}
+    assert pooled([shard(439, 436)], AuditPlan(**strict)).alarm
+    assert not pooled([shard(298, 200)], AuditPlan(**strict)).alarm
     # Two shards pool: 600 rows, 3 flips.
     both = pooled([shard(300, 299), shard(300, 298)], plan(0.98))
-    assert (both.rows, both.agreeing) == (600, 597)
+    assert (both.rows, both.agreeing, both.verdict) == (600, 597, "certified")
     assert both.agreement_lower_bound == stats.agreement_lower_bound(597, 600, 0.95)
-    assert both.passed is (both.agreement_lower_bound >= 0.98) is True
-    assert pooled([shard(300, 299), shard(300, 298)], plan(0.99)).passed is False
     # A shard whose FP32 model could not be had is said, the others still count.
     part = pooled([shard(400, 400), shard(0, 0, "gone")], plan(0.99))
     assert part.passed is True and "1 shard(s) not audited: gone" in part.reason
     off = pooled([], plan(0.99, "--audit-rate 0"))
     assert off.passed is None and off.rows == 0 and off.reason == "not audited: --audit-rate 0"
+
+
+def test_a_text_is_counted_once_in_an_output_whatever_its_copies():
+    def keyed(texts: dict[str, bool], copies: int) -> ShardRecord:
+        record = shard(len(texts), sum(texts.values()))
+        record.audit.texts, record.audit.copies = texts, copies
+        return record
+
+    # One text in both shards (and twice more within the first): one row of evidence.
+    audit = pooled([keyed({"a": True, "b": True}, 2), keyed({"a": True, "c": False}, 0)], plan(0.5))
+    assert (audit.rows, audit.agreeing, audit.copies) == (3, 2, 3)
+    # A text that flipped in any shard counts as flipped.
+    audit = pooled([keyed({"a": True}, 0), keyed({"a": False}, 0)], plan(0.5))
+    assert (audit.rows, audit.agreeing) == (1, 0)
 
 
 def fp32_by_hand(checkpoint: Path, texts: list[str], max_length: int) -> list[tuple[str, float]]:
@@ -142,15 +170,21 @@ def test_the_audit_is_a_plain_fp32_run_of_the_sampled_rows(scored, tiny_checkpoi
     assert audit["agreement_lower_bound"] == stats.agreement_lower_bound(
         audit["agreeing"], audit["rows"], 0.95
     )
+    assert audit["agreement_upper_bound"] == 1 - stats.agreement_lower_bound(
+        audit["rows"] - audit["agreeing"], audit["rows"], 0.95
+    )
     assert audit["confidence"] == 0.95 and audit["threshold"] == 0.8
-    assert audit["passed"] is (audit["agreement_lower_bound"] >= 0.8)
+    assert (
+        audit["verdict"] == "certified" if audit["agreement_lower_bound"] >= 0.8 else "consistent"
+    )
     assert [(f["file"], f["index"], f["int8_label"]) for f in audit["flipped"]] == [
         (r["file"], r["index"], r["int8_label"]) for r in flips
     ]
     assert summary.audit.model_dump() == audit
     said = (
-        f"audit: {audit['rows']:,} of 500 rows re-run in FP32, {audit['agreeing']:,} agree "
-        f"(lower bound {audit['agreement_lower_bound']:.1%} at 95%), in {audit['seconds']:.1f} s"
+        f"audit: {audit['rows']:,} texts of 500 rows re-run in FP32, {audit['agreeing']:,} agree "
+        f"({audit['agreement_lower_bound']:.2%} to {audit['agreement_upper_bound']:.2%} at 95%), "
+        f"in {audit['seconds']:.1f} s; {audit['verdict']}: bar 80.00%"
     )
     from distilq.report.render import score_summary_line
 
@@ -169,10 +203,12 @@ def test_the_version_keeps_a_live_record_of_every_audited_run(scored):
     shown = json.loads(run("models", "show", "--json", "--registry", config.registry).stdout)
     live = shown["live_audit"]
     runs = registry.audits(summary.model_version)
-    assert live["runs"] == len(runs) and live["rows"] == sum(r.run_rows for r in runs)
+    pooled_texts = {key for r in runs for key in r.texts}  # each distinct text once
+    assert live["runs"] == len(runs) and live["rows"] == len(pooled_texts)
     assert live["agreement_lower_bound"] == stats.agreement_lower_bound(
         live["agreeing"], live["rows"], 0.95
     )
+    assert live["verdict"] in ("certified", "consistent", "failed")
     listed = json.loads(run("models", "audits", "--json", "--registry", config.registry).stdout)
     assert config.output in [r["output"] for r in listed]
 
@@ -198,10 +234,11 @@ def test_rate_zero_loads_no_fp32_and_says_not_audited(promoted_registry, tmp_pat
 
 
 def score_on(registry: Path, out: Path, **fields):
-    """The library pipeline on `in.parquet` beside `out`, auditing a fifth of the rows."""
+    """The library pipeline on `in.parquet` beside `out`, auditing a fifth of the rows
+    unless `fields` say otherwise."""
     config = ScoreConfig(
         inputs=[str(out.parent / "in.parquet")], output=str(out), registry=str(registry),
-        audit_rate=0.2, **fields,
+        **{"audit_rate": 0.2, **fields},
     )  # fmt: skip
     return score_dataset(config)
 
@@ -327,3 +364,91 @@ def test_require_audit_with_the_audit_off_is_refused_in_one_line():
     done = run("score", "--input", "x", "--output", "y", "--audit-rate", "0", "--require-audit")
     assert done.returncode == 2
     assert done.stderr.strip() == "distilq: error: --require-audit needs an --audit-rate above 0"
+
+
+def recorded_run(run_id: str, rows: int, agreeing: int, version: str) -> RunAudit:
+    """A run's record as the pipeline writes it, its figures from `pooled`."""
+    keys = {f"{run_id}-{i}": i < agreeing for i in range(rows)}
+    record = shard(rows, agreeing)
+    record.audit.texts = keys
+    audit = pooled([record], plan(0.99))
+    figures = audit.model_dump(include=set(AuditFigures.model_fields))
+    return RunAudit(
+        run_id=run_id, created_at="2026-12-06T00:00:00+00:00", model_version=version,
+        output=f"./{run_id}", run_rows=rows, run_agreeing=agreeing, texts=keys, **figures,
+    )  # fmt: skip
+
+
+def fresh_registry(promoted_registry: Path, tmp_path: Path) -> Path:
+    """A copy of the shared registry without the audits other tests recorded in it."""
+    registry_dir = tmp_path / "reg"
+    shutil.copytree(promoted_registry, registry_dir)
+    version = Registry(registry_dir).alias()
+    shutil.rmtree(registry_dir / "versions" / version / "audits", ignore_errors=True)
+    return registry_dir
+
+
+def test_models_audits_and_show_say_each_verdict(promoted_registry, tmp_path):
+    registry_dir = fresh_registry(promoted_registry, tmp_path)
+    registry = Registry(registry_dir)
+    version = registry.alias()
+    for run_id, rows, agreeing in (
+        ("certain", 1000, 1000),
+        ("unsure", 439, 436),
+        ("bad", 439, 409),
+    ):
+        registry.write_audit(recorded_run(run_id, rows, agreeing, version))
+    listed = run("models", "audits", "--registry", str(registry_dir)).stdout.splitlines()
+    verdicts = {line.split()[0]: line.split()[-1] for line in listed}
+    assert verdicts == {"bad": "FAILED", "certain": "certified", "unsure": "consistent"}
+    assert "99.32% agree (98.24% to 99.81% at 95%)" in "".join(listed)
+    shown = run("models", "show", "--registry", str(registry_dir)).stdout
+    # The pool: 1,878 distinct texts, 33 flips: 98.24%, whose upper bound is below 99%.
+    assert "Live audit: 1,878 distinct texts over 3 run(s), 33 flips, 98.24% agree" in shown
+    # Judged on the gate's own bar (this tiny version's is low), as the gate certified it.
+    bar = registry.manifest(version).decision.thresholds.min_agreement
+    expected = verdict(1845, 1878, bar, 0.95)["verdict"]
+    assert f"): {expected} (bar {bar:.2%})" in shown
+    assert "FAILED audit: bad" in shown and "FAILED audit: unsure" not in shown
+
+
+def test_a_text_that_is_a_fifth_of_the_rows_counts_once(promoted_registry, tmp_path):
+    registry_dir = fresh_registry(promoted_registry, tmp_path)
+    boilerplate = "thank you for your feedback , we will get back to you"
+    texts = make_texts(400, seed=21)
+    assert boilerplate not in texts and len(set(texts)) == 400
+    column = [boilerplate if i % 5 == 0 else texts.pop() for i in range(500)]
+    pq.write_table(pa.table({"text": column}), tmp_path / "in.parquet")
+    summary = score_on(registry_dir, tmp_path / "out", audit_rate=1.0, audit_max_rows=None)
+    assert (summary.audit.rows, summary.audit.copies) == (401, 99)
+    kept = pq.read_table(tmp_path / "out" / "_audit.parquet").to_pylist()
+    assert len(kept) == 401 and kept[0]["copies"] == 99  # row 0 holds the boilerplate
+    live = lambda: json.loads(  # noqa: E731
+        run("models", "show", "--json", "--registry", str(registry_dir)).stdout
+    )["live_audit"]
+    assert (live()["rows"], live()["runs"]) == (401, 1)
+    # The same rows scored again (another output; or --overwrite) are no new evidence.
+    again = score_on(registry_dir, tmp_path / "again", audit_rate=1.0, audit_max_rows=None)
+    assert again.audit.rows == 401
+    assert (live()["rows"], live()["runs"]) == (401, 2)
+    # A resume must audit as the run it resumes did.
+    with pytest.raises(InputError, match="audited with other settings"):
+        score_on(registry_dir, tmp_path / "again", audit_rate=0.5, audit_max_rows=None)
+
+
+def test_the_gate_counts_a_repeated_text_once():
+    from distilq.gate.data import ValidationSet, split
+    from distilq.pipelines.staging import validation_record
+
+    texts = iter(make_texts(800, seed=5))
+    column = ["the same old line" if i % 5 == 0 else next(texts) for i in range(1000)]
+    data = ValidationSet("x", column, [i % 2 for i in range(1000)], "sha")
+    tuning, confirmation = split(data)
+    distinct = len(set(column))
+    assert len(tuning.texts) + len(confirmation.texts) == distinct
+    assert tuning.copies + confirmation.copies == 1000 - distinct
+    side = confirmation if "the same old line" in confirmation.texts else tuning
+    assert side.texts.count("the same old line") == 1 and side.copies >= 199
+    split_record = validation_record(data, confirmation).split
+    assert split_record.confirmation == len(confirmation.texts)
+    assert split_record.confirmation_copies == confirmation.copies

@@ -9,7 +9,7 @@ them; nobody reads a manifest by string keys.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -126,8 +126,9 @@ class SplitRecord(BaseModel):
     """How the validation set was split into tuning and confirmation parts."""
 
     rule: str
-    tuning: int
-    confirmation: int
+    tuning: int  # rows on the tuning side (copies of a text there included)
+    confirmation: int  # distinct texts the gate confirmed on
+    confirmation_copies: int = 0  # rows left out of it as copies of a text counted already
 
 
 class ValidationRecord(_Record):
@@ -224,17 +225,26 @@ class ShardAudit(BaseModel):
     """The audit of one shard: its sampled rows re-run in FP32 (`rows`, of which `agreeing`
     kept their label), the rows that flipped, or why it was not audited."""
 
-    rows: int = 0
+    rows: int = 0  # distinct texts: a copy of a text is no new evidence (one row, one answer)
     agreeing: int = 0
+    copies: int = 0  # sampled rows that were copies of a text counted already
+    texts: dict[str, bool] = Field(default_factory=dict)  # text key -> it agreed (pooling)
     flipped: list[dict[str, Any]] = Field(default_factory=list)  # ids, text cut, both labels
     reason: str | None = None  # not audited: why
     seconds: float = 0.0  # loading FP32 and running the sampled rows through it
 
 
+Verdict = Literal["certified", "consistent", "failed", "too few rows"]
+
+
 class AuditFigures(BaseModel):
-    """What an audit measured and concluded: `agreeing` of `rows` kept their FP32 label,
-    the lower bound that certifies at `confidence`, and whether it reaches `threshold`
-    (`passed` is None when not audited or too few rows to tell: `reason` says which)."""
+    """What an audit measured and concluded: `agreeing` of `rows` distinct texts kept their
+    FP32 label, both bounds at `confidence`, and the `verdict` against `threshold`:
+    `certified` (the lower bound reaches it), `failed` (the upper bound is below it: evidence
+    that the version agrees less often than promised), `consistent` (neither bound decides),
+    `too few rows` (even with no flip the lower bound could not reach it), None when not
+    audited. `passed` is kept for readers of records written before verdicts: True for
+    certified, False for failed, None otherwise (then it meant: the lower bound is below)."""
 
     rows: int
     agreeing: int
@@ -244,6 +254,9 @@ class AuditFigures(BaseModel):
     threshold: float
     passed: bool | None
     reason: str | None = None
+    agreement_upper_bound: float | None = None  # None: written before verdicts
+    verdict: Verdict | None = None
+    copies: int = 0  # audited rows that were copies of a text counted already
 
 
 class AuditRecord(AuditFigures):
@@ -252,6 +265,19 @@ class AuditRecord(AuditFigures):
     rate: float  # as asked; `sampling_rate` is lower when --audit-max-rows capped it
     sampling_rate: float
     max_rows: int | None
+    fail_on: Literal["failed", "uncertified"] = "failed"  # --audit-fail-on
+
+    @property
+    def alarm(self) -> bool:
+        """Whether the run raises the alarm (exit 3, the tag, the event): on `failed`, or with
+        `--audit-fail-on uncertified` on anything but `certified` that had rows enough.
+        A record written before verdicts alarmed when `passed` was False."""
+        if self.verdict is None:
+            return self.passed is False
+        return self.verdict == "failed" or (
+            self.fail_on == "uncertified" and self.verdict == "consistent"
+        )
+
     reference: str | None = None  # where the FP32 model came from
     flipped: list[dict[str, Any]] = Field(default_factory=list)
     file: str | None = None  # the audited rows, one per row (`_audit.parquet`)
@@ -271,6 +297,9 @@ class RunAudit(AuditFigures):
     output: str
     run_rows: int
     run_agreeing: int
+    # Every distinct text of the output's audit (key -> agreed), so the live record counts
+    # a text once over all runs; None: written before, counted by its run_rows.
+    texts: dict[str, bool] | None = None
 
 
 class ShardRecord(_Record):

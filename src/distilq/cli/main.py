@@ -3,7 +3,7 @@
 Flags, their defaults and their help come from the config models (`distilq.config`), the
 one source of both. Exit codes: 0 success (promoted, or a dry run that passed), 1 any other
 failure, 2 bad usage or input, 3 rejected by the gate, unattested on this platform, or a
-scoring run's FP32 audit below its bar.
+scoring run's FP32 audit that failed (evidence the version is below its bar).
 """
 
 from __future__ import annotations

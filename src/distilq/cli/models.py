@@ -85,8 +85,8 @@ def _models_list(registry, args: argparse.Namespace) -> None:
 
 
 def _models_show(registry, args: argparse.Namespace) -> None:
-    from distilq.report.audit import live_audit_line
-    from distilq.score.audit import live_audit
+    from distilq.report.audit import live_audit_line, run_row
+    from distilq.score.evidence import live_audit
 
     manifest = registry.manifest(registry.resolve(args.ref))
     runs = registry.audits(manifest.version)
@@ -107,7 +107,7 @@ def _models_show(registry, args: argparse.Namespace) -> None:
     print(f"Gate: {gate}. {live_audit_line(live)}")
     for run in runs:
         if run.passed is False:
-            print(f"  FAILED audit: {_audit_row(run)}")
+            print(f"  FAILED audit: {run_row(run)}")
 
 
 def _models_audits(registry, args: argparse.Namespace) -> None:
@@ -118,20 +118,10 @@ def _models_audits(registry, args: argparse.Namespace) -> None:
     elif not runs:
         print(f"no audited scoring runs of {version}")
     else:
+        from distilq.report.audit import run_row
+
         for run in runs:
-            print(_audit_row(run))
-
-
-def _audit_row(run) -> str:
-    """`<run id>  ./scored  400 rows  99.50% agree (lower bound 98.73% at 95%)  passed`: the
-    output's audit as the run ended (a run is recorded only when it audited rows)."""
-    from distilq.report.audit import VERDICTS
-
-    verdict = VERDICTS[run.passed]
-    return (
-        f"{run.run_id}  {run.output}  {run.rows:,} rows  {run.agreement:.2%} agree (lower "
-        f"bound {run.agreement_lower_bound:.2%} at {run.confidence:.0%})  {verdict}"
-    )
+            print(run_row(run))
 
 
 def _models_attest(registry, args: argparse.Namespace) -> None:

@@ -19,12 +19,15 @@ kept with a null label and the reason in `error`. Re-running with the same input
 and output skips what is done.
 
 A sample of the rows (--audit-rate, chosen by a hash of the text) is re-run through the
-FP32 model the version was gated against; _manifest.json says how many kept their label and
-the lower bound that certifies, _audit.parquet holds every audited row.
+FP32 model the version was gated against, each distinct text once; _manifest.json says how
+many kept their label, both bounds and the verdict against the bar: certified, consistent
+(the sample cannot decide) or failed (evidence the version is below it); _audit.parquet
+holds every audited text.
 
 exit codes: 0 every input file scored, 1 some file failed (the others are scored),
 2 bad usage or input found before scoring, 3 the model fails its self-check here, or the
-audit's lower bound is below --min-audit-agreement (the scored files are kept).
+audit failed: its upper bound is below --min-audit-agreement (with --audit-fail-on
+uncertified: it does not certify it); the scored files are kept.
 """
 
 

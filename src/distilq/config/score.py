@@ -105,8 +105,15 @@ class ScoreConfig(BaseModel):
     )
     min_audit_agreement: Fraction | None = Field(
         None,
-        description="The audit fails (exit 3) when the lower bound of its agreement is below "
-        "this (default: the version's min_agreement)",
+        description="The bar the audit judges (default: the version's min_agreement): "
+        "certified when the lower bound of its agreement reaches it, failed when the upper "
+        "bound is below it, consistent otherwise",
+    )
+    audit_fail_on: Literal["failed", "uncertified"] = Field(
+        "failed",
+        description="When the audit raises the alarm (exit 3, tag audit-failed, event): on "
+        "evidence that the version is below the bar (failed), or whenever the sample cannot "
+        "certify it (uncertified, the strict rule)",
     )
     require_audit: bool = Field(
         False,

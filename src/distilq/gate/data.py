@@ -49,6 +49,7 @@ class ValidationSet:
     sha256: str  # of the texts and labels as used, so a re-run can be recognised
     parts: tuple[Part, ...] = ()
     drawn: Drawn | None = None  # None: every row of its source
+    copies: int = 0  # rows left out as copies of a text already in it (`split`)
 
     def slices(self) -> list[Part]:
         """The named parts; a set loaded from one source is its own single part."""
@@ -249,7 +250,10 @@ def combine(sets: list[ValidationSet]) -> ValidationSet:
 # part, which no choice has seen. By a hash of the text: deterministic, and duplicates of a
 # text fall on the same side.
 TUNING_FRACTION = 0.3
-SPLIT_RULE = f"tuning if int(sha256(text)[:16], 16) / 2**64 < {TUNING_FRACTION}, else confirmation"
+SPLIT_RULE = (
+    f"tuning if int(sha256(text)[:16], 16) / 2**64 < {TUNING_FRACTION}, else confirmation; "
+    "each distinct text once in its part"
+)
 
 
 def _is_tuning(text: str, salt: str = "") -> bool:
@@ -259,15 +263,23 @@ def _is_tuning(text: str, salt: str = "") -> bool:
 def split(data: ValidationSet, salt: str = "") -> tuple[ValidationSet, ValidationSet]:
     """The tuning and the confirmation part of every set in `data` (see SPLIT_RULE; a
     `salt` prefixed to every text gives another split of the same rows, as a bench of the
-    split's luck needs)."""
-    sides = {True: ([], [], []), False: ([], [], [])}  # texts, labels, parts
+    split's luck needs). Each distinct text counts once in its part: one text gives one
+    answer, so a copy is no new evidence (a boilerplate text that is 20% of the rows would
+    make the bound far too sure); `copies` says how many rows were left out so."""
+    sides = {True: ([], [], [], [0]), False: ([], [], [], [0])}  # texts, labels, parts, copies
     for part in data.slices():
-        for side, (texts, labels, parts) in sides.items():
-            start = len(texts)
+        for side, (texts, labels, parts, copies) in sides.items():
+            start, seen = len(texts), set()
             for i in range(part.start, part.stop):
-                if _is_tuning(data.texts[i], salt) == side:
-                    texts.append(data.texts[i])
-                    labels.append(None if data.labels is None else data.labels[i])
+                text = data.texts[i]
+                if _is_tuning(text, salt) != side:
+                    continue
+                if text in seen:
+                    copies[0] += 1
+                    continue
+                seen.add(text)
+                texts.append(text)
+                labels.append(None if data.labels is None else data.labels[i])
             parts.append(Part(part.name, start, len(texts), part.sha256, part.drawn))
     tuning, confirmation = (
         ValidationSet(
@@ -276,8 +288,9 @@ def split(data: ValidationSet, salt: str = "") -> tuple[ValidationSet, Validatio
             labels=None if data.labels is None else labels,
             sha256=hashlib.sha256(f"{data.sha256} {side}".encode()).hexdigest(),
             parts=tuple(parts),
+            copies=copies[0],
         )
-        for side, (texts, labels, parts) in sides.items()
+        for side, (texts, labels, parts, copies) in sides.items()
     )
     return tuning, confirmation
 

@@ -48,6 +48,24 @@ def agreement_lower_bound(agree: int, n: int, confidence: float) -> float:
     return low
 
 
+def agreement_upper_bound(agree: int, n: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson upper bound: the true rate is at most this with probability
+    `confidence` (the lower bound of the disagreement rate, mirrored). 436 of 439 at 0.95
+    gives 0.9981; 409 of 439 gives 0.9504."""
+    return 1 - agreement_lower_bound(n - agree, n, confidence)
+
+
+def rows_to_decide(agreement: float, bar: float, confidence: float) -> int | None:
+    """About how many rows a sample needs before one bound decides `bar` when the rate it
+    measures is `agreement` (the normal approximation: z^2 p(1 - p) / (p - bar)^2); None at
+    the bar itself, where no sample size decides."""
+    if agreement == bar:
+        return None
+    z = NormalDist().inv_cdf(confidence)
+    variance = max(agreement * (1 - agreement), bar * (1 - bar))
+    return math.ceil(z * z * variance / (agreement - bar) ** 2)
+
+
 def examples_needed(min_agreement: float, confidence: float) -> int:
     """The fewest examples whose lower bound reaches `min_agreement` with no disagreement
     at all (299 for 0.99 at 0.95); a smaller set can never pass."""

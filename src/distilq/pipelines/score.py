@@ -19,6 +19,7 @@ from distilq.registry.layout import utc_now
 from distilq.registry.registry import Registry
 from distilq.report.render import score_summary_line
 from distilq.score.audit import AuditPlan, plan_audit
+from distilq.score.evidence import pool_texts
 from distilq.score.inputs import Plan, Shard, plan_shards
 from distilq.score.output import (
     ManifestNotSaved,
@@ -72,7 +73,7 @@ def score_dataset(config: ScoreConfig, run: Runner | None = None) -> ScoreSummar
         run.step(record_audit, config, summary, manifest, this_run, run.run_id(), retries=2)
     log.info(score_summary_line(summary))
     run.scored(summary, manifest)
-    if summary.audit.passed is False:
+    if summary.audit.alarm:
         run.audit_failed(summary, config)
     if summary.failed:
         raise ScoringFailed(
@@ -80,7 +81,7 @@ def score_dataset(config: ScoreConfig, run: Runner | None = None) -> ScoreSummar
             + "; ".join(f"{uri}: {why}" for uri, why in summary.failed.items()),
             summary,
         )
-    if summary.audit.passed is False:
+    if summary.audit.alarm:
         raise AuditFailed(audit_failed_message(summary), summary)
     return summary
 
@@ -97,12 +98,24 @@ def preflight(config: ScoreConfig) -> tuple[str, int]:
     version, options = resolve_model(config)
     plan = plan_shards(config.inputs, options, config.output)
     refuse_if_locked(config.output)
-    todo = pending_shards(config.output, plan, version, options.model_dump(), config.overwrite)
+    todo = pending_shards(
+        config.output, plan, version, run_settings(config, options), config.overwrite
+    )
     _PREFLIGHT_PLANS[_plan_key(config, options)] = plan
     return version, len(todo)
 
 
 _PREFLIGHT_PLANS: dict[str, Plan] = {}  # by _plan_key; each taken once, by the run it checked
+
+
+def run_settings(config: ScoreConfig, options: ScoreOptions) -> dict:
+    """What an output records as `settings` and a resume must match: the scoring options and
+    the audit's (a resume that sampled or judged otherwise would mix two audits)."""
+    audit = config.model_dump(include=AUDIT_SETTINGS)
+    return {**options.model_dump(), "audit": audit}
+
+
+AUDIT_SETTINGS = {"audit_rate", "audit_max_rows", "min_audit_agreement", "audit_fail_on"}
 
 
 def _plan_key(config: ScoreConfig, options: ScoreOptions) -> str:
@@ -163,7 +176,7 @@ def prepare(
 ) -> tuple[OutputManifest, list[Shard]]:
     """Check the output against this run; save its manifest; return it and the shards to do."""
     manifest, todo = prepare_output(
-        config.output, plan, version, options.model_dump(), config.overwrite
+        config.output, plan, version, run_settings(config, options), config.overwrite
     )
     skipped = len(plan.shards) - len(todo)
     if skipped:
@@ -213,18 +226,25 @@ def record_audit(
         **audit.model_dump(include=set(AuditFigures.model_fields)),
         run_rows=sum(a.rows for a in own),
         run_agreeing=sum(a.agreeing for a in own),
+        texts=pool_texts([s.audit.texts for s in manifest.record.shards.values() if s.audit]),
     )  # fmt: skip
     Registry(config.registry).write_audit(record)
     return record
 
 
 def audit_failed_message(summary: ScoreSummary) -> str:
-    """One line with the numbers."""
+    """One line with the numbers, and the rule that fired."""
     a = summary.audit
+    said = (
+        f"upper bound {a.agreement_upper_bound:.2%} at {a.confidence:.0%} is below the bar "
+        f"{a.threshold:.2%}: evidence that it agrees with FP32 less often than promised"
+        if a.verdict == "failed"
+        else f"lower bound {a.agreement_lower_bound:.2%} at {a.confidence:.0%} does not certify "
+        f"the bar {a.threshold:.2%} (--audit-fail-on {a.fail_on})"
+    )
     return (
         f"audit FAILED for {summary.model_version} on {summary.output}: {a.agreeing:,} of "
-        f"{a.rows:,} audited rows agree with FP32 ({a.agreement:.2%}); lower bound "
-        f"{a.agreement_lower_bound:.2%} at {a.confidence:.0%} is below the bar "
-        f"{a.threshold:.2%}. The scored files are kept; flipped rows are in "
-        f"{summary.output}/_manifest.json, every audited row in {summary.output}/{a.file}"
+        f"{a.rows:,} audited texts agree with FP32 ({a.agreement:.2%}); {said}. The scored "
+        f"files are kept; flipped rows are in {summary.output}/_manifest.json, every audited "
+        f"row in {summary.output}/{a.file}"
     )

@@ -150,8 +150,9 @@ def validation_record(validation: ValidationSet, confirmation: ValidationSet) ->
         ],
         split=SplitRecord(
             rule=SPLIT_RULE,
-            tuning=len(validation.texts) - len(confirmation.texts),
+            tuning=len(validation.texts) - len(confirmation.texts) - confirmation.copies,
             confirmation=len(confirmation.texts),
+            confirmation_copies=confirmation.copies,
         ),
     )
 

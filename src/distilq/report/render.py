@@ -13,7 +13,7 @@ from distilq.manifest import (
     VersionManifest,
     VersionMetrics,
 )
-from distilq.report.audit import VERDICTS, audit_line
+from distilq.report.audit import audit_line, bounds, texts_counted, verdict_word
 from distilq.report.charts import CHART, MISSING, SENSITIVE_LAYERS_SHOWN
 
 MIB = 2**20
@@ -369,14 +369,18 @@ def score_summary_table(summary: ScoreSummary) -> list[tuple[str, str]]:
 def _audit_rows(audit: AuditRecord | None) -> list[tuple[str, str]]:
     if audit is None or not audit.rows:
         return [("audit", audit.reason if audit else "none (scored before audits)")]
-    verdict = VERDICTS[audit.passed]
-    return [
-        ("rows audited in FP32", f"{audit.rows:,}"),
+    rows = [
+        ("texts audited in FP32", texts_counted(audit)),
         ("seconds of the audit (FP32 loaded and run)", f"{audit.seconds:.1f}"),
-        ("audited rows that agree", f"{audit.agreeing:,} ({audit.agreement:.2%})"),
-        (f"agreement lower bound at {audit.confidence:.0%}", f"{audit.agreement_lower_bound:.2%}"),
-        ("audit", f"{verdict} (bar {audit.threshold:.2%})"),
+        ("audited texts that agree", f"{audit.agreeing:,} ({audit.agreement:.2%})"),
+        ("agreement bounds", bounds(audit)),
+        ("audit", f"{verdict_word(audit)} (bar {audit.threshold:.2%})"),
     ]
+    if audit.verdict is not None:
+        rows.append(
+            ("alarm", f"{'yes' if audit.alarm else 'no'} (--audit-fail-on {audit.fail_on})")
+        )
+    return rows
 
 
 def score_files_table(record: OutputRecord) -> list[dict]:

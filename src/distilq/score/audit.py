@@ -4,7 +4,8 @@ text, re-run through the FP32 model the version was gated against, labels compar
 The sample depends on the texts and the plan only (never on the runner, the order shards
 finish in, or a resume), so every run over the same inputs audits the same rows. The FP32
 model is the version's own copy (`distilq quantize --keep-reference`) or its recorded
-source, its weight files checked against the sha256 the gate recorded.
+source, its weight files checked against the sha256 the gate recorded. What the audited
+rows are evidence of (each distinct text once, the verdict) is evidence.py.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from distilq.config.score import ScoreConfig
 from distilq.config.shared import DEFAULT_CONFIDENCE
 from distilq.errors import DistilqError, InputError
 from distilq.gate.draw import text_hash
-from distilq.gate.stats import agreement_lower_bound, examples_needed
-from distilq.manifest import AuditRecord, RunAudit, ShardAudit, ShardRecord, VersionManifest
+from distilq.manifest import ShardAudit, VersionManifest
 
 AUDIT_SALT = "distilq-audit:"  # apart from the gate's split and draw hashes
 AUDIT_FILE = "_audit.parquet"
@@ -37,6 +37,11 @@ class ReferenceUnavailable(DistilqError):
 def audit_key(text: str) -> float:
     """Where a text falls in [0, 1): it is audited at rates above this."""
     return text_hash(AUDIT_SALT, text) / 2**64
+
+
+def text_key(key: float) -> str:
+    """A text's name in the pooled records: its audit key as 16 hex digits (no text kept)."""
+    return f"{int(key * 2**64):016x}"
 
 
 def apportion(total: int, weights: list[int]) -> list[int]:
@@ -87,6 +92,7 @@ class AuditPlan:
     required: bool
     registry: str
     version: str
+    fail_on: str = "failed"
 
     @property
     def active(self) -> bool:
@@ -123,7 +129,7 @@ def plan_audit(config: ScoreConfig, registry, manifest: VersionManifest, shards)
             reason = str(e)
     return AuditPlan(
         rate, sampling, cap, caps, threshold, confidence, reference, reason,
-        config.require_audit, registry.uri, manifest.version,
+        config.require_audit, registry.uri, manifest.version, config.audit_fail_on,
     )  # fmt: skip
 
 
@@ -213,20 +219,28 @@ class ShardSampler:
         self.plan, self.shard, self.id_columns = plan, shard, id_columns
         self.cap = plan.cap(shard.output)
         self._heap: list[tuple] = []  # (-key, row, ids, text, int8 probabilities)
+        self._copies: dict[float, int] = {}  # key of a text in the heap -> its sampled copies
 
     def offer(self, batch, texts: list, errors: list, probs: np.ndarray, first_row: int) -> None:
-        """Rows of one scored record batch (`first_row`: the first one's index in its file)."""
+        """Rows of one scored record batch (`first_row`: the first one's index in its file).
+        A text is audited once, at its first row; its later copies are counted, not re-run."""
         for i, text in enumerate(texts):
             if errors[i] is not None:
                 continue
             key = audit_key(text)
             if key >= self.plan.sampling_rate:
                 continue
+            if key in self._copies:
+                self._copies[key] += 1
+                continue
             item = (-key, first_row + i, self._ids(batch, i, first_row), text, probs[i].copy())
             if self.cap is None or len(self._heap) < self.cap:
                 heapq.heappush(self._heap, item)
             elif self.cap and item > self._heap[0]:
-                heapq.heapreplace(self._heap, item)
+                del self._copies[-heapq.heapreplace(self._heap, item)[0]]
+            else:
+                continue
+            self._copies[key] = 0
 
     def _ids(self, batch, i: int, first_row: int) -> dict:
         if not self.id_columns:
@@ -259,8 +273,8 @@ class ShardSampler:
         fp32 = predict(model, classifier.tokenizer, texts, policy).probs
         seconds = time.perf_counter() - start
         labels = classifier.labels
-        records, flipped = [], []
-        for (_, _, ids, text, int8), ref in zip(items, fp32, strict=True):
+        records, flipped, keys = [], [], {}
+        for (key, _, ids, text, int8), ref in zip(items, fp32, strict=True):
             a, b = int(ref.argmax()), int(int8.argmax())
             record = {
                 **ids,
@@ -268,78 +282,26 @@ class ShardSampler:
                 "fp32_score": float(ref[a]),
                 "int8_label": labels[b],
                 "int8_score": float(int8[b]),
+                "copies": self._copies[-key],  # other sampled rows with this text
                 "shard": self.shard.output,
             }
             records.append(record)
+            keys[text_key(-key)] = a == b
             if a != b:
                 shown = text if len(text) <= TEXT_SHOWN else text[: TEXT_SHOWN - 3] + "..."
-                flipped.append({**ids, "text": shown, **_scores(record)})
-        agreeing = len(records) - len(flipped)
-        audit = ShardAudit(rows=len(records), agreeing=agreeing, flipped=flipped, seconds=seconds)
+                copies = record["copies"]
+                flipped.append({**ids, "text": shown, "copies": copies, **_scores(record)})
+        audit = ShardAudit(
+            rows=len(records),
+            agreeing=len(records) - len(flipped),
+            copies=sum(self._copies.values()),
+            texts=keys,
+            flipped=flipped,
+            seconds=seconds,
+        )
         return audit, records
 
 
 def _scores(record: dict) -> dict:
     keys = ("fp32_label", "fp32_score", "int8_label", "int8_score")
     return {k: record[k] for k in keys}
-
-
-def pooled(shards: list[ShardRecord], plan: AuditPlan) -> AuditRecord:
-    """The output's audit over every shard in it (this run's and those a resume kept)."""
-    audits = [s.audit for s in shards if s.audit is not None]
-    rows = sum(a.rows for a in audits)
-    agreeing = sum(a.agreeing for a in audits)
-    reasons = [plan.reason] if plan.reason else []
-    failed = [a.reason for a in audits if a.reason]
-    if failed:
-        reasons.append(f"{len(failed)} shard(s) not audited: {'; '.join(dict.fromkeys(failed))}")
-    bound, passed = None, None
-    if rows:
-        bound = agreement_lower_bound(agreeing, rows, plan.confidence)
-        needed = examples_needed(plan.threshold, plan.confidence)
-        if rows < needed:
-            reasons.append(
-                f"too few rows to certify: {rows:,} audited, and even with no flip "
-                f"{needed:,} are needed for {plan.threshold:.2%} at {plan.confidence:.0%}"
-            )
-        else:
-            passed = bound >= plan.threshold
-    else:
-        reasons = reasons or [f"no row fell in the sample at rate {plan.sampling_rate:g}"]
-        reasons = [f"not audited: {'; '.join(reasons)}"]
-    return AuditRecord(
-        rate=plan.rate,
-        sampling_rate=plan.sampling_rate,
-        max_rows=plan.max_rows,
-        rows=rows,
-        agreeing=agreeing,
-        agreement=agreeing / rows if rows else None,
-        agreement_lower_bound=bound,
-        confidence=plan.confidence,
-        threshold=plan.threshold,
-        passed=passed,
-        reason="; ".join(reasons) or None,
-        reference=plan.reference.describe() if plan.reference else None,
-        flipped=[row for a in audits for row in a.flipped],
-        file=AUDIT_FILE if rows else None,
-        seconds=round(sum(a.seconds for a in audits), 3),
-    )
-
-
-def live_audit(runs: list[RunAudit], thresholds) -> dict:
-    """A version's agreement with FP32 where it is used: every audited row of every run
-    (each row counted by the run that audited it), its lower bound at the gate's
-    confidence, and the runs whose audit failed."""
-    confidence = thresholds.confidence or DEFAULT_CONFIDENCE
-    rows = sum(r.run_rows for r in runs)
-    agreeing = sum(r.run_agreeing for r in runs)
-    bound = agreement_lower_bound(agreeing, rows, confidence) if rows else None
-    return {
-        "runs": len(runs),
-        "rows": rows,
-        "agreeing": agreeing,
-        "agreement": agreeing / rows if rows else None,
-        "agreement_lower_bound": bound,
-        "confidence": confidence,
-        "failed_runs": [r.run_id for r in runs if r.passed is False],
-    }

@@ -20,7 +20,8 @@ import pyarrow as pa
 
 from distilq.errors import DistilqError, InputError, IntegrityError
 from distilq.manifest import OutputRecord, ScoreSummary, ShardRecord, read_output_manifest
-from distilq.score.audit import AUDIT_FILE, AuditPlan, pooled
+from distilq.score.audit import AUDIT_FILE, AuditPlan
+from distilq.score.evidence import pooled
 from distilq.score.inputs import Plan, Shard
 from distilq.storage.store import Store, WriteConflict, temporary_prefix
 
@@ -123,8 +124,12 @@ class OutputManifest:
         if not rows:
             self.store.remove(AUDIT_FILE)
             return
+        # Every column of every row (rows audited before a column was added lack it):
+        # from_pylist would keep only the first row's.
+        columns = dict.fromkeys(key for row in rows for key in row)
+        table = pa.Table.from_pydict({c: [row.get(c) for row in rows] for c in columns})
         sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist(rows), sink)
+        pq.write_table(table, sink)
         self.store.write_atomic(AUDIT_FILE, sink.getvalue().to_pybytes())
 
     def record_failure(self, name: str, error: str) -> None:
@@ -276,8 +281,16 @@ def _conflicts(
     problems = []
     if existing.model_version != model_version:
         problems.append(f"it holds results of model version {existing.model_version}")
-    if existing.settings != settings:
+    recorded = dict(existing.settings)
+    asked = {k: v for k, v in settings.items() if k != "audit" or "audit" in recorded}
+    audit_then, audit_now = recorded.pop("audit", None), asked.pop("audit", None)
+    if recorded != asked:
         problems.append("it was written with other settings (columns, batching or max length)")
+    elif audit_then != audit_now:  # (outputs written before audit settings were kept: none)
+        problems.append(
+            f"it was audited with other settings ({_audit_settings(audit_then)}; this run: "
+            f"{_audit_settings(audit_now)})"
+        )
     wanted = {s.output: s for s in plan.shards}
     for name, entry in existing.shards.items():
         shard = wanted.get(name)
@@ -307,3 +320,7 @@ def output_lock(output_dir: str) -> Iterator[None]:
                 "or choose another --output"
             )
         yield
+
+
+def _audit_settings(settings: dict) -> str:
+    return ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(settings.items()))
