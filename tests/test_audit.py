@@ -76,7 +76,7 @@ def test_the_verdict_says_what_the_rows_are_evidence_of():
     consistent = pooled([shard(439, 436)], plan(0.99))  # 99.32%: bounds 98.24% to 99.81%
     assert consistent.agreement_lower_bound < 0.99 < consistent.agreement_upper_bound
     assert (consistent.verdict, consistent.passed, consistent.alarm) == ("consistent", None, False)
-    assert "about 2,672 audited rows would decide at this rate" in consistent.reason
+    assert "about 2,672 audited rows would decide at the measured 99.32%" in consistent.reason
     failed = pooled([shard(439, 409)], plan(0.99))  # 30 flips: the upper bound is 95.04%
     assert failed.agreement_upper_bound == 1 - stats.agreement_lower_bound(30, 439, 0.95)
     assert (failed.verdict, failed.passed, failed.alarm) == ("failed", False, True)

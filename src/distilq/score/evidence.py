@@ -37,10 +37,9 @@ def verdict(agreeing: int, rows: int, threshold: float, confidence: float) -> di
         result = "consistent"
         decide = rows_to_decide(agreeing / rows, threshold, confidence)
         reason = (
-            f"consistent with the bar: {agreeing / rows:.2%} measured can neither prove nor "
-            f"refute {threshold:.2%} at {confidence:.0%}; "
+            f"the sample can neither prove nor refute {threshold:.2%} at {confidence:.0%}; "
             + (
-                f"about {decide:,} audited rows would decide at this rate"
+                f"about {decide:,} audited rows would decide at the measured {agreeing / rows:.2%}"
                 if decide
                 else "no number of rows decides at exactly the bar"
             )
