@@ -78,7 +78,9 @@ def test_the_verdict_says_what_the_rows_are_evidence_of():
     assert (consistent.verdict, consistent.passed, consistent.alarm) == ("consistent", None, False)
     assert "about 2,672 audited rows would decide at the measured 99.32%" in consistent.reason
     failed = pooled([shard(439, 409)], plan(0.99))  # 30 flips: the upper bound is 95.04%
-    assert failed.agreement_upper_bound == 1 - stats.agreement_lower_bound(30, 439, 0.95)
+    # The upper bound of agreement is the lower bound of the flip rate, mirrored.
+    mirrored = 1 - stats.agreement_lower_bound(30, 439, 0.95)
+    assert failed.agreement_upper_bound == pytest.approx(mirrored, abs=1e-12)
     assert (failed.verdict, failed.passed, failed.alarm) == ("failed", False, True)
     # The strict rule, asked for: anything not certified alarms (too few rows still does not).
     strict = {**plan(0.99).__dict__, "fail_on": "uncertified"}
@@ -170,8 +172,9 @@ def test_the_audit_is_a_plain_fp32_run_of_the_sampled_rows(scored, tiny_checkpoi
     assert audit["agreement_lower_bound"] == stats.agreement_lower_bound(
         audit["agreeing"], audit["rows"], 0.95
     )
-    assert audit["agreement_upper_bound"] == 1 - stats.agreement_lower_bound(
-        audit["rows"] - audit["agreeing"], audit["rows"], 0.95
+    assert audit["agreement_upper_bound"] == pytest.approx(
+        1 - stats.agreement_lower_bound(audit["rows"] - audit["agreeing"], audit["rows"], 0.95),
+        abs=1e-12,
     )
     assert audit["confidence"] == 0.95 and audit["threshold"] == 0.8
     assert (

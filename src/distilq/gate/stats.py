@@ -50,9 +50,23 @@ def agreement_lower_bound(agree: int, n: int, confidence: float) -> float:
 
 def agreement_upper_bound(agree: int, n: int, confidence: float) -> float:
     """One-sided Clopper-Pearson upper bound: the true rate is at most this with probability
-    `confidence` (the lower bound of the disagreement rate, mirrored). 436 of 439 at 0.95
-    gives 0.9981; 409 of 439 gives 0.9504."""
-    return 1 - agreement_lower_bound(n - agree, n, confidence)
+    `confidence`, the largest rate that still gives at most `agree` successes with
+    probability 1 - confidence. 436 of 439 at 0.95 gives 0.9981; 409 of 439 gives 0.9504."""
+    if not 0 <= agree <= n or n == 0:
+        raise ValueError(f"need 0 <= agree <= n and n > 0, got {agree} of {n}")
+    alpha = 1 - confidence
+    if agree == n:
+        return 1.0
+    if agree == 0:
+        return 1 - alpha ** (1 / n)
+    low, high = agree / n, 1.0
+    for _ in range(60):  # bisection: P(X <= agree | p) = 1 - P(X >= agree + 1) falls with p
+        mid = (low + high) / 2
+        if 1 - _at_least(agree + 1, n, mid) > alpha:
+            low = mid
+        else:
+            high = mid
+    return high
 
 
 def rows_to_decide(agreement: float, bar: float, confidence: float) -> int | None:
