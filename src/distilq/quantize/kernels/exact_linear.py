@@ -5,9 +5,10 @@ and how many threads run it (measured here: 1 to 15 rows, or 57 to 129 rows at d
 sum differently from 4,096), so a layer kept FP32 gave a text's last bits by its batch, and
 the next per-token layer rounded them into answers 1e-3 apart. `ExactLinear` keeps the FP32
 weights and runs them as integers: each row and each weight channel scaled to 24 bits
-(float32's precision) and cut into three int8 digits; the digit products are integer GEMMs
-(exact, in any order: `TOKEN_KERNELS` picks the integer or exact-float one for the CPU),
-summed in int64 (at most 2**58 at depth 3072).
+(float32's precision) and cut into three int8 digits; the digit products of each place are
+one integer GEMM (exact int32, in any order: `TOKEN_KERNELS` picks the integer or the
+exact-float one for the CPU), and the places are combined in float32, the same operations
+for every row whatever its batch.
 """
 
 from __future__ import annotations

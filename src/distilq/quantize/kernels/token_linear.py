@@ -49,19 +49,23 @@ def token_linear_float(
     float32 holding the int8 values. Each slice of at most EXACT_FLOAT_DEPTH inputs gives
     exact integers; slices are summed in int32, as the integer GEMM sums."""
     q, scale = _row_scales(rows)
-    out = exact_float_product(q, weight_t).float().mul_(weight_scale).mul_(scale)
+    out = exact_float_product(q, weight_t).mul_(weight_scale).mul_(scale)
     return out if bias is None else out.add_(bias)
 
 
 def exact_float_product(q: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """q [n, in] @ weight_t [in, out], both float32 holding int8 values: the integer
-    product, exact, as int32 (what torch._int_mm gives)."""
+    product, exact, as torch._int_mm(...).float() gives it (one GEMM when `in` fits a
+    slice; else slices summed in int32)."""
+    depth = q.shape[1]
+    if depth <= EXACT_FLOAT_DEPTH:
+        return q @ weight_t  # exact integers below 2**24: what int32 -> float32 gives too
     total = None
-    for start in range(0, q.shape[1], EXACT_FLOAT_DEPTH):
+    for start in range(0, depth, EXACT_FLOAT_DEPTH):
         stop = start + EXACT_FLOAT_DEPTH
         part = (q[:, start:stop] @ weight_t[start:stop]).to(torch.int32)
         total = part if total is None else total.add_(part)
-    return total
+    return total.float()
 
 
 class TokenKernels:
