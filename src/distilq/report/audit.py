@@ -13,7 +13,11 @@ def verdict_word(figures: AuditFigures) -> str:
     """`certified`, `consistent`, `FAILED`, `too few rows`, or an older record's word."""
     if figures.verdict is None:
         return BEFORE_VERDICTS[figures.passed]
-    return "FAILED" if figures.verdict == "failed" else figures.verdict
+    return _said(figures.verdict)
+
+
+def _said(verdict: str) -> str:
+    return "FAILED" if verdict == "failed" else verdict  # the alarm, in capitals
 
 
 def bounds(figures: AuditFigures) -> str:
@@ -62,12 +66,11 @@ def live_audit_line(live: dict) -> str:
     at 95%): certified (bar 99.00%).`"""
     if not live["rows"]:
         return "Live audit: no audited scoring run recorded."
-    verdict = "FAILED" if live["verdict"] == "failed" else live["verdict"]
     line = (
         f"Live audit: {live['rows']:,} distinct texts over {live['runs']} run(s), "
         f"{live['flips']:,} flips, {live['agreement']:.2%} agree "
         f"({live['agreement_lower_bound']:.2%} to {live['agreement_upper_bound']:.2%} at "
-        f"{live['confidence']:.0%}): {verdict} (bar {live['threshold']:.2%})"
+        f"{live['confidence']:.0%}): {_said(live['verdict'])} (bar {live['threshold']:.2%})"
     )
     if live["reason"]:
         line += f"; {live['reason']}"
