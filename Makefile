@@ -30,7 +30,6 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tasks flows tests bench deployments
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) bench/bench_quantize.py
 	$(PY) bench/bench_gate.py
 	$(PY) bench/bench_score.py

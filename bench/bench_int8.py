@@ -13,7 +13,7 @@ independence and one-row start-up, with the CPU named.
   IMDB reviews by default and with DISTILQ_COMPILE=1; compiling alone, cold and warm cache.
 
 Writes its tables between markers in bench/RESULTS.md. Usage: python bench/bench_int8.py
-(needs `pip install -e '.[bench]'` for ONNX Runtime).
+(ONNX Runtime comes with the dev extra).
 """
 
 from __future__ import annotations

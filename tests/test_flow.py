@@ -99,8 +99,9 @@ def test_auto_shows_its_search_as_it_goes(
     state = quantize_and_promote(config, return_state=True)
     result = state.result()
     attempts = result.manifest.recipe.auto.attempts
-    assert len(attempts) > 1  # the start failed: it fell back
-    assert result.manifest.recipe.auto.base == resolve_recipe("auto", features).base
+    assert any(a.fp32_layers for a in attempts)  # the start failed: it fell back
+    auto = resolve_recipe("auto", features)  # the torch preset, measured against ONNX Runtime
+    assert result.manifest.recipe.auto.base in {auto.base, *(r.name for r in auto.alternatives)}
     _, artifacts = as_shown(state)
     progress = artifacts["auto-progress"]
     assert progress.data == 100.0

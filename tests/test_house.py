@@ -110,19 +110,16 @@ def test_every_imported_package_is_declared():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     installed_by = packages_distributions()  # module -> the distributions that install it
+    optional = extras["charts"] + extras["mlflow"] + extras["onnxruntime"]
     for roots, declared in (
         # matplotlib: the optional `charts` extra (reports are written without a chart without
-        # it); mlflow and pandas: the optional `mlflow` extra (the MLflow mirror)
+        # it); mlflow and pandas: the optional `mlflow` extra (the MLflow mirror); onnxruntime,
+        # onnx and onnxscript: the optional `onnxruntime` extra (its engine)
         (
             ("src", "tasks", "flows", "deployments"),
-            _declared(project["dependencies"] + extras["charts"] + extras["mlflow"]),
+            _declared(project["dependencies"] + optional),
         ),
-        (
-            ("tests",),
-            _declared(
-                project["dependencies"] + extras["dev"] + extras["charts"] + extras["mlflow"]
-            ),
-        ),
+        (("tests",), _declared(project["dependencies"] + extras["dev"] + optional)),
     ):
         for module in sorted(_imported(*roots)):
             names = {canonicalize_name(d) for d in installed_by.get(module, [module])}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 
 import numpy as np
@@ -30,7 +31,14 @@ from distilq.quantize.kernels.token_linear import (
     token_linear,
     token_linear_float,
 )
-from distilq.recipes import RECIPES, get_recipe, resolve_recipe
+from distilq.recipes import (
+    AUTO_PRESETS,
+    INTEGER_GEMM_FEATURES,
+    RECIPES,
+    auto_choices,
+    get_recipe,
+    resolve_recipe,
+)
 from distilq.report.render import render_report
 from tests.conftest import SENSITIVE_LAYER, make_texts, run, tiny_config
 
@@ -187,12 +195,26 @@ def test_auto_records_where_it_started_and_why(tiny_checkpoint, tiny_validation,
     result = quantize_and_promote(
         tiny_config(tiny_checkpoint, tiny_validation, tmp_path / "reg", recipe="auto")
     )
-    auto = resolve_recipe("auto", cpu_features())  # this machine's CPU decides
+    # This machine's CPU decides the torch preset; with ONNX Runtime installed (the dev
+    # extra) auto measures ort-int8-token against it and keeps the faster likely one.
+    choices = {c.base: c for c in auto_choices(resolve_recipe("auto", cpu_features()))}
+    assert set(choices) == {AUTO_PRESETS["vnni" if _has_vnni() else "avx2"], "ort-int8-token"}
     record = result.manifest.recipe
-    assert record.name == "auto" and record.auto.base == auto.base
-    assert record.auto.base_reason == auto.base_reason and record.activations == auto.activations
-    shown = f"`auto` started from `{auto.base}`: {auto.base_reason}"
+    chosen = choices[record.auto.base]
+    assert record.name == "auto" and record.activations == chosen.activations
+    assert record.auto.base_reason.startswith(chosen.base_reason)
+    for name in choices:  # both measured, with their speed, in the reason and the attempts
+        assert re.search(rf"{name} \d+ rows/s, pass probability", record.auto.base_reason)
+        assert any(a.recipe == name and not a.fp32_layers for a in record.auto.attempts)
+    assert record.engine == chosen.engine and (record.onnx is not None) == (
+        chosen.engine == "onnxruntime"
+    )
+    shown = f"`auto` started from `{record.auto.base}`: {record.auto.base_reason}"
     assert shown in render_report(result.manifest)
+
+
+def _has_vnni() -> bool:
+    return any(f in cpu_features() for f in INTEGER_GEMM_FEATURES)
 
 
 VNNI = ["avx2", "avx512f", "avx512_vnni"]

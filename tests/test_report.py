@@ -73,10 +73,11 @@ def test_tables_put_labels_first_say_what_is_cut_and_mark_kept_layers():
     kept = [line for line in text.splitlines() if line.startswith("| `") and "| **yes** |" in line]
     assert len(kept) == 3 and "layer.0.ffn.lin2" in kept[0]
     assert "### auto: attempts (pass probability 0.90, reached)" in text
-    header = "| FP32 layers | tuning flips | agreement | P(pass) | size | rows/s | kept |"
-    assert f"{header}\n|---:|---:|---:|---:|---:|---:|---|" in text
-    assert "| 3 | 0 | 99.30% | 0.900 | 25.00 MiB | 100.0 | **yes** |" in text
-    assert "| 0 | 3 | 99.00% | 0.600 | 22.00 MiB | 100.0 |  |" in text
+    header = "| recipe | FP32 layers | tuning flips | agreement | P(pass) | size | rows/s | kept |"
+    assert f"{header}\n|---|---:|---:|---:|---:|---:|---:|---|" in text
+    # Attempts made before they named their recipe are the base's (here: recorded as None).
+    assert "| dynamic-int8-pc | 3 | 0 | 99.30% | 0.900 | 25.00 MiB | 100.0 | **yes** |" in text
+    assert "| dynamic-int8-pc | 0 | 3 | 99.00% | 0.600 | 22.00 MiB | 100.0 |  |" in text
     assert charts.MISSING in text
 
 

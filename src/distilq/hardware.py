@@ -46,8 +46,8 @@ def describe_cpu(threads: int | None = None) -> str:
 def platform_record(engine: str) -> dict:
     """What INT8 and FP32 results depend on here, for the manifest: the CPU, its ISA
     features, torch's kernel level (ATEN_CPU_CAPABILITY changes it), the quantized engine
-    and torch's version. `key` names the combination; machines with equal keys run the
-    same kernels."""
+    (or onnxruntime, then its version) and torch's version. `key` names the combination;
+    machines with equal keys run the same kernels."""
     import hashlib
 
     import torch
@@ -61,9 +61,13 @@ def platform_record(engine: str) -> dict:
         "quantized_engine": engine,
         "torch": torch.__version__,
     }
-    kernels = [
-        record[k] for k in ("architecture", "torch_cpu_capability", "quantized_engine", "torch")
-    ]
+    names = ["architecture", "torch_cpu_capability", "quantized_engine", "torch"]
+    if engine == "onnxruntime":
+        import onnxruntime
+
+        record["onnxruntime"] = onnxruntime.__version__
+        names.append("onnxruntime")
+    kernels = [record[k] for k in names]
     digest = hashlib.sha256(" ".join([*kernels, *record["features"]]).encode()).hexdigest()
     record["key"] = (
         f"{record['architecture']}-{record['torch_cpu_capability'].lower()}-{digest[:8]}"

@@ -55,6 +55,7 @@ class Attempt(BaseModel):
     tuning_flips: int | None = None  # over every set's tuning part
     predicted_pass_probability: float | None = None
     size_bytes: int | None = None  # of the INT8 weights file it would ship
+    recipe: str | None = None  # the recipe it quantized by (None: the record's base)
 
 
 # How `auto` chose before the pass-probability rule (read in old manifests only).
@@ -78,6 +79,20 @@ class FallbackRecord(BaseModel):
     base_reason: str | None = None  # why, on the CPU it ran on
 
 
+class OnnxRecord(_Record):
+    """What runs an ONNX Runtime version, as the gate ran it: the graph, how it was made,
+    and the session options scoring opens it with."""
+
+    onnxruntime: str
+    opset: int
+    graph_sha256: str
+    exporter: str
+    execution_provider: str
+    optimization_level: str
+    disabled_optimizers: list[str]
+    signed_weights: bool  # uint8 x int8 products (VNNI) or uint8 x uint8 (exact anywhere)
+
+
 class RecipeRecord(_Record):
     """How the INT8 model was made, and the batching policy it was validated with."""
 
@@ -92,6 +107,7 @@ class RecipeRecord(_Record):
     # Whether a row's answer is the same in any batch (None: made before it was recorded;
     # read `rows_independent`).
     batch_independent: bool | None = None
+    onnx: OnnxRecord | None = None  # engine onnxruntime only
 
     @property
     def rows_independent(self) -> bool:
@@ -167,6 +183,7 @@ class PlatformRecord(_Record):
     quantized_engine: str
     torch: str
     key: str
+    onnxruntime: str | None = None  # engine onnxruntime only: MLAS picks kernels by ISA
 
 
 class VersionManifest(_Record):

@@ -27,7 +27,7 @@ from distilq.config.shared import (
     default_registry,
     default_source,
 )
-from distilq.recipes import DEFAULT_RECIPE, RECIPE_NAMES
+from distilq.recipes import DEFAULT_RECIPE, RECIPE_NAMES, check_engine
 
 # One validation spec or several: deployments made before sets could repeat, and Prefect's
 # parameter forms, pass a single string; it is read as a list of one.
@@ -163,6 +163,7 @@ class QuantizeConfig(BaseModel):
                 "--no-accuracy-check ignores labels: drop --label-map and --label-column, or it"
             )
         check_mlflow(self.mlflow_tracking_uri, self.mlflow_model)
+        check_engine(self.recipe)
         return self
 
     @property

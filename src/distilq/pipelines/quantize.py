@@ -19,7 +19,7 @@ from distilq.manifest import Decision, VersionManifest
 from distilq.pipelines.runner import Outcome, Runner
 from distilq.pipelines.staging import Gated, keep_report, run_key, stage_version, staging_dir
 from distilq.quantize import checkpoint
-from distilq.recipes import resolve_recipe
+from distilq.recipes import installed_engines, resolve_recipe
 from distilq.registry.registry import Registry
 from distilq.report import charts
 
@@ -317,7 +317,8 @@ def quantize(model, tokenizer, tuning, fp32, confirmation, config: QuantizeConfi
     chosen on the tuning part only, and tells `progress` how its search goes)."""
     from distilq.quantize import autoquant  # torch: imported only by a run that quantizes
 
-    recipe = resolve_recipe(config.recipe, cpu_features())  # this CPU decides auto's start
+    # This CPU decides auto's start, and what it measures against it.
+    recipe = resolve_recipe(config.recipe, cpu_features(), installed_engines())
     if recipe.base:
         log.info("%s: starts from %s: %s", recipe.name, recipe.base, recipe.base_reason)
     target = autoquant.PassTarget.for_gate(confirmation, config.thresholds, config.pass_probability)

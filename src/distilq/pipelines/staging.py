@@ -199,7 +199,7 @@ def stage_version(
         metrics=VersionMetrics(
             **gated.metrics.model_dump(),
             size_bytes_fp32=checkpoint.weight_bytes,
-            size_bytes_int8=sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
+            size_bytes_int8=weights.stat().st_size,  # the INT8 weights or graph we ship
         ),
         decision=gated.decision,
         software=software_versions(),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from torch import nn
@@ -29,9 +29,8 @@ from distilq.gate.data import ValidationSet
 from distilq.gate.stats import flips_allowed, pass_probability
 from distilq.inference import Predictions, predict, progress_bar
 from distilq.manifest import Attempt, FallbackRecord, LayerSensitivity, RecipeRecord
-from distilq.quantize.int8 import int8_bytes, linear_names, quantize
-from distilq.quantize.kernels.per_token import batch_independent
-from distilq.recipes import Recipe
+from distilq.quantize.int8 import int8_bytes, linear_names, quantize, rows_independent
+from distilq.recipes import Recipe, auto_choices
 
 log = logging.getLogger("distilq")
 
@@ -110,7 +109,7 @@ class Candidate:
 
     def recipe_record(self, policy: BatchingPolicy) -> RecipeRecord:
         """What the manifest records under `recipe`."""
-        independent = batch_independent(self.model)
+        independent = rows_independent(self.model)
         if self.recipe.activations == "per-token" and not independent:
             # What per-token is for (and `auto` on a VNNI CPU starts from): never shipped.
             raise RuntimeError(
@@ -127,6 +126,11 @@ class Candidate:
                 base=self.recipe.base,
                 base_reason=self.recipe.base_reason,
             )
+        onnx = None
+        if self.recipe.engine == "onnxruntime":
+            from distilq.quantize.onnx.build import onnx_record
+
+            onnx = onnx_record(self.model, self.recipe)
         return RecipeRecord(
             name=self.recipe.name,
             engine=self.recipe.engine,
@@ -137,6 +141,7 @@ class Candidate:
             activations=self.recipe.activations,
             auto=fallback,
             batch_independent=independent,
+            onnx=onnx,
         )
 
 
@@ -159,6 +164,7 @@ def _attempt(
         tuning_flips=sum(flips),
         predicted_pass_probability=None if target is None else target.predicted(flips, sizes),
         size_bytes=int8_bytes(qmodel, recipe),
+        recipe=recipe.base or recipe.name,
     )
 
 
@@ -222,15 +228,11 @@ def quantize_for_gate(
     if recipe.fallback and target is None:
         raise ValueError(f"{recipe.name} searches: it needs a PassTarget")
     target = target if recipe.fallback else None
-    qmodel = quantize(model, recipe)
-    pred = predict(qmodel, tokenizer, tuning.texts, policy, progress=f"{recipe.name} INT8")
-    candidate = Candidate(
-        qmodel,
-        recipe,
-        pred,
-        attempts=[_attempt(qmodel, recipe, [], fp32, pred, tuning, target)],
-        target=target,
-    )
+    tried = [
+        _measured(model, tokenizer, choice, tuning, fp32, policy, target)
+        for choice in auto_choices(recipe)
+    ]
+    candidate = tried[0] if len(tried) == 1 else _fastest_likely(tried, target)
     if target is not None:
         log.info("auto: %s", _said(candidate.attempts[0], target))
         if not candidate.reached_target:
@@ -238,6 +240,44 @@ def quantize_for_gate(
                 candidate, model, tokenizer, tuning, fp32, policy, sensitivity_examples, progress
             )
     return candidate
+
+
+def _measured(model, tokenizer, recipe, tuning, fp32, policy, target) -> Candidate:
+    """`model` quantized by `recipe`, its tuning predictions and first attempt (timed after
+    a warm-up batch, so a session's start is not counted as its speed)."""
+    qmodel = quantize(model, recipe)
+    predict(qmodel, tokenizer, tuning.texts[: policy.batch_size], policy)
+    pred = predict(
+        qmodel, tokenizer, tuning.texts, policy, progress=f"{recipe.base or recipe.name} INT8"
+    )
+    attempt = _attempt(qmodel, recipe, [], fp32, pred, tuning, target)
+    return Candidate(qmodel, recipe, pred, attempts=[attempt], target=target)
+
+
+def _fastest_likely(tried: list[Candidate], target: PassTarget) -> Candidate:
+    """Of `auto`'s first candidates, the fastest predicted to pass (else the likeliest);
+    it carries every candidate's attempt, and says why it was kept."""
+    first = [c.attempts[0] for c in tried]
+    likely = [c for c in tried if c.attempts[0].predicted_pass_probability >= target.probability]
+    if likely:
+        kept = max(likely, key=lambda c: c.attempts[0].rows_per_second)
+        rule = "the fastest on the tuning part of those predicted to pass"
+    else:
+        kept = max(
+            tried,
+            key=lambda c: (c.attempts[0].predicted_pass_probability, c.attempts[0].rows_per_second),
+        )
+        rule = "none was predicted to pass; the likeliest (then the fastest)"
+    measured = ", ".join(
+        f"{a.recipe} {a.rows_per_second:.0f} rows/s, pass probability "
+        f"{a.predicted_pass_probability:.3f}"
+        for a in first
+    )
+    kept.recipe = replace(
+        kept.recipe, base_reason=f"{kept.recipe.base_reason}; {rule} ({measured})"
+    )
+    kept.attempts = [kept.attempts[0], *(a for a in first if a is not kept.attempts[0])]
+    return kept
 
 
 def _said(attempt: Attempt, target: PassTarget) -> str:

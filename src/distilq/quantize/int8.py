@@ -1,9 +1,9 @@
 """The quantization seam: `quantize(model, recipe) -> model` and the INT8 file on disk.
 
-The backend (torch's quantized kernels today) stays behind this module and the layer kinds
-in `kernels/`, so it can move to torchao or another runtime without touching callers. On
-disk the INT8 model is a safetensors file of plain int8 tensors and their scales, rebuilt at
-load: nothing is ever unpickled.
+Two engines stay behind this module: torch's quantized kernels (the layer kinds in
+`kernels/`) and ONNX Runtime (`quantize.onnx`), so callers never ask which runs. On disk a
+torch INT8 model is a safetensors file of plain int8 tensors and their scales, rebuilt at
+load (nothing is ever unpickled); an ONNX Runtime one is its graph, `model.onnx`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from distilq.quantize.kernels import (
 )
 from distilq.quantize.kernels.base import quantized_engine, quiet_torch
 from distilq.quantize.kernels.exact_linear import ExactLinear
-from distilq.recipes import Recipe, get_recipe
+from distilq.quantize.kernels.per_token import batch_independent
+from distilq.quantize.onnx.session import GRAPH_FILE, OnnxModel
+from distilq.recipes import ONNXRUNTIME, Recipe, get_recipe
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -69,6 +71,11 @@ def quantize(
     if unknown:
         raise InputError(f"not Linear layers of this model: {', '.join(sorted(unknown))}")
     targets = [n for n in names if n not in keep] if only is None else list(only)
+    if recipe.engine == ONNXRUNTIME:
+        from distilq.quantize.onnx.build import quantize_onnx
+
+        tables = _embedding_names(model) if recipe.int8_embeddings and only is None else []
+        return quantize_onnx(model, recipe, targets, tables)
     kind = LINEAR_KINDS[recipe.activations]
     out = copy.deepcopy(model).eval()
     with quantized_engine(recipe.engine):
@@ -83,9 +90,23 @@ def quantize(
     return out
 
 
-def save_int8(model: nn.Module, recipe: Recipe, directory: str | Path) -> Path:
-    """Write the INT8 model's weights as safetensors (int8 tensors + scales); return the path."""
+def rows_independent(model: nn.Module | OnnxModel) -> bool:
+    """Whether every row of the INT8 `model` gets the same answer in any batch."""
+    if isinstance(model, OnnxModel):
+        return model.batch_independent
+    return batch_independent(model)
+
+
+def save_int8(model: nn.Module | OnnxModel, recipe: Recipe, directory: str | Path) -> Path:
+    """Write the INT8 model's weights as safetensors (int8 tensors + scales), or its ONNX
+    graph; return the path."""
     from safetensors.torch import save_file
+
+    if isinstance(model, OnnxModel):
+        path = Path(directory) / GRAPH_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(model.graph)
+        return path
 
     tensors: dict[str, torch.Tensor] = {}
     linear: dict[str, dict] = {}
@@ -120,9 +141,12 @@ def save_int8(model: nn.Module, recipe: Recipe, directory: str | Path) -> Path:
     return path
 
 
-def int8_bytes(model: nn.Module, recipe: Recipe) -> int:
+def int8_bytes(model: nn.Module | OnnxModel, recipe: Recipe) -> int:
     """Bytes on disk of the weights file `save_int8` writes for `model`."""
     import tempfile
+
+    if isinstance(model, OnnxModel):
+        return len(model.graph)
 
     with tempfile.TemporaryDirectory(prefix="distilq-size-") as tmp:
         return save_int8(model, recipe, tmp).stat().st_size
@@ -143,11 +167,15 @@ def _read_int8_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return layout, tensors
 
 
-def load_int8(directory: str | Path) -> nn.Module:
+def load_int8(directory: str | Path) -> nn.Module | OnnxModel:
     """Rebuild an INT8 model saved by `save_int8` (config.json beside the weights)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     directory = Path(directory)
+    if (directory / GRAPH_FILE).is_file():
+        from distilq.quantize.onnx.session import load_graph
+
+        return load_graph(directory / GRAPH_FILE, AutoConfig.from_pretrained(directory))
     path = directory / WEIGHTS_FILE
     layout, tensors = _read_int8_file(path)
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False)

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import re
-
 from distilq.manifest import (
     AuditRecord,
-    FallbackRecord,
     OutputRecord,
-    RecipeRecord,
     ScoreSummary,
     VersionManifest,
     VersionMetrics,
 )
 from distilq.report.audit import audit_line, bounds, texts_counted, verdict_word
-from distilq.report.charts import CHART, MISSING, SENSITIVE_LAYERS_SHOWN
-
-MIB = 2**20
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}%"
+from distilq.report.charts import CHART, MISSING
+from distilq.report.recipe import fallback_section, recipe_section
+from distilq.report.tables import MIB, markdown_table, pct
 
 
 def _escape(text: str, limit: int = 120) -> str:
@@ -58,7 +50,7 @@ def metrics_table(manifest: VersionManifest) -> list[list[str]]:
     fp32_bytes, int8_bytes = m.size_bytes_fp32, m.size_bytes_int8
     return [
         ["", "FP32", "INT8", "INT8 / FP32"],
-        ["accuracy", _pct(m.accuracy_fp32), _pct(m.accuracy_int8), ""],
+        ["accuracy", pct(m.accuracy_fp32), pct(m.accuracy_int8), ""],
         [
             "weights on disk",
             f"{fp32_bytes / MIB:.2f} MiB",
@@ -92,19 +84,6 @@ def speed_note(metrics: VersionMetrics) -> str:
     )
 
 
-NUMBER = re.compile(r"^[-+]?[\d.,]+( ?(%|x|MiB|s))?$|^n/a$|^$")
-
-
-def markdown_table(rows: list[list[str]]) -> str:
-    """A Markdown table, header first; columns of numbers are right-aligned."""
-    body = rows[1:]
-    numeric = [bool(body) and all(NUMBER.match(r[i]) for r in body) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(rows[0]) + " |"]
-    lines.append("|" + "".join("---:|" if n else "---|" for n in numeric))
-    lines += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(lines)
-
-
 def _sets_section(metrics: VersionMetrics) -> list[str]:
     """Per validation set: examples, measured agreement, what it certifies, accuracies."""
     sets, confidence = metrics.sets, metrics.confidence
@@ -117,11 +96,11 @@ def _sets_section(metrics: VersionMetrics) -> list[str]:
         [
             f"`{s.name}`",
             str(s.n_examples),
-            _pct(s.agreement),
-            _pct(s.agreement_lower_bound),
+            pct(s.agreement),
+            pct(s.agreement_lower_bound),
             str(s.flips),
-            _pct(s.accuracy_fp32),
-            _pct(s.accuracy_int8),
+            pct(s.accuracy_fp32),
+            pct(s.accuracy_int8),
             _interval(s.accuracy_drop_interval),
         ]
         for s in sets
@@ -135,114 +114,7 @@ def _sets_section(metrics: VersionMetrics) -> list[str]:
     return [intro + ":", "", markdown_table(rows), ""]
 
 
-ACTIVATIONS = {
-    "per-tensor": "7-bit dynamic activations, one scale per batch",
-    "per-token": "8-bit dynamic activations, one scale per token",
-}
-
-
-BATCH_INDEPENDENT = {
-    True: "yes (a row's answer is the same in any batch, bit for bit)",
-    False: "no (a row's last bits depend on the rows batched with it)",
-}
-
-
-def _recipe_section(r: RecipeRecord) -> list[str]:
-    b = r.batching
-    start = []
-    if r.auto is not None and r.auto.base:
-        start = ["", f"`{r.name}` started from `{r.auto.base}`: {r.auto.base_reason}."]
-    return [
-        "## Recipe",
-        "",
-        f"`{r.name}`: engine `{r.engine}`, Linear weights "
-        f"{'per-channel' if r.per_channel else 'per-tensor'}, {ACTIVATIONS[r.activations]}, "
-        f"embeddings {'INT8 per-row' if r.int8_embeddings else 'FP32'}. Batching: "
-        f"{b.batch_size} rows, {'sorted by token length' if b.sort_by_length else 'in input order'}"
-        f", max {b.max_length} tokens.",
-        *start,
-        "",
-        f"FP32 layers: {', '.join(f'`{x}`' for x in r.fp32_layers) or 'none'}.",
-        "",
-        f"batch-independent: {BATCH_INDEPENDENT[r.rows_independent]}",
-    ]
-
-
 FLIPS_SHOWN = 25
-
-
-def _fallback_section(auto: FallbackRecord | None, kept: list[str]) -> list[str]:
-    """How a fallback recipe chose its FP32 layers (`kept`): attempts and sensitivities."""
-    if auto is None:
-        return []
-    return [*_attempts_section(auto, kept), *_sensitivity_section(auto, kept)]
-
-
-def _attempts_section(auto: FallbackRecord, kept: list[str]) -> list[str]:
-    reached = "reached" if auto.reached_target else "NOT reached"
-    if auto.pass_probability is None:  # a version made by the margin rule
-        if not auto.sensitivity:
-            return []
-        attempts = [["FP32 layers", "agreement", "rows/s"]] + [
-            [str(len(a.fp32_layers)), _pct(a.agreement), f"{a.rows_per_second:.1f}"]
-            for a in auto.attempts
-        ]
-        return [
-            "",
-            f"### auto: attempts (target agreement {auto.target_agreement:.4f}, {reached})",
-            "",
-            "Each attempt keeps the most sensitive layers FP32, more each time, until the "
-            "agreement on the tuning part reaches the target.",
-            "",
-            markdown_table(attempts),
-        ]
-    header = ["FP32 layers", "tuning flips", "agreement", "P(pass)", "size", "rows/s", "kept"]
-    attempts = [header] + [
-        [
-            str(len(a.fp32_layers)),
-            str(a.tuning_flips),
-            _pct(a.agreement),
-            f"{a.predicted_pass_probability:.3f}",
-            f"{a.size_bytes / MIB:.2f} MiB",
-            f"{a.rows_per_second:.1f}",
-            "**yes**" if a.fp32_layers == kept else "",
-        ]
-        for a in auto.attempts
-    ]
-    return [
-        "",
-        f"### auto: attempts (pass probability {auto.pass_probability:.2f}, {reached})",
-        "",
-        "Measured on the tuning part. P(pass) is each attempt's predicted probability of "
-        "passing the gate on the confirmation part, from its tuning flips; `auto` keeps the "
-        "cheapest attempt (fewest FP32 layers, then fewest bytes) whose P(pass) reaches the "
-        "target. Each step tries adding each of the most sensitive layers not yet kept, and "
-        "goes on from the likeliest.",
-        "",
-        markdown_table(attempts),
-    ]
-
-
-def _sensitivity_section(auto: FallbackRecord, kept: list[str]) -> list[str]:
-    if not auto.sensitivity:
-        return []
-    shown = auto.sensitivity[:SENSITIVE_LAYERS_SHOWN]
-    sensitivity = [["layer", "kept FP32", "flips alone", "mean abs prob change"]] + [
-        [
-            f"`{s.layer}`",
-            "**yes**" if s.layer in kept else "",
-            str(s.flips),
-            f"{s.mean_abs_prob_change:.5f}",
-        ]
-        for s in shown
-    ]
-    return [
-        "",
-        f"### auto: layer sensitivity ({len(shown)} of {len(auto.sensitivity)} layers, most "
-        "sensitive first)",
-        "",
-        markdown_table(sensitivity),
-    ]
 
 
 def _flips_section(m: VersionMetrics) -> list[str]:
@@ -299,7 +171,7 @@ def render_report(manifest: VersionManifest, chart: str | None = "") -> str:
         markdown_table(metrics_table(manifest)),
         "",
         *_sets_section(m),
-        f"Agreement {_pct(m.agreement)} ({m.flips} flips); probability of the FP32 label "
+        f"Agreement {pct(m.agreement)} ({m.flips} flips); probability of the FP32 label "
         f"changed by {m.mean_abs_prob_change:.4f} on average, {m.max_abs_prob_change:.4f} "
         "at most. Sizes are bytes on disk of the weight files.",
         "",
@@ -307,8 +179,8 @@ def render_report(manifest: VersionManifest, chart: str | None = "") -> str:
         "",
         picture,
         "",
-        *_recipe_section(manifest.recipe),
-        *_fallback_section(manifest.recipe.auto, manifest.recipe.fp32_layers),
+        *recipe_section(manifest.recipe),
+        *fallback_section(manifest.recipe.auto, manifest.recipe.fp32_layers),
         *_flips_section(m),
         "",
         _provenance(manifest),

@@ -15,6 +15,7 @@ from distilq.manifest import VersionManifest
 from distilq.registry.layout import MANIFEST, MANIFEST_SHA256, model_files
 
 PINNED = ["distilq", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas"]
+PINNED_ONNX = ["onnxruntime", "onnx"]  # what loads a version of the onnxruntime engine
 
 
 def description(manifest: VersionManifest) -> str:
@@ -124,11 +125,13 @@ def save_pyfunc(
                 "text_column": "text",
             },
             signature=signature,
-            pip_requirements=pinned_requirements(),
+            pip_requirements=pinned_requirements(manifest.recipe.engine),
         )
 
 
-def pinned_requirements() -> list[str]:
-    """`name==version` of what a mirrored model needs, as installed here (a local version
-    label such as torch's `+cpu` dropped: pip resolves it from the index it is given)."""
-    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in PINNED]
+def pinned_requirements(engine: str) -> list[str]:
+    """`name==version` of what a mirrored model of `engine` needs, as installed here (a
+    local version label such as torch's `+cpu` dropped: pip resolves it from the index it
+    is given)."""
+    names = PINNED + (PINNED_ONNX if engine == "onnxruntime" else [])
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in names]

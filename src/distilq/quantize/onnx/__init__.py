@@ -1,0 +1,1 @@
+"""The ONNX Runtime engine (the `onnxruntime` extra): export, graph rewrites, sessions."""
