@@ -28,7 +28,8 @@ from distilq.quantize.checkpoint import load_checkpoint
 from distilq.quantize.int8 import linear_names, load_int8, quantize, save_int8
 from distilq.quantize.onnx import rewrite
 from distilq.quantize.onnx.build import float_graph
-from distilq.quantize.onnx.export import WEIGHT_SUFFIX, graph_inputs
+from distilq.quantize.onnx.export import graph_inputs
+from distilq.quantize.onnx.graph import WEIGHT_SUFFIX
 from distilq.quantize.onnx.session import GRAPH_FILE, open_session, run_graph
 from distilq.recipes import RECIPES, for_cpu, resolve_recipe
 from distilq.report.render import render_report
@@ -288,3 +289,30 @@ def test_per_token_on_onnx_runtime_agrees_with_fp32_on_the_real_model():
     alone = _probs(token, tokenizer, head, 1, False)
     assert np.array_equal(alone, batched[:200])
     assert np.array_equal(_probs(token, tokenizer, head, 7, False), alone)
+
+
+def test_an_onnx_runtime_version_as_an_mlflow_model_scores_as_distilq_does(
+    tiny_checkpoint, tiny_validation, tmp_path
+):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from distilq.integrations.mlflow.logged import pinned_requirements, save_pyfunc
+    from distilq.registry.registry import Registry
+
+    registry = tmp_path / "reg"
+    quantize_and_promote(
+        tiny_config(tiny_checkpoint, tiny_validation, registry, recipe="ort-int8-token")
+    )
+    local, manifest = Registry(registry).fetch("production")
+    data = (local / "manifest.json").read_bytes()
+    files = tmp_path / "files"
+    save_pyfunc(tmp_path / "mlflow-model", local, manifest, data, files)
+    requirements = (tmp_path / "mlflow-model" / "requirements.txt").read_text()
+    assert f"onnxruntime=={onnxruntime.__version__}" in requirements
+    assert not any(r.startswith("onnxruntime") for r in pinned_requirements("x86"))
+    model = mlflow.pyfunc.load_model(str(tmp_path / "mlflow-model"))
+    frame = model.predict(pd.DataFrame({"text": TEXTS}), params={"probabilities": True})
+    expected = distilq.load(registry).predict_proba(TEXTS)
+    got = np.stack([frame["prob_NEGATIVE"].to_numpy(), frame["prob_POSITIVE"].to_numpy()], 1)
+    assert np.array_equal(got, expected)

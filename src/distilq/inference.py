@@ -124,6 +124,10 @@ def predict(
     probs = np.zeros((len(texts), n_classes), dtype=np.float32)
     bar = _progress_total(len(texts), progress)
     start = time.perf_counter()
+    # A model that gives probabilities itself from numpy arrays (an ONNX Runtime session)
+    # runs clear of torch: a torch op between its runs woke torch's threads, which then
+    # competed with the session's (full-size INT8: 770 rows/s alone, 470 so interleaved).
+    own = getattr(model, "probabilities", None)
     with torch.inference_mode():
         for idx in batches:
             enc = tokenizer(
@@ -131,10 +135,12 @@ def predict(
                 padding=True,
                 truncation=True,
                 max_length=policy.max_length,
-                return_tensors="pt",
+                return_tensors="np" if own else "pt",
             )
-            logits = model(**enc).logits.float()
-            probs[idx] = torch.softmax(logits, dim=-1).numpy()
+            if own:
+                probs[idx] = own(enc)
+            else:
+                probs[idx] = torch.softmax(model(**enc).logits.float(), dim=-1).numpy()
             bar.update(len(idx))
     bar.close()
     return Predictions(probs, time.perf_counter() - start, len(batches))

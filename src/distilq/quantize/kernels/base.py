@@ -1,10 +1,9 @@
-"""What every INT8 layer kind shares: the `LayerKind` interface, torch's quiet mode and
+"""What every INT8 layer kind shares: the `LayerKind` interface, quiet model loading, torch's
 quantized engine, and symmetric per-row int8."""
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
 
 import torch
@@ -47,18 +46,15 @@ class LayerKind:
 
 @contextlib.contextmanager
 def quiet_torch() -> Iterator[None]:
-    """Within: hide torch's deprecation noise about torch.ao and quantized tensors, and
-    transformers' per-load progress bar. Both are restored after: nothing process-wide."""
+    """Within: transformers' per-load progress bar is off (restored after: nothing
+    process-wide). No warning is hidden: the per-tensor kinds' deprecation (torch's
+    quantized tensors) shows where they run."""
     from transformers.utils import logging as hf_logging
 
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
-            warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\..*")
-            yield
+        yield
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()

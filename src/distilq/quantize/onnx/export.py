@@ -22,13 +22,13 @@ from collections.abc import Iterator
 import numpy as np
 
 from distilq.errors import InputError
+from distilq.quantize.onnx.attention import fuse_attention
+from distilq.quantize.onnx.graph import TABLE_SUFFIX, WEIGHT_SUFFIX
 from distilq.recipes import ONNX_MISSING, ONNXRUNTIME, installed_engines
 
 log = logging.getLogger("distilq")
 
 OPSET = 18
-WEIGHT_SUFFIX = ".weight_t"  # a Linear's weight, transposed to [in, out] as MatMul takes it
-TABLE_SUFFIX = ".weight"  # an embedding table, [rows, dim]
 # The optimizer's fusions are kept only if the graph's logits move by no more than this.
 FUSION_TOLERANCE = 1e-4
 
@@ -77,6 +77,7 @@ def export_float(model):
         program.save(f"{tmp}/float.onnx", external_data=False)  # weights in the proto
         graph = onnx.load(f"{tmp}/float.onnx")
     _name_weights(graph, model)
+    fuse_attention(graph, model)
     return _fused(graph, model.config, {n: v.numpy() for n, v in example.items()})
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distilq.quantize.onnx.export import TABLE_SUFFIX, WEIGHT_SUFFIX
+from distilq.quantize.onnx.graph import TABLE_SUFFIX, WEIGHT_SUFFIX, drop_dead
 
 ZERO_POINT = 128  # activations: symmetric int8 stored as uint8 + 128
 
@@ -46,13 +46,6 @@ def _stored(q: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
 def _matmuls(graph, layers: set[str]) -> list:
     wanted = {name + WEIGHT_SUFFIX for name in layers}
     return [n for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in wanted]
-
-
-def _drop_unused(graph) -> None:
-    used = {i for n in graph.graph.node for i in n.input}
-    kept = [i for i in graph.graph.initializer if i.name in used]
-    del graph.graph.initializer[:]
-    graph.graph.initializer.extend(kept)
 
 
 def per_token(graph, layers: set[str], signed_weights: bool):
@@ -117,7 +110,7 @@ def per_token(graph, layers: set[str], signed_weights: bool):
         for i, node in enumerate(row + products):
             g.node.insert(at + i, node)
     _use_microsoft_domain(graph)
-    _drop_unused(graph)
+    drop_dead(graph)
     return graph
 
 
@@ -178,5 +171,5 @@ def int8_tables(graph, tables: list[str]):
                 ]
             ):
                 g.node.insert(at + i, new)
-    _drop_unused(graph)
+    drop_dead(graph)
     return graph

@@ -87,22 +87,31 @@ class OnnxModel:
             self._session, self._threads = open_session(self.graph, threads), threads
         return self._session
 
+    def probabilities(self, encoded) -> np.ndarray:
+        """Class probabilities [rows, classes] float32 for the tokenizer's numpy arrays (a
+        stable softmax of the logits, in numpy: no torch op runs between sessions' runs)."""
+        logits = self.logits(encoded)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    def logits(self, encoded) -> np.ndarray:
+        session = self.session()
+        ids = np.asarray(encoded["input_ids"])
+        feeds = {
+            i.name: (
+                np.asarray(encoded[i.name], dtype=np.int64)
+                if i.name in encoded
+                else np.zeros(ids.shape, dtype=np.int64)  # token types absent: all 0
+            )
+            for i in session.get_inputs()
+        }
+        return session.run(None, feeds)[0]
+
     def __call__(self, **encoded) -> SimpleNamespace:
+        """The logits as a torch tensor, as a transformers model gives them."""
         import torch
 
-        session = self.session()
-        names = [i.name for i in session.get_inputs()]
-        ids = encoded["input_ids"]
-        feeds = {
-            name: (
-                np.asarray(encoded[name], dtype=np.int64)
-                if name in encoded
-                else np.zeros(tuple(ids.shape), dtype=np.int64)  # token types absent: all 0
-            )
-            for name in names
-        }
-        (logits,) = session.run(None, feeds)
-        return SimpleNamespace(logits=torch.from_numpy(logits))
+        return SimpleNamespace(logits=torch.from_numpy(self.logits(encoded)))
 
 
 def describe(activations: str) -> dict[str, str]:
