@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_gate.py
 	$(PY) bench/bench_score.py
 	$(PY) bench/bench_int8.py
+	$(PY) bench/bench_onnx.py
 	$(PY) bench/bench_startup.py
 	$(PY) bench/bench_audit.py
 	$(PY) bench/bench_audit_rules.py

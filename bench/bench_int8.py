@@ -38,6 +38,8 @@ from distilq.inference import predict
 from distilq.quantize.int8 import quantize
 from distilq.quantize.kernels.token_linear import TOKEN_KERNELS, token_linear
 
+# The packaged SST-2 set's labels as the shared model's classes (texts only are read here).
+SST2_CLASSES = {"negative": 0, "positive": 1}
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SHARED_MODEL = SHARED / "models" / "distilbert-sst2-minilm"
@@ -179,7 +181,7 @@ def batch_independence_and_startup(tmp: Path) -> list[str]:
     """Through the CLI: a per-token and a per-channel version of the real model."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp / "prefect")
-    dev = load_validation(PACKAGED_VALIDATION).texts
+    dev = load_validation(PACKAGED_VALIDATION, label2id=SST2_CLASSES).texts
     pq.write_table(pa.table({"text": dev}), tmp / "dev.parquet")
     pq.write_table(pa.table({"text": dev[:1]}), tmp / "one.parquet")
     registries = {}
@@ -234,7 +236,8 @@ def main() -> None:
 
     from distilq.quantize.checkpoint import load_checkpoint
 
-    texts = {"SST-2 dev": load_validation(PACKAGED_VALIDATION).texts, "IMDB": imdb_reviews()}
+    dev = load_validation(PACKAGED_VALIDATION, label2id=SST2_CLASSES).texts
+    texts = {"SST-2 dev": dev, "IMDB": imdb_reviews()}
     real, tokenizer = load_checkpoint(SHARED_MODEL)
     fp32_labels = predict(real, tokenizer, texts["SST-2 dev"], POLICY).labels
     torch.manual_seed(0)

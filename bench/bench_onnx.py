@@ -145,7 +145,8 @@ def whole_process(tmp: Path, tokenizer) -> list[str]:
         f"{quantized:.1f} s and kept `{kept}`; the hand-built export and quantization "
         f"{built - by_hand:.1f} s more than its scoring run.",
         "",
-        "| process | seconds | rows/s | peak RSS MiB | `distilq score` is this many times as fast |",
+        "| process | seconds | rows/s | peak RSS MiB "
+        "| `distilq score` is this many times as fast |",
         "|---|---:|---:|---:|---:|",
     ]
     for name, seconds, peak in rows:

@@ -27,6 +27,8 @@ from distilq.pipelines.quantize import quantize_and_promote
 from distilq.quantize.int8 import save_int8
 from distilq.recipes import RECIPE_NAMES, RECIPES
 
+# The packaged SST-2 set's labels as the shared model's classes (texts only are read here).
+SST2_CLASSES = {"negative": 0, "positive": 1}
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODEL = ROOT.parent / "shared" / "models" / "distilbert-sst2-minilm"
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -88,7 +90,7 @@ def full_size(tmp: Path) -> list[str]:
     model.save_pretrained(tmp / "full-fp32")
     fp32_bytes = (tmp / "full-fp32" / "model.safetensors").stat().st_size
     tokenizer = AutoTokenizer.from_pretrained(SHARED_MODEL)  # the same uncased vocabulary
-    texts = load_validation(PACKAGED_VALIDATION).texts
+    texts = load_validation(PACKAGED_VALIDATION, label2id=SST2_CLASSES).texts
     models, sizes = {"FP32": model}, {"FP32": fp32_bytes}
     for name in RECIPES:
         models[name] = quantize(model, name)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import weakref
 
 from distilq.quantize.onnx import rewrite
-from distilq.quantize.onnx.export import OPSET, export_float, require_onnxruntime
+from distilq.quantize.onnx.export import OPSET, export_float
 from distilq.quantize.onnx.session import (
     DISABLED_OPTIMIZERS,
     OPTIMIZATION_LEVEL,
     PROVIDER,
     OnnxModel,
     describe,
+    require_onnxruntime,
 )
 
 # A model's float graph: `auto` quantizes one model dozens of times (each sensitivity probe,

@@ -1,13 +1,14 @@
 """A float sequence classifier as an ONNX graph: exported by torch's dynamo exporter,
 normalised so every Linear is `MatMul(x, <layer>.weight_t)` (its bias a separate `Add`),
-then fused by ONNX Runtime's transformer optimizer where the answer stays the same.
+then fused where the answer stays the same: attention as one MultiHeadAttention per layer
+(`attention.py`), and ONNX Runtime's transformer optimizer's GELU and LayerNorm fusions.
 
 Why the dynamo exporter (`torch.onnx.export(..., dynamo=True)`): it is the one torch
-maintains (the TorchScript exporter is deprecated since torch 2.9) and it needs no extra
-stack of its own (optimum-onnx pins its own transformers). Its graphs are not ones the
-optimizer's attention patterns match, so attention stays unfused; LayerNorm (with the
-residual Add), GELU (with its bias) fuse. Weight initializers are renamed after the torch
-modules they came from, found by their values, so no step depends on the exporter's names.
+maintains (the TorchScript exporter is deprecated since torch 2.9) and it needs no stack of
+its own (optimum-onnx pins its own transformers). Its attention is not a pattern ONNX
+Runtime's optimizer recognises, hence `attention.py`. Weight initializers are renamed after
+the torch modules they came from, found by their values, so no step depends on the
+exporter's names.
 """
 
 from __future__ import annotations
@@ -21,22 +22,15 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from distilq.errors import InputError
 from distilq.quantize.onnx.attention import fuse_attention
 from distilq.quantize.onnx.graph import TABLE_SUFFIX, WEIGHT_SUFFIX
-from distilq.recipes import ONNX_MISSING, ONNXRUNTIME, installed_engines
+from distilq.quantize.onnx.session import run_graph
 
 log = logging.getLogger("distilq")
 
 OPSET = 18
 # The optimizer's fusions are kept only if the graph's logits move by no more than this.
 FUSION_TOLERANCE = 1e-4
-
-
-def require_onnxruntime(what: str) -> None:
-    """Refuse at once, with the install line, what needs the `onnxruntime` extra."""
-    if ONNXRUNTIME not in installed_engines():
-        raise InputError(f"{what} {ONNX_MISSING}")
 
 
 def graph_inputs(model) -> list[str]:
@@ -77,8 +71,19 @@ def export_float(model):
         program.save(f"{tmp}/float.onnx", external_data=False)  # weights in the proto
         graph = onnx.load(f"{tmp}/float.onnx")
     _name_weights(graph, model)
-    fuse_attention(graph, model)
-    return _fused(graph, model.config, {n: v.numpy() for n, v in example.items()})
+    return _fused(graph, model, _probe(names, model.config.vocab_size))
+
+
+def _probe(names: list[str], vocab: int) -> dict[str, np.ndarray]:
+    """Inputs the fusions are checked on: two texts of 12 tokens, the second padded after 5
+    (masked positions are where a fused attention could differ)."""
+    ids = (np.arange(24).reshape(2, 12) * 7919 + 11) % vocab
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0
+    probe = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in names:
+        probe["token_type_ids"] = np.zeros_like(ids)
+    return probe
 
 
 @contextlib.contextmanager
@@ -148,13 +153,18 @@ def _name_weights(graph, model) -> None:
         )
 
 
-def _fused(graph, config, example: dict):
-    """The graph after ONNX Runtime's transformer fusions, if its logits stay within
-    FUSION_TOLERANCE of the unfused graph's on `example`; else the graph as it was."""
+def _fused(graph, model, probe: dict):
+    """The graph with attention as MultiHeadAttention (`attention.py`) and ONNX Runtime's
+    transformer fusions, if its logits stay within FUSION_TOLERANCE of the unfused graph's
+    on `probe`; else the graph as it was."""
     import onnx
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    config = model.config
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(graph)
+    fuse_attention(candidate, model)
     options = FusionOptions("bert")
     # EmbedLayerNormalization would take the word table as a float input: int8 tables
     # (`rewrite.int8_tables`) need its Gather.
@@ -167,16 +177,13 @@ def _fused(graph, config, example: dict):
     with tempfile.TemporaryDirectory(prefix="distilq-fuse-") as tmp:
         # A path, not the proto: given a proto, the optimizer moves its constants out of
         # reach of ONNX Runtime's shape inference.
-        onnx.save(graph, f"{tmp}/float.onnx")
+        onnx.save(candidate, f"{tmp}/float.onnx")
         fused = optimize_model(
             f"{tmp}/float.onnx", model_type="bert", num_heads=heads, hidden_size=hidden,
             optimization_options=options,
         ).model  # fmt: skip
-    from distilq.quantize.onnx.session import run_graph
-
-    before, after = run_graph(graph, example), run_graph(fused, example)
-    moved = float(np.abs(before - after).max())
+    moved = float(np.abs(run_graph(graph, probe) - run_graph(fused, probe)).max())
     if moved > FUSION_TOLERANCE:
-        log.warning("ONNX Runtime's fusions moved the logits by %.1e: kept unfused", moved)
+        log.warning("the graph's fusions moved the logits by %.1e: kept unfused", moved)
         return graph
     return fused

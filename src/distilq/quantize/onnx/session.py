@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-from distilq.errors import IntegrityError
+from distilq.errors import InputError, IntegrityError
+from distilq.recipes import ONNX_MISSING, ONNXRUNTIME, installed_engines
 
 PROVIDER = "CPUExecutionProvider"
 OPTIMIZATION_LEVEL = "ORT_ENABLE_ALL"  # the session's own graph optimisations, recorded
@@ -20,6 +20,12 @@ OPTIMIZATION_LEVEL = "ORT_ENABLE_ALL"  # the session's own graph optimisations, 
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 GRAPH_FILE = "model.onnx"
 FORMAT_ONNX = "distilq-onnx/1"  # the graph's `distilq` metadata: format and activations
+
+
+def require_onnxruntime(what: str) -> None:
+    """Refuse at once, with the install line, what needs the `onnxruntime` extra."""
+    if ONNXRUNTIME not in installed_engines():
+        raise InputError(f"{what} {ONNX_MISSING}")
 
 
 def session_options(threads: int):
@@ -54,9 +60,9 @@ def run_graph(graph, feeds: dict[str, np.ndarray], threads: int = 1) -> np.ndarr
 
 
 class OnnxModel:
-    """An ONNX Runtime classifier with the surface `inference.predict` uses: `config`, and a
-    call on the tokenizer's tensors returning `.logits`. The session opens on first use
-    with torch's thread count then (`runtime.configure_worker` sets it to the worker's)."""
+    """An ONNX Runtime classifier with the surface `inference.predict` uses: `config`, and
+    `probabilities` of the tokenizer's numpy arrays. The session opens on first use with
+    torch's thread count then (`runtime.configure_worker` sets it to the worker's)."""
 
     def __init__(self, graph: bytes, config, activations: str):
         self.graph = graph
@@ -72,12 +78,10 @@ class OnnxModel:
     @property
     def batch_independent(self) -> bool:
         """Per-token activations: each row's integer GEMM input depends on that row alone,
-        and the float rest (MLAS's GEMMs, softmax over masked positions) sums each row in
-        an order its batch does not change (tested: `np.array_equal` at batch 1, 7, 32)."""
+        and the float rest (MLAS's GEMMs, MultiHeadAttention over each text's own keys) sums
+        each row in an order its batch does not change (tested: `np.array_equal` at batch
+        1, 7 and 32, tiny and real models)."""
         return self.activations == "per-token"
-
-    def eval(self) -> OnnxModel:
-        return self
 
     def session(self):
         import torch
@@ -107,12 +111,6 @@ class OnnxModel:
         }
         return session.run(None, feeds)[0]
 
-    def __call__(self, **encoded) -> SimpleNamespace:
-        """The logits as a torch tensor, as a transformers model gives them."""
-        import torch
-
-        return SimpleNamespace(logits=torch.from_numpy(self.logits(encoded)))
-
 
 def describe(activations: str) -> dict[str, str]:
     """The graph's `distilq` metadata entry."""
@@ -121,8 +119,6 @@ def describe(activations: str) -> dict[str, str]:
 
 def load_graph(path: Path, config) -> OnnxModel:
     """The `OnnxModel` in a graph `save_int8` wrote (its sha256 checked by the caller)."""
-    from distilq.quantize.onnx.export import require_onnxruntime
-
     require_onnxruntime(f"the version in {path.parent.parent}")
     import onnx
 
