@@ -3,14 +3,14 @@
 The dynamo exporter writes scaled dot-product attention as two dozen nodes (reshapes,
 transposes, the mask's arithmetic) that ONNX Runtime's optimizer does not recognise: they
 took about 20% of a full-size INT8 forward. The layer's projections are found by their
-torch names (`export.WEIGHT_SUFFIX`), so no pattern of the exporter's is matched: the
+torch names (`graph.WEIGHT_SUFFIX`), so no pattern of the exporter's is matched: the
 fused op reads the query, key and value after their biases, and feeds the output
 projection; what it replaces is then unused and dropped.
 """
 
 from __future__ import annotations
 
-from distilq.quantize.onnx.graph import WEIGHT_SUFFIX, drop_dead
+from distilq.quantize.onnx.graph import WEIGHT_SUFFIX, drop_dead, use_microsoft_domain
 
 MASK = "attention_mask.int32"  # MultiHeadAttention takes its key padding mask as int32
 
@@ -47,7 +47,7 @@ def fuse_attention(graph, model) -> int:
         projected = []
         for name in (q, k, v):
             matmul = by_weight.get(name + WEIGHT_SUFFIX)
-            adds = [c for c in consumers.get(matmul.output[0], [])] if matmul else []
+            adds = consumers.get(matmul.output[0], []) if matmul else []
             if len(adds) != 1 or adds[0].op_type != "Add":
                 return 0  # not the shape this fusion knows: leave the graph unfused
             projected.append(adds[0].output[0])
@@ -67,6 +67,5 @@ def fuse_attention(graph, model) -> int:
         g.node.insert(list(g.node).index(output), attention)
         output.input[0] = context
     drop_dead(graph)
-    if not any(o.domain == "com.microsoft" for o in graph.opset_import):
-        graph.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    use_microsoft_domain(graph)
     return len(fused)

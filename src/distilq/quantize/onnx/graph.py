@@ -20,3 +20,11 @@ def drop_dead(graph) -> None:
     used = [i for i in g.initializer if i.name in needed]
     del g.initializer[:]
     g.initializer.extend(used)
+
+
+def use_microsoft_domain(graph) -> None:
+    """Declare ONNX Runtime's contrib operators' domain, which the fused nodes are in."""
+    from onnx import helper
+
+    if not any(o.domain == "com.microsoft" for o in graph.opset_import):
+        graph.opset_import.append(helper.make_opsetid("com.microsoft", 1))

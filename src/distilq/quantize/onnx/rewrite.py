@@ -19,7 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from distilq.quantize.onnx.graph import TABLE_SUFFIX, WEIGHT_SUFFIX, drop_dead
+from distilq.quantize.onnx.graph import (
+    TABLE_SUFFIX,
+    WEIGHT_SUFFIX,
+    drop_dead,
+    use_microsoft_domain,
+)
 
 ZERO_POINT = 128  # activations: symmetric int8 stored as uint8 + 128
 
@@ -109,16 +114,9 @@ def per_token(graph, layers: set[str], signed_weights: bool):
             g.node.remove(node)
         for i, node in enumerate(row + products):
             g.node.insert(at + i, node)
-    _use_microsoft_domain(graph)
+    use_microsoft_domain(graph)
     drop_dead(graph)
     return graph
-
-
-def _use_microsoft_domain(graph) -> None:
-    from onnx import helper
-
-    if not any(o.domain == "com.microsoft" for o in graph.opset_import):
-        graph.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def per_channel(graph, layers: set[str], signed_weights: bool):
