@@ -321,7 +321,7 @@ def section_dask(tmp, env, full, reg_full, reg_real, sst2_dev, imdb) -> list[str
             for run in ("first run", "second run"):
                 rates[f"dask, {n} worker(s) x 1 thread, {run}"] = score_rate(
                     data, tmp / f"dask-{n}-{run[:3]}", reg_real, env, "--runner", "dask",
-                    "--dask-address", address, "--workers", str(n), "--threads", str(n),
+                    "--dask-address", address, "--threads", "1",
                 )  # fmt: skip
     finally:
         for proc in reversed(procs):

@@ -78,17 +78,17 @@ def test_runners_agree_file_for_file(registry, dataset, dask_scheduler, tmp_path
         "local": {"runner": "local"},
         "process": {"runner": "process", "workers": 2},
         "dask-local-cluster": {"runner": "dask", "workers": 2},
-        "dask-scheduler": {"runner": "dask", "workers": 2, "dask_address": dask_scheduler},
+        # A running scheduler's workers are its own: --threads is each one's torch threads.
+        "dask-scheduler": {"runner": "dask", "dask_address": dask_scheduler, "threads": 1},
     }
     for name, runner in runners.items():
         config = ScoreConfig(
             inputs=[str(dataset)],
             output=str(tmp_path / name),
             registry=str(registry),
-            threads=2,
             probabilities=True,
             audit_rate=0.1,
-            **runner,
+            **{"threads": 2, **runner},
         )
         summary = score_parquet(config).model_dump()
         assert (

@@ -23,8 +23,8 @@ from distilq.config.shared import (
     GateThresholds,
     MlflowModel,
     MlflowTrackingUri,
+    RegistryRef,
     check_mlflow,
-    default_registry,
     default_source,
 )
 from distilq.recipes import DEFAULT_RECIPE, RECIPE_NAMES, check_engine
@@ -111,7 +111,7 @@ class QuantizeConfig(BaseModel):
         DEFAULT_BATCH_SIZE,
         description="Batching policy for validation and scoring; rows are sorted by token length",
     )
-    registry: str = Field(default_factory=default_registry, description=REGISTRY_HELP)
+    registry: RegistryRef = Field(None, description=REGISTRY_HELP)
     dry_run: bool = Field(False, description="Validate and report; publish nothing")
     keep_reference: bool = Field(
         False,

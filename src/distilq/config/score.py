@@ -24,8 +24,8 @@ from distilq.config.shared import (
     Fraction,
     MaxLength,
     MlflowTrackingUri,
+    RegistryRef,
     check_mlflow_installed,
-    default_registry,
 )
 
 
@@ -59,7 +59,7 @@ class ScoreConfig(BaseModel):
         description="Registry version or alias, or an MLflow model version mirrored from the "
         "registry: mlflow:NAME@ALIAS or mlflow:NAME/VERSION (with --mlflow-tracking-uri)",
     )
-    registry: str = Field(default_factory=default_registry, description=REGISTRY_HELP)
+    registry: RegistryRef = Field(None, description=REGISTRY_HELP)
     batch_size: BatchSize | None = Field(
         None, description="Default: the batching policy the gate validated"
     )
@@ -134,6 +134,12 @@ class ScoreConfig(BaseModel):
             raise ValueError("--require-audit needs an --audit-rate above 0")
         if self.dask_address and self.runner != "dask":
             raise ValueError("--dask-address needs --runner dask")
+        if self.dask_address and self.workers != 1:
+            raise ValueError(
+                f"--workers {self.workers} sizes the Dask cluster distilq starts; with "
+                "--dask-address the scheduler's own workers run the shards: drop --workers "
+                "(--threads is then each remote worker's torch threads)"
+            )
         if self.runner == "local" and self.workers != 1:
             raise ValueError(
                 "--runner local is one process; use --runner process or dask for workers"

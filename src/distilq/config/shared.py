@@ -82,6 +82,15 @@ def default_registry() -> str:
     return os.environ.get("DISTILQ_REGISTRY") or DEFAULT_REGISTRY
 
 
+# The registry: given, or when not (or given as null, as a deployment's parameters may)
+# `default_registry()`, read when the config is made: on a worker, the worker's.
+RegistryRef = Annotated[
+    str | None,
+    AfterValidator(lambda value: value or default_registry()),
+    Field(validate_default=True),
+]
+
+
 def _from_env(env: str):
     """An optional setting that, when not given (or given as null, as a deployment's
     parameters may), is the environment variable `env`, else None."""

@@ -31,13 +31,21 @@ def _identity(info: dict) -> dict:
     return ident
 
 
+def _is_data(path: str, root: str) -> bool:
+    """The rule pyarrow and Spark keep: below what the user named, a file or directory whose
+    name starts with `_` or `.` is not data (an output's `_audit.parquet`, a hidden
+    temporary file)."""
+    return not any(part.startswith(("_", ".")) for part in path[len(root) :].split("/"))
+
+
 def discover_inputs(
     inputs: list[str], flag: str = "--input"
 ) -> tuple[list[tuple[str, str, dict]], list[str]]:
     """Every Parquet file named by `inputs` (files, directories, globs, fsspec URIs), with
     the name relative to what the user gave and the file's identity; and the directories
-    the inputs walk (given directories, roots of `**` globs). Missing inputs fail, said of
-    `flag`."""
+    the inputs walk (given directories, roots of `**` globs). Files a directory or a glob
+    holds whose names start with `_` or `.` are not data (`_is_data`); a file named as
+    itself is read. Missing inputs fail, said of `flag`."""
     found: list[tuple[str, str, dict]] = []
     walked: list[str] = []
     for spec in inputs:
@@ -45,19 +53,17 @@ def discover_inputs(
         fs, path = store.fs, store.root
         if globlib.has_magic(path):
             root = path[: min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
-            paths = sorted(p for p in fs.glob(path) if fs.isfile(p))
+            matched = sorted(p for p in fs.glob(path) if fs.isfile(p))
+            paths = [p for p in matched if _is_data(p, root)]
             if not paths:
-                raise InputError(f"{flag} {spec!r} matches no file")
+                skipped = [p[len(root) :].lstrip("/") for p in matched]
+                said = f" (not data: {', '.join(skipped[:5])})" if skipped else ""
+                raise InputError(f"{flag} {spec!r} matches no data file{said}")
             if "**" in path:
                 walked.append(store.to_uri(root))
         elif fs.isdir(path):
             root = path.rstrip("/")
-            paths = sorted(
-                p
-                for p in fs.find(path)
-                if p.endswith(".parquet")
-                and not any(part.startswith(("_", ".")) for part in p[len(root) :].split("/"))
-            )
+            paths = sorted(p for p in fs.find(path) if p.endswith(".parquet") and _is_data(p, root))
             if not paths:
                 raise InputError(f"{flag} {spec!r} is a directory with no *.parquet file")
             walked.append(store.to_uri(root))
