@@ -3,6 +3,7 @@ code before the fix it covers."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ import yaml
 from distilq.config.quantize import QuantizeConfig
 from distilq.config.score import ScoreConfig
 from distilq.errors import InputError
+from distilq.registry.registry import Registry
 from distilq.storage.parquet import discover_inputs
-from tests.conftest import make_texts, write_parquet
+from tests.conftest import make_texts, run, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,3 +54,29 @@ def test_14_the_deployments_follow_distilq_registry(deployment, monkeypatch, tmp
     monkeypatch.delenv("DISTILQ_REGISTRY")
     again = ScoreConfig(**config) if "inputs" in config else QuantizeConfig(**config)
     assert again.registry == "./registry"
+
+
+def test_10_damaged_audit_and_attestation_records_are_named_and_skipped(
+    promoted_registry, tmp_path
+):
+    registry = tmp_path / "reg"
+    shutil.copytree(promoted_registry, registry)
+    version = Registry(registry).resolve("production")
+    where = registry / "versions" / version
+    gate_key = Registry(registry).manifest(version).platform.key
+    (where / "audits").mkdir(exist_ok=True)
+    (where / "audits" / "run-cut.json").write_text('{"run_id": "run-cut", "rows": 3')
+    (where / "audits" / "run-shape.json").write_text('{"run_id": 7}')
+    (where / "attestations" / "x86_64-other-0000.json").write_text("[1, 2]")
+    for args in (["models", "show"], ["models", "audits"], ["models", "show", "--json"]):
+        done = run(*args, "--registry", str(registry))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+        for name in ("audits/run-cut.json", "audits/run-shape.json"):
+            assert f"versions/{version}/{name}: damaged, skipped" in done.stderr
+    shown = run("models", "show", "--registry", str(registry))
+    assert "attestations/x86_64-other-0000.json: damaged, skipped" in shown.stderr
+    assert f"`{gate_key}`" in shown.stdout  # the readable attestation is still shown
+    # A damaged attestation of this platform counts as none: the self-check runs again.
+    (where / "attestations" / f"{gate_key}.json").write_text("{")
+    assert Registry(registry).attestation(version, gate_key) is None

@@ -94,19 +94,34 @@ class Registry(AliasMoves):
         return json.loads(data)
 
     def attestation(self, version: str, key: str) -> dict | None:
-        """The attestation of `version` on platform `key`, if one was written."""
+        """The attestation of `version` on platform `key`, if one was written (a damaged one
+        is named in a warning and counts as none: the self-check runs again)."""
         check_ref(version, "version")
+        where = ("versions", version, "attestations")
         try:
-            return json.loads(self.store.read("versions", version, "attestations", f"{key}.json"))
+            return self._record(where, f"{key}.json", _attestation)
         except FileNotFoundError:
             return None
 
     def attestations(self, version: str) -> list[dict]:
-        """Every attestation of `version` (the gate's own among them when a flow published
-        it), by platform key."""
-        where = ("versions", version, "attestations")
-        names = [n for n in self.store.list(*where) if n.endswith(".json")]
-        return [json.loads(self.store.read(*where, n)) for n in names]
+        """Every readable attestation of `version` (the gate's own among them when a flow
+        published it), by platform key."""
+        return self._records(("versions", version, "attestations"), _attestation)
+
+    def _records(self, where: tuple[str, ...], parse) -> list:
+        """Each `*.json` record under `where`, parsed by `parse`, in name order; a damaged
+        one is named in a warning and skipped: one bad file hides none of the others."""
+        names = sorted(n for n in self.store.list(*where) if n.endswith(".json"))
+        return [r for r in (self._record(where, n, parse) for n in names) if r is not None]
+
+    def _record(self, where: tuple[str, ...], name: str, parse):
+        data = self.store.read(*where, name)
+        try:
+            return parse(data)
+        except ValueError as e:  # not JSON, or not the record's shape (pydantic's errors too)
+            reason = str(e).splitlines()[0]
+            log.warning("%s/%s: damaged, skipped: %s", self.uri, "/".join((*where, name)), reason)
+            return None
 
     def write_attestation(self, version: str, key: str, record: dict) -> None:
         """Record that `version` passed its self-check on platform `key`. Written once: a
@@ -160,9 +175,7 @@ class Registry(AliasMoves):
     def audits(self, version: str) -> list[RunAudit]:
         """Every scoring run's audit of `version` (`versions/<v>/audits/`), oldest first."""
         check_ref(version, "version")
-        where = ("versions", version, AUDITS)
-        names = sorted(n for n in self.store.list(*where) if n.endswith(".json"))
-        return [RunAudit.model_validate_json(self.store.read(*where, n)) for n in names]
+        return self._records(("versions", version, AUDITS), RunAudit.model_validate_json)
 
     def write_audit(self, record: RunAudit) -> None:
         """Record one scoring run's audit; written once (a conditional create on object
@@ -220,3 +233,12 @@ class Registry(AliasMoves):
         if removed:
             log.warning("removed partial version(s) left by a killed run: %s", ", ".join(removed))
         return removed
+
+
+def _attestation(data: bytes) -> dict:
+    """An attestation record as `models show` and the self-check read it."""
+    record = json.loads(data)
+    platform = record.get("platform") if isinstance(record, dict) else None
+    if not isinstance(platform, dict) or "key" not in platform or "agreement" not in record:
+        raise ValueError("not an attestation record (no platform key or agreement)")
+    return record
