@@ -14,7 +14,7 @@ from distilq.config.score import ScoreConfig
 from distilq.errors import InputError
 from distilq.registry.registry import Registry
 from distilq.storage.parquet import discover_inputs
-from tests.conftest import make_texts, run, write_parquet
+from tests.conftest import make_checkpoint, make_texts, run, tiny_config, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,3 +80,32 @@ def test_10_damaged_audit_and_attestation_records_are_named_and_skipped(
     # A damaged attestation of this platform counts as none: the self-check runs again.
     (where / "attestations" / f"{gate_key}.json").write_text("{")
     assert Registry(registry).attestation(version, gate_key) is None
+
+
+def test_12_an_fp32_reference_that_will_not_load_leaves_the_run_scored_and_unaudited(
+    tiny_validation, tmp_path
+):
+    """An architecture the installed transformers lacks: the audit was not required, so the
+    rows are scored and the audit says why it is missing. (This held already on the main
+    the issue was read on: `checkpoint.load_model` turns transformers' ValueError into an
+    InputError, which the audit takes as an unavailable reference. Kept as a guard.)"""
+    import json
+
+    from distilq.pipelines.quantize import quantize_and_promote
+    from distilq.pipelines.score import score_dataset
+
+    source = make_checkpoint(tmp_path / "ckpt")
+    registry = tmp_path / "reg"
+    assert quantize_and_promote(tiny_config(source, tiny_validation, registry)).promoted
+    config_file = source / "config.json"  # not a weight file: its sha256 is not the gate's
+    config_file.write_text(
+        json.dumps({**json.loads(config_file.read_text()), "model_type": "nobert"})
+    )
+    data = write_parquet(tmp_path / "in" / "part.parquet", make_texts(300, seed=4))
+    summary = score_dataset(
+        ScoreConfig(
+            inputs=[data], output=str(tmp_path / "out"), registry=str(registry), audit_rate=0.5
+        )  # fmt: skip
+    )
+    assert summary.failed == {} and summary.rows_scored == 300
+    assert summary.audit.rows == 0 and "nobert" in summary.audit.reason
