@@ -109,3 +109,45 @@ def test_12_an_fp32_reference_that_will_not_load_leaves_the_run_scored_and_unaud
     )
     assert summary.failed == {} and summary.rows_scored == 300
     assert summary.audit.rows == 0 and "nobert" in summary.audit.reason
+
+
+def test_2_flipped_rows_with_timestamp_decimal_or_binary_ids_are_recorded(
+    sensitive_checkpoint, tiny_validation, tmp_path
+):
+    import datetime
+    import decimal
+    import json
+
+    import pyarrow.parquet as pq
+
+    from distilq.pipelines.quantize import quantize_and_promote
+    from distilq.pipelines.score import score_dataset
+
+    registry = tmp_path / "reg"  # per-channel INT8 of the sensitive model: many flips
+    assert quantize_and_promote(tiny_config(sensitive_checkpoint, tiny_validation, registry))
+    texts = make_texts(120, seed=9)
+    start = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
+    ids = {
+        "at": [start + datetime.timedelta(minutes=i) for i in range(120)],
+        "amount": [decimal.Decimal(f"{i}.50") for i in range(120)],
+        "raw": [bytes([i, 255]) for i in range(120)],
+    }
+    data = write_parquet(tmp_path / "in" / "part.parquet", texts, **ids)
+    out = tmp_path / "out"
+    summary = score_dataset(
+        ScoreConfig(
+            inputs=[data],
+            output=str(out),
+            registry=str(registry),
+            audit_rate=1.0,
+            id_columns=["at", "amount", "raw"],
+        )  # fmt: skip
+    )
+    assert summary.failed == {} and summary.rows_scored == 120
+    flipped = json.loads((out / "_manifest.json").read_text())["summary"]["audit"]["flipped"]
+    assert flipped, "the sensitive model's INT8 flips some rows"
+    first = flipped[0]
+    row = next(i for i in range(120) if ids["amount"][i] == decimal.Decimal(first["amount"]))
+    assert first["at"] == ids["at"][row].isoformat() and first["raw"] == ids["raw"][row].hex()
+    audited = pq.read_table(out / "_audit.parquet")  # the audit's rows keep their types
+    assert str(audited.schema.field("at").type).startswith("timestamp")

@@ -290,7 +290,9 @@ class ShardSampler:
             if a != b:
                 shown = text if len(text) <= TEXT_SHOWN else text[: TEXT_SHOWN - 3] + "..."
                 copies = record["copies"]
-                flipped.append({**ids, "text": shown, "copies": copies, **_scores(record)})
+                flipped.append(
+                    {**_json_ids(ids), "text": shown, "copies": copies, **_scores(record)}
+                )
         audit = ShardAudit(
             rows=len(records),
             agreeing=len(records) - len(flipped),
@@ -300,6 +302,26 @@ class ShardSampler:
             seconds=seconds,
         )
         return audit, records
+
+
+def _json_ids(ids: dict) -> dict:
+    """A row's ids as the JSON of a manifest can hold them: timestamps and dates in ISO 8601,
+    decimals as their digits, bytes as hex (`_audit.parquet` keeps them as they were)."""
+    import datetime
+    import decimal
+
+    def safe(value):
+        if isinstance(value, (datetime.date, datetime.time)):
+            return value.isoformat()
+        if isinstance(value, decimal.Decimal):
+            return str(value)
+        if isinstance(value, (bytes, bytearray)):
+            return value.hex()
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return value
+        return str(value)  # anything else Arrow gives (a duration, a list): its text
+
+    return {name: safe(value) for name, value in ids.items()}
 
 
 def _scores(record: dict) -> dict:
