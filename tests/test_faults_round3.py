@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -151,3 +152,37 @@ def test_2_flipped_rows_with_timestamp_decimal_or_binary_ids_are_recorded(
     assert first["at"] == ids["at"][row].isoformat() and first["raw"] == ids["raw"][row].hex()
     audited = pq.read_table(out / "_audit.parquet")  # the audit's rows keep their types
     assert str(audited.schema.field("at").type).startswith("timestamp")
+
+
+def test_1_a_shard_whose_audit_rows_were_not_written_is_not_recorded(promoted_registry, tmp_path):
+    """The audit file's write fails for one shard: the next shard's save must not record it
+    (its audited rows would be counted but missing, and a resume would not redo it)."""
+    import json
+
+    import distilq
+    from distilq.config.score import ScoreOptions
+    from distilq.score.audit import AUDIT_FILE
+    from distilq.score.inputs import plan_shards
+    from distilq.score.output import MANIFEST, ManifestNotSaved, prepare_output
+    from distilq.score.scoring import score_shard
+
+    classifier = distilq.load(promoted_registry)
+    a = write_parquet(tmp_path / "a.parquet", make_texts(10, 4))
+    b = write_parquet(tmp_path / "b.parquet", make_texts(10, 5))
+    options, out = ScoreOptions(), tmp_path / "out"
+    plan = plan_shards([a, b], options)
+    manifest, todo = prepare_output(str(out), plan, classifier.version, options.model_dump(), False)
+    stats = [score_shard(classifier, shard, str(out), options) for shard in todo]
+    for shard, s in zip(todo, stats, strict=True):  # each shard audited one row
+        s.audit_rows = [{"shard": shard.output, "text_key": shard.output, "fp32_label": "x"}]
+    (out / AUDIT_FILE).mkdir()  # its atomic rename now fails: an OSError, as a full disk
+    with pytest.raises(ManifestNotSaved, match=AUDIT_FILE):
+        manifest.record_shard(todo[0], stats[0])
+    (out / AUDIT_FILE).rmdir()
+    manifest.record_shard(todo[1], stats[1])
+    saved = json.loads((out / MANIFEST).read_text())
+    assert list(saved["shards"]) == [todo[1].output]  # a.parquet is redone by a resume
+    rows = pq.read_table(out / AUDIT_FILE).to_pylist()
+    assert [r["shard"] for r in rows] == [todo[1].output]
+    _, again = prepare_output(str(out), plan, classifier.version, options.model_dump(), False)
+    assert [s.output for s in again] == [todo[0].output]

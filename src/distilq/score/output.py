@@ -78,8 +78,25 @@ class OutputManifest:
 
     def record_shard(self, shard: Shard, stats) -> None:
         """Mark a shard done (`stats`: its `ShardStats`) and save; its audited rows go to
-        `_audit.parquet` first (rows of a shard the manifest does not list are replaced
-        when it is scored again)."""
+        `_audit.parquet` first, and only once they are there is the shard recorded (rows of
+        a shard the manifest does not list are replaced when it is scored again)."""
+        before = self.audit_rows.get(shard.output)
+        if stats.audit_rows or before:
+            if stats.audit_rows:
+                self.audit_rows[shard.output] = stats.audit_rows
+            else:
+                del self.audit_rows[shard.output]
+            try:
+                self._save_audit_rows()
+            except OSError as e:  # unrecorded, on disk and here: a re-run redoes the shard
+                if before is None:
+                    self.audit_rows.pop(shard.output, None)
+                else:
+                    self.audit_rows[shard.output] = before
+                raise ManifestNotSaved(
+                    f"could not save {self.output_dir}/{AUDIT_FILE} ({e.strerror or e}); "
+                    "a re-run once this is fixed rewrites the files it did not record"
+                ) from e
         self.record.failed.pop(shard.name, None)
         fields = {k: v for k, v in asdict(stats).items() if k not in ("output", "audit_rows")}
         self.record.shards[shard.output] = ShardRecord(
@@ -88,16 +105,6 @@ class OutputManifest:
             row_groups=list(shard.row_groups) if shard.row_groups is not None else None,
             **fields,
         )
-        if stats.audit_rows or self.audit_rows.pop(shard.output, None):
-            if stats.audit_rows:
-                self.audit_rows[shard.output] = stats.audit_rows
-            try:
-                self._save_audit_rows()
-            except OSError as e:  # the shard stays unrecorded on disk: a re-run redoes it
-                raise ManifestNotSaved(
-                    f"could not save {self.output_dir}/{AUDIT_FILE} ({e.strerror or e}); "
-                    "a re-run once this is fixed rewrites the files it did not record"
-                ) from e
         self.save()
 
     def load_audit_rows(self) -> None:

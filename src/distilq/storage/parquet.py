@@ -55,10 +55,14 @@ def discover_inputs(
             root = path[: min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
             matched = sorted(p for p in fs.glob(path) if fs.isfile(p))
             paths = [p for p in matched if _is_data(p, root)]
+            if not matched:
+                raise InputError(f"{flag} {spec!r} matches no file")
             if not paths:
-                skipped = [p[len(root) :].lstrip("/") for p in matched]
-                said = f" (not data: {', '.join(skipped[:5])})" if skipped else ""
-                raise InputError(f"{flag} {spec!r} matches no data file{said}")
+                skipped = ", ".join(p[len(root) :].lstrip("/") for p in matched[:5])
+                raise InputError(
+                    f"{flag} {spec!r} matches no data file (names starting with _ or . are "
+                    f"not data: {skipped})"
+                )
             if "**" in path:
                 walked.append(store.to_uri(root))
         elif fs.isdir(path):
