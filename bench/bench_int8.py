@@ -157,22 +157,27 @@ def rates_and_agreement(model, tokenizer, texts: dict[str, list[str]], tmp: Path
 
 def speed_table(title: str, model, tokenizer, texts: dict, tmp: Path, fp32_labels=None):
     rates, labels, names = rates_and_agreement(model, tokenizer, texts, tmp)
-    kinds = list(texts)
-    header = ["path", *[f"rows/s {k}" for k in kinds], *[f"vs pc, {k}" for k in kinds]]
-    if fp32_labels is not None:
+    agreement = None
+    if fp32_labels is not None:  # paths without labels of their own (FP32) show none
+        agreement = {n: float((labels[n] == fp32_labels).mean()) for n in labels}
+    return rates_table(title, names, list(texts), rates, ("dynamic-int8-pc", "pc"), agreement)
+
+
+def rates_table(title, names, kinds, rates, against, agreement=None) -> list[str]:
+    """A Markdown table of rows/s per path and text set, each also as a ratio to the path
+    `against` = (name, its label); with `agreement` (path -> share), a column of it for
+    the first set."""
+    base, label = against
+    header = ["path", *[f"rows/s {k}" for k in kinds], *[f"vs {label}, {k}" for k in kinds]]
+    if agreement is not None:
         header.append(f"agreement with FP32, {kinds[0]}")
-    lines = [
-        title,
-        "",
-        "| " + " | ".join(header) + " |",
-        "|---" + "|---:" * (len(header) - 1) + "|",
-    ]
+    lines = [title, "", "| " + " | ".join(header) + " |"]
+    lines.append("|---" + "|---:" * (len(header) - 1) + "|")
     for name in names:
         cells = [f"{rates[name, k]:.1f}" for k in kinds]
-        cells += [f"{rates[name, k] / rates['dynamic-int8-pc', k]:.2f}x" for k in kinds]
-        if fp32_labels is not None:
-            agree = (labels[name] == fp32_labels).mean() if name in labels else 1.0
-            cells.append(f"{agree:.2%}" if "FP32" not in name else "")
+        cells += [f"{rates[name, k] / rates[base, k]:.2f}x" for k in kinds]
+        if agreement is not None:
+            cells.append(f"{agreement[name]:.2%}" if name in agreement else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

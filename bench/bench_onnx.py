@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SHARED_MODEL = SHARED / "models" / "distilbert-sst2-minilm"
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_int8 import OrtClassifier, imdb_reviews  # noqa: E402
+from bench_int8 import OrtClassifier, imdb_reviews, rates_table  # noqa: E402
 from bench_quantize import write_results  # noqa: E402
 from bench_score import quantize_into, read_sst2, run_measured, score_cmd, write_texts  # noqa: E402
 
@@ -80,24 +80,12 @@ def in_process(model, tokenizer, texts: dict[str, list[str]], tmp: Path) -> tupl
 
 def speed_table(title: str, model, tokenizer, texts: dict, tmp: Path, agreement: bool) -> list:
     rates, labels = in_process(model, tokenizer, texts, tmp)
-    kinds, names = list(texts), list(dict.fromkeys(n for n, _ in rates))
-    header = ["path", *[f"rows/s {k}" for k in kinds], *[f"vs by hand, {k}" for k in kinds]]
+    names = list(dict.fromkeys(n for n, _ in rates))
+    shares = None
     if agreement:
-        header.append(f"agreement with FP32, {kinds[0]}")
-    lines = [
-        title,
-        "",
-        "| " + " | ".join(header) + " |",
-        "|---" + "|---:" * (len(header) - 1) + "|",
-    ]
-    for name in names:
-        cells = [f"{rates[name, k]:.1f}" for k in kinds]
-        cells += [f"{rates[name, k] / rates[BY_HAND, k]:.2f}x" for k in kinds]
-        if agreement:
-            same = (labels[name] == labels["torch FP32"]).mean()
-            cells.append("" if name == "torch FP32" else f"{same:.2%}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+        fp32 = labels["torch FP32"]
+        shares = {n: float((labels[n] == fp32).mean()) for n in names if n != "torch FP32"}
+    return rates_table(title, names, list(texts), rates, (BY_HAND, "by hand"), shares)
 
 
 def _env(tmp: Path) -> dict:

@@ -169,14 +169,13 @@ def resolve_recipe(
             "fbgemm's per-tensor kernels are the fast path"
         )
     others = (for_cpu(RECIPES[AUTO_ONNX], cpu_features),) if ONNXRUNTIME in engines else ()
+    return replace(_as_auto(base, why), alternatives=others)
+
+
+def _as_auto(recipe: Recipe, why: str) -> Recipe:
+    """`recipe` as the start of `auto`'s search: named `auto`, searching, its base and why."""
     return replace(
-        base,
-        name=AUTO,
-        summary=AUTO_SUMMARY,
-        fallback=True,
-        base=base.name,
-        base_reason=why,
-        alternatives=others,
+        recipe, name=AUTO, summary=AUTO_SUMMARY, fallback=True, base=recipe.name, base_reason=why
     )
 
 
@@ -190,16 +189,7 @@ def auto_choices(auto: Recipe) -> list[Recipe]:
             f"ONNX Runtime's MLAS runs exact {products} integer products on this CPU, and "
             "per-token activations agree best with FP32"
         )
-        choices.append(
-            replace(
-                other,
-                name=AUTO,
-                summary=AUTO_SUMMARY,
-                fallback=True,
-                base=other.name,
-                base_reason=why,
-            )  # fmt: skip
-        )
+        choices.append(_as_auto(other, why))
     return choices
 
 
