@@ -42,7 +42,14 @@ SHARED_MODEL = SHARED / "models" / "distilbert-sst2-minilm"
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_int8 import OrtClassifier, imdb_reviews, rates_table  # noqa: E402
 from bench_quantize import write_results  # noqa: E402
-from bench_score import quantize_into, read_sst2, run_measured, score_cmd, write_texts  # noqa: E402
+from bench_score import (  # noqa: E402
+    quantize_into,
+    read_sst2,
+    run_measured,
+    score_cmd,
+    setup_full,
+    write_texts,
+)
 
 POLICY = BatchingPolicy()
 BY_HAND = "ONNX Runtime INT8 pc, by hand"
@@ -94,17 +101,9 @@ def _env(tmp: Path) -> dict:
     return env
 
 
-def whole_process(tmp: Path, tokenizer) -> list[str]:
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification
-
-    torch.manual_seed(0)
-    full = tmp / "full-size"
-    labels = {
-        "id2label": {0: "NEGATIVE", 1: "POSITIVE"},
-        "label2id": {"NEGATIVE": 0, "POSITIVE": 1},
-    }
-    DistilBertForSequenceClassification(DistilBertConfig(**labels)).save_pretrained(full)
-    tokenizer.save_pretrained(full)
+def whole_process(tmp: Path) -> list[str]:
+    (tmp / "whole").mkdir()
+    full = setup_full(tmp / "whole")
     texts = read_sst2("train.tsv")[:16_000]
     (tmp / "sst2-16k").mkdir()
     data = write_texts(tmp / "sst2-16k" / "part.parquet", texts)
@@ -215,7 +214,7 @@ def main() -> None:
                 False,
             ),
             "",
-            *whole_process(tmp, tokenizer),
+            *whole_process(tmp),
             "",
             *default_as_on_avx2(tmp),
         ]
