@@ -366,3 +366,33 @@ def stop(proc: subprocess.Popen, grace: float = 15) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # children that outlived their parent
     proc.wait()
+
+
+BUCKET = "distilq-test"
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """`moto_server` on a free loopback port, a bucket, and the AWS env pointing at it."""
+    import s3fs
+
+    from distilq.storage.store import url_to_fs
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    cmd = [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with running(cmd, log) as server, pytest.MonkeyPatch.context() as mp:
+        wait_until(http_ok(f"{env['AWS_ENDPOINT_URL']}/moto-api/"), 60, "moto", server, log)
+        for name, value in env.items():
+            mp.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs, _ = url_to_fs(f"s3://{BUCKET}")
+        fs.mkdir(BUCKET)
+        yield fs
+        s3fs.S3FileSystem.clear_instance_cache()

@@ -3,7 +3,9 @@ code before the fix it covers."""
 
 from __future__ import annotations
 
+import functools
 import shutil
+import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,7 +17,16 @@ from distilq.config.score import ScoreConfig
 from distilq.errors import InputError
 from distilq.registry.registry import Registry
 from distilq.storage.parquet import discover_inputs
-from tests.conftest import make_checkpoint, make_texts, run, tiny_config, write_parquet
+from distilq.storage.store import sha256_file
+from tests.conftest import (
+    BUCKET,
+    make_checkpoint,
+    make_texts,
+    run,
+    stage_tiny_version,
+    tiny_config,
+    write_parquet,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,3 +197,50 @@ def test_1_a_shard_whose_audit_rows_were_not_written_is_not_recorded(promoted_re
     assert [r["shard"] for r in rows] == [todo[1].output]
     _, again = prepare_output(str(out), plan, classifier.version, options.model_dump(), False)
     assert [s.output for s in again] == [todo[0].output]
+
+
+def _all_at_once(calls: int, fn) -> list[BaseException]:
+    """Run `fn(i)` in `calls` threads started together; the exceptions they raised."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(calls)
+
+    def one(i: int) -> None:
+        start.wait()
+        try:
+            fn(i)
+        except Exception as e:  # noqa: BLE001  (returned to the test)
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+@pytest.mark.slow
+def test_5_workers_fetching_into_one_cache_at_once_never_read_a_half_written_file(
+    s3, tiny_checkpoint, tiny_validation, tmp_path
+):
+    """Workers of one run share the object-store cache: each must see a file whole or not
+    at all, for the version's files and for the FP32 source the audit downloads."""
+    from distilq.quantize.checkpoint import resolve_checkpoint
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    manifest = stage_tiny_version(staging, tiny_checkpoint, tiny_validation)
+    registry = Registry(f"s3://{BUCKET}/cache-race")
+    registry.publish(staging, manifest)
+    source = f"s3://{BUCKET}/cache-race-source"
+    s3.put(str(tiny_checkpoint), f"{BUCKET}/cache-race-source", recursive=True)
+    weights = sha256_file(tiny_checkpoint / "model.safetensors")
+    for round_ in range(4):
+        cache = tmp_path / f"cache-{round_}"
+        fetch = functools.partial(Registry(registry.uri).fetch, manifest.version, cache_dir=cache)
+        errors = _all_at_once(6, lambda i, fetch=fetch: fetch())
+        assert not errors, errors[0]
+        found = functools.partial(resolve_checkpoint, source, None, cache)
+        errors = _all_at_once(6, lambda i, found=found: found().weight_sha256)
+        assert not errors, errors[0]
+        assert found().weight_sha256["model.safetensors"] == weights

@@ -17,45 +17,14 @@ from distilq.errors import InputError, IntegrityError
 from distilq.manifest import OutputRecord
 from distilq.registry.registry import Registry
 from distilq.score.output import OutputManifest
-from distilq.storage.store import Store, WriteConflict, sha256_file, url_to_fs
+from distilq.storage.store import Store, WriteConflict, sha256_file
 from tests.conftest import (
-    VENV_BIN,
-    free_port,
-    http_ok,
+    BUCKET,
     make_texts,
-    running,
     stage_tiny_version,
-    wait_until,
 )
 
 pytestmark = pytest.mark.slow
-
-BUCKET = "distilq-test"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """`moto_server` on a free loopback port, a bucket, and the AWS env pointing at it."""
-    import s3fs
-
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    cmd = [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
-    with running(cmd, log) as server, pytest.MonkeyPatch.context() as mp:
-        wait_until(http_ok(f"{env['AWS_ENDPOINT_URL']}/moto-api/"), 60, "moto", server, log)
-        for name, value in env.items():
-            mp.setenv(name, value)
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs, _ = url_to_fs(f"s3://{BUCKET}")
-        fs.mkdir(BUCKET)
-        yield fs
-        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def keys(fs, prefix: str) -> list[str]:

@@ -167,7 +167,6 @@ class Registry(AliasMoves):
             for rel in sorted(wanted):
                 target = local / rel
                 if not target.exists() or sha256_file(target) != manifest.files[rel]:
-                    target.parent.mkdir(parents=True, exist_ok=True)
                     self.store.get_file(f"versions/{manifest.version}/{rel}", target)
         verify_files(local, manifest, wanted)
         return local

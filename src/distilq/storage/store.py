@@ -113,8 +113,22 @@ class Store:
             return None, None
 
     def get_file(self, rel: str, target: str | Path) -> None:
-        """Download one file to a local path."""
-        self.fs.get(self.path(rel), str(target))
+        """Download one file to a local path, where it appears whole: written under a private
+        temporary name beside it, then renamed. Workers share download caches, and one must
+        never hash (or load) another's half-written file."""
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            dir=target.parent, prefix=temporary_prefix(target.name), suffix=".tmp"
+        )
+        os.close(fd)
+        try:
+            self.fs.get_file(self.path(rel), tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     # -- writing --------------------------------------------------------------------------
 
