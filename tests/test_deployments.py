@@ -204,7 +204,7 @@ def test_deploy_quantize_trigger_rescore_on_a_server_and_worker(
             "from distilq.manifest import read_output_manifest; "
             "from tasks.runner import emit_audit_failed; import json; "
             "m = read_output_manifest(json.load(open(sys.argv[1])), sys.argv[1]); "
-            "emit_audit_failed(m.summary, ScoreConfig(inputs=['./data/to-score'], "
+            "emit_audit_failed(m.summary, ScoreConfig(inputs=['./data/to-score', 'more/*.pq'], "
             "output=m.summary.output, registry='./registry'))"
         )
         manifest = work / "scored" / v1 / "_manifest.json"
@@ -223,7 +223,8 @@ def test_deploy_quantize_trigger_rescore_on_a_server_and_worker(
 
         wait_until(lambda: bool(regate_runs()), 120, "the regate run")
         config = regate_runs()[0].parameters["config"]
-        assert config["validation"] == ["./data/to-score"] and config["registry"] == "./registry"
+        assert config["validation"] == ["./data/to-score", "more/*.pq"]  # every scored input
+        assert config["registry"] == "./registry"
         assert config["text_column"] == "text" and config["no_accuracy_check"] is True
         assert worker.poll() is None
 

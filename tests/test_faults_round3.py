@@ -244,3 +244,37 @@ def test_5_workers_fetching_into_one_cache_at_once_never_read_a_half_written_fil
         errors = _all_at_once(6, lambda i, found=found: found().weight_sha256)
         assert not errors, errors[0]
         assert found().weight_sha256["model.safetensors"] == weights
+
+
+def test_9_regate_draws_scored_data_with_null_and_empty_texts(
+    tiny_checkpoint, tiny_validation, tmp_path
+):
+    """Scored data holds rows scoring left unscored (null, empty, blank): the draw skips and
+    counts them, and a regate on every scored input gates each on its own."""
+    from distilq.gate.data import load_validation
+    from distilq.pipelines.quantize import quantize_and_promote
+
+    texts = make_texts(120, seed=3)
+    first = texts[:60] + [None, "", "   "]
+    write_parquet(tmp_path / "scored-a" / "part-0.parquet", first)
+    write_parquet(tmp_path / "scored-b" / "part-0.parquet", texts[60:] + [None])
+    drawn = load_validation(str(tmp_path / "scored-a"), check_accuracy=False, rows=50)
+    assert drawn.drawn.rows_read == 63 and drawn.drawn.rows_without_text == 3
+    assert len(drawn.texts) == 50 and all(t and t.strip() for t in drawn.texts)
+
+    inputs = [str(tmp_path / "scored-a"), str(tmp_path / "scored-b")]
+    config = QuantizeConfig(
+        source=str(tiny_checkpoint),
+        validation=inputs,
+        registry=str(tmp_path / "reg"),
+        recipe="dynamic-int8-pc",
+        min_agreement=0.0,
+        no_accuracy_check=True,
+    )
+    manifest = quantize_and_promote(config).manifest
+    sets = {s.name: s for s in manifest.validation.sets}
+    assert sets.keys() == set(inputs)
+    assert sets[inputs[0]].drawn.rows_without_text == 3
+    assert sets[inputs[1]].drawn.rows_without_text == 1
+    report = (tmp_path / "reg" / "versions" / manifest.version / "report.md").read_text()
+    assert "(3 of them without text)" in report

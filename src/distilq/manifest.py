@@ -125,6 +125,7 @@ class DrawnRecord(BaseModel):
     rule: str
     rows_read: int
     files: dict[str, dict[str, Any]]  # file -> size and mtime or ETag, as read
+    rows_without_text: int = 0  # of rows_read: null or blank texts, skipped
 
 
 class SetRecord(_Record):

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from distilq.errors import InputError
+from distilq.inference import text_error
 from distilq.storage.parquet import discover_inputs, open_parquet, partitions_of
 
 NO_LABEL = object()  # a row of data that has no label column
@@ -21,7 +22,8 @@ NO_LABEL = object()  # a row of data that has no label column
 DRAW_SALT = "distilq-draw:"
 DRAW_RULE = (
     f"the N rows with the smallest int(sha256({DRAW_SALT!r} + text)[:16], 16), ties by "
-    "position, kept in dataset order (files sorted by path)"
+    "position, kept in dataset order (files sorted by path); rows without text (null, "
+    "empty or only whitespace: scoring leaves them unscored) are skipped"
 )
 
 
@@ -39,6 +41,7 @@ class Drawn:
     rule: str
     rows_read: int
     files: dict[str, dict]
+    rows_without_text: int = 0  # of `rows_read`: skipped, as scoring skips them
 
 
 def draw_rows(rows: Iterable[tuple[str, object]], n: int) -> tuple[list[tuple[str, object]], int]:
@@ -67,16 +70,19 @@ def draw_parquet(
     `key=value` directories are columns; with no `label_column`, a `label` column is used
     if the first file has one."""
     files, _ = discover_inputs([spec], flag="--validation")
-    rows = _parquet_rows(files, text_column, label_column, with_labels)
+    without_text = [0]
+    rows = _parquet_rows(files, text_column, label_column, with_labels, without_text)
     pairs, read = draw_rows(rows, n)
-    return pairs, Drawn(DRAW_RULE, read, {uri: identity for uri, _, identity in files})
+    identities = {uri: identity for uri, _, identity in files}
+    return pairs, Drawn(DRAW_RULE, read + without_text[0], identities, without_text[0])
 
 
 def _parquet_rows(
-    files, text_column: str, label_column: str | None, with_labels: bool
+    files, text_column: str, label_column: str | None, with_labels: bool, without_text: list[int]
 ) -> Iterator[tuple[str, object]]:
-    """(text, label) of every row of every file, read a batch at a time; with no
-    `label_column`, `label` if the first file has one."""
+    """(text, label) of every row of every file that has a text, read a batch at a time;
+    rows without one are counted in `without_text[0]`. With no `label_column`, `label` if
+    the first file has one."""
     if not with_labels:
         label_column = None
     for i, (uri, relative, _) in enumerate(files):
@@ -98,7 +104,6 @@ def _parquet_rows(
                         f"{', '.join([*names, *partitions])}"
                     )
                 columns = [text_column, label_column] if in_file else [text_column]
-                row = 0
                 for batch in parquet.iter_batches(batch_size=_READ_BATCH, columns=columns):
                     texts = batch.column(0).to_pylist()
                     if in_file:
@@ -106,12 +111,10 @@ def _parquet_rows(
                     else:
                         labels = [partitions.get(label_column, NO_LABEL)] * len(texts)
                     for text, label in zip(texts, labels, strict=True):
-                        if not isinstance(text, str) or not text.strip():
-                            raise InputError(
-                                f"validation {uri} row {row}: no text in {text_column!r}"
-                            )
+                        if text_error(text) is not None:
+                            without_text[0] += 1
+                            continue
                         yield text, NO_LABEL if label_column is None else label
-                        row += 1
         except InputError:
             raise
         except Exception as e:

@@ -277,6 +277,8 @@ def load_validation(config: QuantizeConfig, found: checkpoint.Checkpoint):
         drawn = ""
         if data.drawn is not None:
             drawn = f", drawn from {data.drawn.rows_read:,} rows by a hash of the text"
+            if data.drawn.rows_without_text:
+                drawn += f" ({data.drawn.rows_without_text:,} rows without text skipped)"
         log.info("validation %s: %d examples %s%s", data.name, len(data.texts), labelled, drawn)
     return validation.combine(sets)
 

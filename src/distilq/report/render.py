@@ -37,9 +37,11 @@ def _drawn_lines(manifest: VersionManifest) -> list[str]:
     for s in manifest.validation.sets:
         if s.drawn is not None:
             files = f" in {len(s.drawn.files):,} Parquet file(s)" if s.drawn.files else ""
+            skipped = s.drawn.rows_without_text
+            skipped = f" ({skipped:,} of them without text)" if skipped else ""
             lines.append(
-                f"`{s.name}`: {s.n_examples:,} rows drawn from {s.drawn.rows_read:,}{files}: "
-                f"{s.drawn.rule}."
+                f"`{s.name}`: {s.n_examples:,} rows drawn from {s.drawn.rows_read:,}{files}"
+                f"{skipped}: {s.drawn.rule}."
             )
     return ["", *lines] if lines else []
 
