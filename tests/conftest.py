@@ -396,3 +396,45 @@ def s3(tmp_path_factory):
         fs.mkdir(BUCKET)
         yield fs
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+class MlflowServer:
+    """`mlflow server` on a free loopback port; stopped and started again on the same
+    database and artifact store."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.artifacts = root / "artifacts"
+        self.log = root / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [
+            str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+            "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination", str(self.artifacts),
+        ]  # fmt: skip
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        wait_until(http_ok(f"{self.uri}/health"), 180, "mlflow server", self.proc, self.log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One `mlflow server` for the session; tests use model names of their own."""
+    mlflow_server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    mlflow_server.start()
+    yield mlflow_server
+    mlflow_server.stop()

@@ -4,8 +4,11 @@ code before the fix it covers."""
 from __future__ import annotations
 
 import functools
+import http.server
+import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -25,6 +28,7 @@ from tests.conftest import (
     run,
     stage_tiny_version,
     tiny_config,
+    wait_until,
     write_parquet,
 )
 
@@ -278,3 +282,240 @@ def test_9_regate_draws_scored_data_with_null_and_empty_texts(
     assert sets[inputs[1]].drawn.rows_without_text == 1
     report = (tmp_path / "reg" / "versions" / manifest.version / "report.md").read_text()
     assert "(3 of them without text)" in report
+
+
+# -- the MLflow mirror (cases 6, 7, 8, 13), against a real `mlflow server` -----------------
+
+
+def _versions(registry_dir: Path, staged: tuple[Path, object], count: int) -> list[str]:
+    """`count` versions of the same staged files in a new registry, promoted in turn."""
+    staging, manifest = staged
+    registry = Registry(registry_dir)
+    names = []
+    for i in range(count):
+        version = f"2026010{i}T000000000Z-{registry_dir.name[:8]}"
+        made = manifest.model_copy(update={"version": version, "created_at": f"2026-01-0{i + 1}"})
+        names.append(registry.publish(staging, made))
+        registry.promote(names[-1], "test")
+    return names
+
+
+@pytest.fixture(scope="module")
+def staged_version(tmp_path_factory, tiny_checkpoint, tiny_validation):
+    staging = tmp_path_factory.mktemp("mirror-staging")
+    return staging, stage_tiny_version(staging, tiny_checkpoint, tiny_validation)
+
+
+def _copies(client, model: str) -> dict[str, list[str]]:
+    """MLflow's versions of `model`, by the distilq version each mirrors."""
+    found: dict[str, list[str]] = {}
+    for mv in client.search_model_versions(f"name = '{model}'"):
+        found.setdefault(mv.tags["distilq_version"], []).append(mv.version)
+    return found
+
+
+def _mlflow_production(client, model: str) -> str:
+    return client.get_model_version_by_alias(model, "production").tags["distilq_version"]
+
+
+@pytest.mark.slow
+def test_6_two_syncs_at_once_register_each_version_once(mlflow_server, staged_version, tmp_path):
+    from mlflow import MlflowClient
+
+    from distilq.integrations.mlflow.mirror import MlflowMirror
+
+    versions = _versions(tmp_path / "reg-twice", staged_version, 2)
+    model = "round3-twice"
+    errors = _all_at_once(
+        3, lambda i: MlflowMirror(mlflow_server.uri, model).sync(Registry(tmp_path / "reg-twice"))
+    )
+    assert not errors, errors[0]
+    client = MlflowClient(mlflow_server.uri, mlflow_server.uri)
+    assert {v: len(n) for v, n in _copies(client, model).items()} == {v: 1 for v in versions}
+    assert _mlflow_production(client, model) == versions[-1]
+
+
+@pytest.mark.slow
+def test_6_a_rollback_during_a_long_sync_is_not_undone(mlflow_server, staged_version, tmp_path):
+    """Sync A reads production (v4), registers v2..v4 for a while; meanwhile production is
+    rolled back to v1 and followed. A must leave MLflow's alias at v1, not set v4 it read."""
+    from mlflow import MlflowClient
+
+    from distilq.integrations.mlflow.mirror import MlflowMirror
+
+    model = "round3-rollback"
+    registry = Registry(tmp_path / "reg-rollback")
+    v1 = _versions(tmp_path / "reg-rollback", staged_version, 1)[0]
+    MlflowMirror(mlflow_server.uri, model).sync(registry)
+    staging, manifest = staged_version
+    later = []
+    for i in (2, 3, 4):
+        made = manifest.model_copy(
+            update={"version": f"2026020{i}T000000000Z-later", "created_at": f"2026-02-0{i}"}
+        )
+        later.append(registry.publish(staging, made))
+    registry.promote(later[-1], "test")
+    client = MlflowClient(mlflow_server.uri, mlflow_server.uri)
+    syncing = threading.Thread(target=MlflowMirror(mlflow_server.uri, model).sync, args=(registry,))
+    syncing.start()
+    wait_until(lambda: later[0] in _copies(client, model), 60, "the long sync's first upload")
+    registry.rollback("incident")
+    assert registry.alias() == v1
+    MlflowMirror(mlflow_server.uri, model).sync(registry, versions=[])  # what rollback runs
+    syncing.join()
+    assert _mlflow_production(client, model) == v1 == registry.alias()
+
+
+@pytest.mark.slow
+def test_6_a_copy_with_another_manifest_is_not_trusted(mlflow_server, staged_version, tmp_path):
+    from mlflow import MlflowClient
+
+    from distilq.integrations.mlflow.mirror import MlflowMirror
+
+    model = "round3-forged"
+    registry = Registry(tmp_path / "reg-forged")
+    (version,) = _versions(tmp_path / "reg-forged", staged_version, 1)
+    MlflowMirror(mlflow_server.uri, model).sync(registry)
+    client = MlflowClient(mlflow_server.uri, mlflow_server.uri)
+    (number,) = _copies(client, model)[version]
+    client.set_model_version_tag(model, number, "manifest_sha256", "0" * 64)  # not this one's
+    result = MlflowMirror(mlflow_server.uri, model).sync(registry)
+    assert list(result.registered) == [version]  # a faithful copy, registered anew
+    assert result.production != number
+    mv = client.get_model_version_by_alias(model, "production")
+    assert mv.tags["manifest_sha256"] == registry.sealed(version)[1]
+
+
+@pytest.mark.slow
+def test_7_old_and_damaged_versions_are_skipped_and_production_still_followed(
+    mlflow_server, staged_version, tmp_path
+):
+    from mlflow import MlflowClient
+
+    reg = tmp_path / "reg-damaged"
+    unsealed, changed, good = _versions(reg, staged_version, 3)
+    (reg / "versions" / unsealed / "manifest.sha256").unlink()  # published before sealing
+    manifest = reg / "versions" / changed / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"created_at"', '"created_at" ', 1))
+    model = "round3-damaged"
+    done = run(
+        "models", "sync-mlflow", "--registry", str(reg), "--mlflow-tracking-uri",
+        mlflow_server.uri, "--mlflow-model", model,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"skipped {unsealed} (published before manifests were sealed" in done.stdout
+    assert f"skipped {changed} (" in done.stdout and "manifest" in done.stdout
+    assert f"registered {good} as {model} version 1" in done.stdout
+    client = MlflowClient(mlflow_server.uri, mlflow_server.uri)
+    assert _mlflow_production(client, model) == good
+    assert set(_copies(client, model)) == {good}
+
+
+@pytest.mark.slow
+def test_13_a_mirrored_registry_is_followed_without_the_flags(
+    mlflow_server, staged_version, tiny_checkpoint, tiny_validation, tmp_path
+):
+    """Mirrored once with the flags (a password in the URI), then a rollback, a gated
+    promotion and `models show` without them: MLflow follows, or the line says it is behind."""
+    from mlflow import MlflowClient
+
+    from distilq.pipelines.quantize import quantize_and_promote
+
+    reg = tmp_path / "reg-followed"
+    first, second = _versions(reg, staged_version, 2)
+    model = "round3-followed"
+    secret_uri = mlflow_server.uri.replace("http://", "http://alice:s3cret@")
+    done = run(
+        "models", "sync-mlflow", "--registry", str(reg), "--mlflow-tracking-uri", secret_uri,
+        "--mlflow-model", model,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    recorded = json.loads((reg / "mirror.json").read_text())
+    assert recorded == {"tracking_uri": mlflow_server.uri, "model": model}  # no secrets kept
+    client = MlflowClient(mlflow_server.uri, mlflow_server.uri)
+
+    rolled = run("models", "rollback", "--registry", str(reg))
+    assert rolled.returncode == 0, rolled.stderr[-2000:]
+    assert f"{model}@production: version 2 -> 1" in rolled.stdout
+    assert _mlflow_production(client, model) == first == Registry(reg).alias()
+    shown = run("models", "show", "--registry", str(reg))
+    assert f"MLflow: {model}@production (MLflow version 1) is {first}, as distilq's" in shown.stdout
+
+    client.set_registered_model_alias(model, "production", "2")  # someone moved MLflow's
+    shown = run("models", "show", "--registry", str(reg))
+    assert f"MLflow mirror behind: {model}@production (MLflow version 2) is {second}" in (
+        shown.stdout
+    )
+
+    # A gated promotion without the flags registers its version and moves the alias.
+    result = quantize_and_promote(tiny_config(tiny_checkpoint, tiny_validation, reg, batch_size=4))
+    assert result.promoted and f"{model}@production: version 2 -> 3" in result.mirror
+    assert _mlflow_production(client, model) == result.version
+
+
+class _Proxy(http.server.BaseHTTPRequestHandler):
+    """What sits in front of many MLflow servers (an ingress, an auth proxy) answering for
+    it: `status` to every API request (0: never answers), 200 on /health."""
+
+    status = 401
+
+    def do_GET(self) -> None:  # noqa: N802  (http.server's name)
+        if self.path.startswith("/health"):
+            self._answer(200, b"OK")
+        elif self.status == 0:
+            time.sleep(30)  # longer than the client's timeout
+        else:
+            self._answer(self.status, b"<html>refused by the proxy</html>")
+
+    do_POST = do_PATCH = do_DELETE = do_GET
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("status", "exit_code", "words", "transient"),
+    [
+        (401, 2, "refused mirroring to round3-http (HTTP 401", False),
+        (403, 2, "refused mirroring to round3-http (HTTP 403", False),
+        (503, 1, "could not serve mirroring to round3-http", True),
+        (0, 1, "timeout", True),
+    ],
+)
+def test_8_mlflow_refusals_and_outages_are_told_apart(
+    status, exit_code, words, transient, promoted_registry, monkeypatch, tmp_path
+):
+    from distilq.errors import worth_retrying
+    from distilq.integrations.mlflow.mirror import MlflowMirror, resolve_ref
+
+    handler = type("Proxy", (_Proxy,), {"status": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    try:
+        registry = Registry(promoted_registry)
+        with pytest.raises(Exception) as synced:
+            MlflowMirror(uri, "round3-http").sync(registry)
+        assert worth_retrying(synced.value) is transient
+        assert words in str(synced.value) and "has no" not in str(synced.value)
+        with pytest.raises(Exception) as resolved:
+            resolve_ref(uri, "mlflow:round3-http@production", registry)
+        assert worth_retrying(resolved.value) is transient
+        assert "has no" not in str(resolved.value)
+        done = run(
+            "models", "sync-mlflow", "--registry", str(promoted_registry),
+            "--mlflow-tracking-uri", uri, "--mlflow-model", "round3-http",
+        )  # fmt: skip
+        assert done.returncode == exit_code, done.stderr[-2000:]
+        assert words in done.stderr and "Traceback" not in done.stderr
+    finally:
+        server.shutdown()

@@ -19,60 +19,19 @@ from distilq.config.score import ScoreConfig
 from distilq.config.shared import MLFLOW_MISSING
 from distilq.registry.registry import Registry
 from tests.conftest import (
-    VENV_BIN,
-    free_port,
-    http_ok,
     make_texts,
     quantize,
     run,
-    stop,
     tiny_config,
-    wait_until,
     write_parquet,
 )
 
 NAME = "sst2-int8"
 
 
-class MlflowServer:
-    """`mlflow server` on a free loopback port; stopped and started again on the same
-    database and artifact store."""
-
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.artifacts = root / "artifacts"
-        self.log = root / "server.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        cmd = [
-            str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-            "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination", str(self.artifacts),
-        ]  # fmt: skip
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        wait_until(http_ok(f"{self.uri}/health"), 180, "mlflow server", self.proc, self.log)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc)
-            self.proc = None
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    mlflow_server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    mlflow_server.start()
-    yield mlflow_server
-    mlflow_server.stop()
+def server(mlflow_server):
+    return mlflow_server
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +230,7 @@ def test_rollback_follows_and_an_unreachable_mlflow_holds_nothing_back(
         "registered": {newest.version: "4"},
         "alias_moved": ["1", "3"],
         "production": "3",
+        "skipped": {},
     }
     assert production() == newer.version == registry.alias()
     again = run("models", "sync-mlflow", "--json", *flags)

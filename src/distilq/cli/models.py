@@ -44,13 +44,18 @@ def add_parser(commands) -> None:
     sync = actions.add_parser(
         "sync-mlflow",
         help="register in MLflow the versions it lacks and point its production alias where "
-        "distilq's is (safe any time: nothing is registered twice or deleted)",
+        "distilq's is now (safe any time: nothing is registered twice; versions that cannot be "
+        "mirrored faithfully are skipped, named)",
     )
     sync.add_argument("--json", action="store_true", help="print what was done as JSON")
     for action in (ls, show, promote, attest, rollback, audits, sync):
         registry_arg(action)
-    follows = "; with both, MLflow's production alias follows the move"
-    for action, note in ((promote, follows), (rollback, follows), (sync, "")):
+    follows = (
+        "; with both, MLflow's production alias follows the move (without them: the mirror "
+        "the registry's last sync recorded)"
+    )
+    recorded = " (default: the mirror the registry's last sync recorded)"
+    for action, note in ((promote, follows), (rollback, follows), (sync, recorded)):
         mlflow_args(action, note)
 
 
@@ -108,6 +113,11 @@ def _models_show(registry, args: argparse.Namespace) -> None:
     for run in runs:
         if run.passed is False:
             print(f"  FAILED audit: {run_row(run)}")
+    target = registry.mirror_target()
+    if target is not None:
+        from distilq.integrations.mlflow.mirror import alias_line
+
+        print(alias_line(registry, *target))
 
 
 def _models_audits(registry, args: argparse.Namespace) -> None:
@@ -166,13 +176,21 @@ def _check_mlflow(args: argparse.Namespace) -> None:
 
 
 def _follow_in_mlflow(registry, args: argparse.Namespace) -> None:
-    """Move MLflow's production where distilq's now is (distilq's has moved either way)."""
-    if not args.mlflow_tracking_uri:
+    """Move MLflow's production where distilq's now is (distilq's has moved either way): the
+    mirror the flags name, else the one the registry records."""
+    target = _mirror_target(registry, args)
+    if target is None:
         return
     from distilq.integrations.mlflow.mirror import follow
 
-    line, _ = follow(registry, args.mlflow_tracking_uri, args.mlflow_model)
+    line, _ = follow(registry, *target)
     print(line)
+
+
+def _mirror_target(registry, args: argparse.Namespace) -> tuple[str, str] | None:
+    if getattr(args, "mlflow_tracking_uri", None):
+        return args.mlflow_tracking_uri, args.mlflow_model
+    return registry.mirror_target()
 
 
 def _models_sync_mlflow(registry, args: argparse.Namespace) -> None:
@@ -180,15 +198,19 @@ def _models_sync_mlflow(registry, args: argparse.Namespace) -> None:
 
     from distilq.integrations.mlflow.mirror import MlflowMirror
 
-    if not (args.mlflow_tracking_uri and args.mlflow_model):
-        raise InputError("sync-mlflow needs --mlflow-tracking-uri and --mlflow-model")
     _check_mlflow(args)
+    target = _mirror_target(registry, args)
+    if target is None:
+        raise InputError(
+            "sync-mlflow needs --mlflow-tracking-uri and --mlflow-model (this registry "
+            "records no mirror yet)"
+        )
     try:
-        result = MlflowMirror(args.mlflow_tracking_uri, args.mlflow_model).sync(registry)
+        result = MlflowMirror(*target).sync(registry)
     except DistilqError:
         raise
     except Exception as e:  # MLflow's own errors: one line, not a traceback
-        raise DistilqError(f"MLflow at {args.mlflow_tracking_uri}: {e}") from e
+        raise DistilqError(f"MLflow at {target[0]}: {e}") from e
     if args.json:
         print_json(asdict(result))
     else:

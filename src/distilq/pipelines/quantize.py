@@ -155,9 +155,10 @@ def _raise_if_rejected(
 
 
 def _mirror(said: Outcome, manifest: VersionManifest, config: QuantizeConfig, run: Runner):
-    """Mirror the published version to MLflow, when asked to: `said` gets what that did,
-    and the tag `mlflow-behind` when MLflow could not follow."""
-    if not config.mlflow_tracking_uri:
+    """Mirror the published version to MLflow, when asked to or when the registry is
+    mirrored: `said` gets what that did, and the tag `mlflow-behind` when MLflow could not
+    follow."""
+    if mirror_target(config) is None:
         return
     name = run.run_name() or run_name(config)
     said.mirror, behind = run.step(mirror, manifest.version, config, name)
@@ -389,4 +390,11 @@ def mirror(version: str, config: QuantizeConfig, name: str) -> tuple[str, bool]:
     from distilq.integrations.mlflow.mirror import follow
 
     registry = Registry(config.registry)
-    return follow(registry, config.mlflow_tracking_uri, config.mlflow_model, [version], name)
+    return follow(registry, *mirror_target(config), [version], name)
+
+
+def mirror_target(config: QuantizeConfig) -> tuple[str, str] | None:
+    """The MLflow mirror to follow: the one `config` names, else the registry's own."""
+    if config.mlflow_tracking_uri:
+        return config.mlflow_tracking_uri, config.mlflow_model
+    return Registry(config.registry).mirror_target()

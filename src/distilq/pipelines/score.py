@@ -41,7 +41,7 @@ def score_dataset(config: ScoreConfig, run: Runner | None = None) -> ScoreSummar
     the summary, if any input file could not be scored (the others are)."""
     run = run or Runner()
     start = time.perf_counter()
-    version, options = run.step(resolve_model, config)
+    version, options = run.step(resolve_model, config, retries=2)  # MLflow, S3: transient
     plan = run.step(plan_inputs, config, options)
     audit = run.step(audit_plan, config, version, plan)
     with output_lock(config.output):

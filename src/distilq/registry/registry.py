@@ -37,6 +37,7 @@ from distilq.storage.store import Store, WriteConflict, sha256_file
 
 # A temporary file this old was left by a killed writer (writing one takes milliseconds).
 STALE_TEMPORARY_SECONDS = 600
+MIRROR = "mirror.json"  # where the registry is mirrored (`mirror_target`)
 log = logging.getLogger("distilq")
 
 
@@ -131,6 +132,25 @@ class Registry(AliasMoves):
             self.store.write_if_unchanged(
                 rel, manifest_bytes({**record, "created_at": utc_now()}), None
             )
+
+    def mirror_target(self) -> tuple[str, str] | None:
+        """The MLflow tracking URI and model this registry is mirrored to (recorded by the
+        last sync), if any: promotions and rollbacks follow it without being told."""
+        try:
+            return self._record((), MIRROR, _mirror_record)
+        except FileNotFoundError:
+            return None
+
+    def record_mirror(self, tracking_uri: str, model: str) -> None:
+        """Record that this registry is mirrored to `model` at `tracking_uri` (its user name,
+        password and query left out: credentials come from the environment)."""
+        record = {"tracking_uri": _without_secrets(tracking_uri), "model": model}
+        if self.mirror_target() == (record["tracking_uri"], model):
+            return
+        try:
+            self.store.write_atomic(MIRROR, manifest_bytes(record))
+        except OSError as e:  # MLflow followed; only later moves lose their guide
+            log.warning("%s: could not record its MLflow mirror: %s", self.uri, e)
 
     def find_run(self, run_key: str) -> VersionManifest | None:
         """The newest manifest made from the same inputs (`run_key`), if any."""
@@ -232,6 +252,25 @@ class Registry(AliasMoves):
         if removed:
             log.warning("removed partial version(s) left by a killed run: %s", ", ".join(removed))
         return removed
+
+
+def _without_secrets(uri: str) -> str:
+    """`uri` without a user name, password, query or fragment."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _mirror_record(data: bytes) -> tuple[str, str]:
+    record = json.loads(data)
+    fields = [
+        record.get(k) if isinstance(record, dict) else None for k in ("tracking_uri", "model")
+    ]
+    if not all(isinstance(f, str) and f for f in fields):
+        raise ValueError("not a mirror record (no tracking_uri and model)")
+    return fields[0], fields[1]
 
 
 def _attestation(data: bytes) -> dict:

@@ -2,53 +2,42 @@
 
 distilq's registry stays the source of truth; MLflow gets a faithful copy that the rest of
 a team's stack can use (its UI, `models:/NAME@production`, `mlflow models serve`, Spark
-UDFs). Each distilq version becomes, once:
-
-- an MLflow run (named as the Prefect run that made it) with the gate's params, metrics
-  and `report.md`, `report.png`, `manifest.json` as artifacts;
-- the run's output, an MLflow logged model named by the version: a `pyfunc` model
-  (`distilq.integrations.mlflow.pyfunc`) holding the version's files and sealed manifest, with
-  pinned requirements;
-- a version of the registered model, tagged `distilq_version`, `approved`, `recipe`,
-  `platform_key` (and where it came from: `registry`, `manifest_sha256`).
+UDFs). Each distilq version becomes, once, an MLflow run with its pyfunc model and a
+version of the registered model (upload.py says what each holds).
 
 `sync` is the one way in: it registers what MLflow lacks, oldest first, then points MLflow's
-`production` at the version distilq's `production` holds. It is idempotent (a version is
-found by its `distilq_version` tag and never registered twice) and never deletes anything
-in MLflow. Callers run it after distilq's registry moved; when it fails, distilq has
-moved anyway and the mirror is behind until the next `sync` (`distilq models sync-mlflow`).
+`production` at the version distilq's `production` holds *when the alias is set* (read
+again after setting it, so a rollback during a long upload is not undone). A version in
+MLflow counts as a copy only with the very manifest (its `manifest_sha256`); two syncs at
+once that register the same version keep the older registration and delete their own
+duplicate, the one thing `sync` ever deletes. A version that cannot be mirrored (published
+before manifests were sealed, or whose manifest changed) is skipped with a line naming
+it. The registry records where it is mirrored (`Registry.mirror_target`), so promotions and
+rollbacks follow without the flags. When a sync fails, distilq has moved anyway and the
+mirror is behind until the next one (`distilq models sync-mlflow`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import getpass
 import logging
 import os
 import re
-import sys
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from distilq.config.shared import MLFLOW_MISSING, MLFLOW_PREFIX
-from distilq.errors import DistilqError, InputError, IntegrityError
-from distilq.gate.decide import decide_manifest
-from distilq.integrations.mlflow.logged import description, run_metrics, run_params, save_pyfunc
-from distilq.manifest import VersionManifest
-from distilq.registry.layout import MANIFEST, PRODUCTION, sealed_manifest
+from distilq.errors import DistilqError, InputError, IntegrityError, SourceUnavailable
+from distilq.integrations.mlflow.upload import TAG_VERSION, upload
+from distilq.registry.layout import PRODUCTION, sealed_manifest
 from distilq.registry.registry import Registry
-from distilq.report import charts
 
-TAG_VERSION = "distilq_version"
 REF = re.compile(r"mlflow:(?P<name>[^@/]+)(?:@(?P<alias>[\w-]+)|/(?P<number>\d+))")
-# What a mirrored model pins: distilq and what decides its numbers (dynamic INT8 differs
-# between torch builds). Each at the version installed where the model was logged.
-KIND = "custom_model_development"  # the experiment kind of MLflow's model-training UI
-VERSION_DIR = "version"  # the version's files inside the MLflow model's artifacts
 # An unreachable server must not hold a promotion for minutes: MLflow's client retries
 # failed requests 7 times with backoff by default. A user's own setting wins.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+# Times `sync` reads distilq's production again after pointing MLflow's alias at it: only a
+# registry whose production moves on every read needs more than two.
+ALIAS_ROUNDS = 5
 log = logging.getLogger("distilq")
 
 
@@ -69,16 +58,18 @@ class SyncResult:
     registered: dict[str, str] = field(default_factory=dict)  # distilq version -> MLflow's
     alias_moved: tuple[str | None, str] | None = None  # MLflow versions: from, to
     production: str | None = None  # the MLflow version `production` points at after
+    skipped: dict[str, str] = field(default_factory=dict)  # distilq version -> why
 
     def line(self) -> str:
         """What it did, in one line."""
         done = [f"registered {v} as {self.model} version {n}" for v, n in self.registered.items()]
+        done += [f"skipped {v} ({why})" for v, why in self.skipped.items()]
         if self.alias_moved:
             before, after = self.alias_moved
             done.append(f"{self.model}@{PRODUCTION}: version {before or 'none'} -> {after}")
-        if not done:
+        if not self.registered and not self.alias_moved:
             where = f"{self.model}@{PRODUCTION} is version {self.production}"
-            done.append(f"up to date ({where})" if self.production else "up to date")
+            done.insert(0, f"up to date ({where})" if self.production else "up to date")
         return "MLflow: " + "; ".join(done)
 
 
@@ -109,7 +100,7 @@ class MlflowMirror:
 
     def check_reachable(self) -> None:
         """Fail in seconds, saying so, when an HTTP tracking server does not answer at all
-        (any answer will do: a server behind a proxy may not serve /health)."""
+        (any answer will do: a server behind a proxy may not serve /health); transient."""
         if not self.tracking_uri.startswith(("http://", "https://")):
             return
         import httpx
@@ -117,16 +108,16 @@ class MlflowMirror:
         try:
             httpx.get(f"{self.tracking_uri.rstrip('/')}/health", timeout=5)
         except httpx.TransportError as e:
-            raise DistilqError(f"MLflow at {self.tracking_uri} does not answer: {e}") from e
+            raise SourceUnavailable(f"MLflow at {self.tracking_uri} does not answer: {e}") from e
 
-    def mirrored(self) -> dict[str, Mirrored]:
-        """The model's versions that mirror a distilq version, by distilq version (the
-        oldest MLflow version when one was registered twice)."""
-        found: dict[str, Mirrored] = {}
+    def mirrored(self) -> dict[tuple[str, str], Mirrored]:
+        """The model's versions that mirror a distilq version, by (distilq version, manifest
+        sha256): the oldest MLflow version of each, when one was registered twice."""
+        found: dict[tuple[str, str], Mirrored] = {}
         for mv in sorted(self._model_versions(), key=lambda mv: int(mv.version)):
-            version = mv.tags.get(TAG_VERSION)
-            if version and version not in found:
-                found[version] = _mirrored(mv)
+            if TAG_VERSION in mv.tags:
+                copy = _mirrored(mv)
+                found.setdefault((copy.version, copy.manifest_sha256), copy)
         return found
 
     def _model_versions(self) -> list:
@@ -152,7 +143,9 @@ class MlflowMirror:
             else:
                 mv = self.client.get_model_version(self.model, number)
         except MlflowException as e:
-            raise InputError(f"MLflow at {self.tracking_uri} has no {what}: {e.message}") from None
+            if _not_found(e):
+                raise InputError(f"MLflow at {self.tracking_uri} has no {what}: {e.message}") from e
+            raise mlflow_error(self.tracking_uri, e, f"reading {what}") from e
         if TAG_VERSION not in mv.tags:
             raise InputError(
                 f"{MLFLOW_PREFIX}{what}: MLflow version {mv.version} was not mirrored by "
@@ -167,137 +160,94 @@ class MlflowMirror:
     ) -> SyncResult:
         """Register in MLflow the distilq versions it lacks (`versions`, default all of the
         registry's, oldest first; production's is always among them), then point MLflow's
-        `production` at the MLflow version of distilq's production. Nothing is deleted."""
+        `production` at the MLflow version of distilq's production; record in the registry
+        that it is mirrored here."""
         self.check_reachable()
-        production = registry.alias(PRODUCTION)
-        wanted = list(registry.versions() if versions is None else versions)
-        if production and production not in wanted:
-            wanted.insert(0, production)
         result = SyncResult(self.model)
-        have = self.mirrored()
-        for version in wanted:
-            if version not in have:
-                have[version] = self.publish(registry, version, run_name or f"mirror {version}")
-                result.registered[version] = have[version].number
-        if production is not None:
-            result.alias_moved = self._point_production(have[production].number)
-            result.production = have[production].number
+        with _translated(self.tracking_uri, f"mirroring to {self.model}"):
+            have = self.mirrored()
+            production = registry.alias(PRODUCTION)
+            wanted = list(registry.versions() if versions is None else versions)
+            if production and production not in wanted:
+                wanted.insert(0, production)
+            for version in wanted:
+                self._copy(registry, version, have, result, run_name)
+            self._follow_production(registry, have, result, run_name)
+        registry.record_mirror(self.tracking_uri, self.model)
         return result
 
-    def publish(self, registry: Registry, version: str, run_name: str) -> Mirrored:
-        """Log `version` as a run with its pyfunc model and register it."""
+    def _copy(
+        self, registry: Registry, version: str, have: dict, result: SyncResult, run_name
+    ) -> Mirrored | None:
+        """MLflow's copy of `version` (registered now if it has none); None, the reason in
+        `result.skipped`, when the version cannot be mirrored faithfully."""
         data, seal = registry.sealed(version)
-        manifest = sealed_manifest(data, seal, registry.store.uri_of("versions", version), version)
-        if seal is None:
-            raise DistilqError(
-                f"version {version} was published before manifests were sealed: MLflow's copy "
-                "could not be checked on load, so it is not mirrored"
-            )
-        experiment = self._experiment()
-        tags = {
-            TAG_VERSION: version,
-            "registry": _where(registry),
-            # what MLflow's UI shows as the run's description, creator and source
-            "mlflow.note.content": description(manifest),
-            "mlflow.user": getpass.getuser(),
-            "mlflow.source.name": "distilq",
-            "mlflow.source.type": "JOB",
-        }
-        run = self.client.create_run(experiment, run_name=run_name, tags=tags)
-        run_id = run.info.run_id
         try:
-            with tempfile.TemporaryDirectory(prefix="distilq-mlflow-") as scratch:
-                model_id = self._log_run(
-                    experiment, run_id, registry, manifest, data, Path(scratch)
+            manifest = sealed_manifest(
+                data, seal, registry.store.uri_of("versions", version), version
+            )
+            if seal is None:
+                raise IntegrityError(
+                    "published before manifests were sealed: a copy could not be checked on load"
                 )
-            mv = self._register(run_id, model_id, manifest, seal, registry)
-        except BaseException:
-            self._end(run_id, "FAILED")
-            raise
-        self._end(run_id, "FINISHED")
-        return _mirrored(mv)
-
-    def _end(self, run_id: str, status: str) -> None:
-        # MLflow prints the run's address on stdout, which `--json` keeps for its JSON.
-        with contextlib.redirect_stdout(sys.stderr):
-            self.client.set_terminated(run_id, status)
-
-    def _experiment(self) -> str:
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or f"distilq-{self.model}"
-        found = self.client.get_experiment_by_name(name)
-        if found:
-            return found.experiment_id
-        # A new experiment opens in the UI's model-training view, not the GenAI one.
-        return self.client.create_experiment(name, tags={"mlflow.experimentKind": KIND})
-
-    def _log_run(
-        self,
-        experiment: str,
-        run_id: str,
-        registry: Registry,
-        manifest: VersionManifest,
-        data: bytes,
-        scratch: Path,
-    ) -> str:
-        """The run's params, metrics and artifacts, and its model (an MLflow logged model, the
-        metrics linked to it); the model's id. `data`: the manifest as published."""
-        from mlflow.entities import LoggedModelOutput, Metric, Param
-
-        local, _ = registry.fetch(manifest.version, cache_dir=scratch / "cache")
-        model_dir = scratch / "model"
-        save_pyfunc(model_dir, local, manifest, data, scratch / VERSION_DIR)
-        params = [Param(k, str(v)[:6000]) for k, v in run_params(manifest).items()]
-        model = self.client.create_logged_model(
-            experiment,
-            name=manifest.version,
-            source_run_id=run_id,
-            tags={TAG_VERSION: manifest.version},
-            params={p.key: p.value for p in params},
-            model_type="distilq-int8",
-        )
-        metrics = [
-            Metric(k, v, 0, 0, model_id=model.model_id) for k, v in run_metrics(manifest).items()
-        ]
-        self.client.log_batch(run_id, metrics=metrics, params=params)
-        (scratch / MANIFEST).write_bytes(data)
-        for rel in ("report.md", charts.CHART):
-            if rel in manifest.files:
-                self.client.log_artifact(run_id, str(local / rel))
-        self.client.log_artifact(run_id, str(scratch / MANIFEST))
-        self.client.log_model_artifacts(model.model_id, str(model_dir))
-        self.client.finalize_logged_model(model.model_id, "READY")
-        # The run's output: how MLflow's UI links the run and its model.
-        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
-        return model.model_id
-
-    def _register(
-        self, run_id: str, model_id: str, manifest: VersionManifest, seal: str, registry: Registry
-    ):
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.create_registered_model(
-                self.model, description=f"INT8 versions mirrored from distilq {_where(registry)}"
+        except IntegrityError as e:
+            if version not in result.skipped:
+                log.warning("MLflow mirror: skipped %s: %s", version, e)
+            result.skipped[version] = str(e)
+            return None
+        key = (version, seal)
+        if key not in have:
+            mv = upload(
+                self.client,
+                self.model,
+                registry,
+                manifest,
+                (data, seal),
+                run_name or f"mirror {version}",
             )
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        decision = decide_manifest(manifest)
-        tags = {
-            TAG_VERSION: manifest.version,
-            "approved": str(decision.approved).lower(),
-            "recipe": manifest.recipe.name,
-            "platform_key": manifest.platform.key if manifest.platform else "unrecorded",
-            "registry": _where(registry),
-            "manifest_sha256": seal,
-        }
-        return self.client.create_model_version(
-            self.model,
-            source=f"models:/{model_id}",
-            run_id=run_id,
-            tags=tags,
-            description=description(manifest),
-            model_id=model_id,
+            have[key] = self._first_copy(_mirrored(mv))
+            if have[key].number == mv.version:
+                result.registered[version] = mv.version
+        return have[key]
+
+    def _first_copy(self, ours: Mirrored) -> Mirrored:
+        """The copy every sync agrees on when two registered one version at once: the older
+        registration; ours is deleted when it is the later one."""
+        first = self.mirrored()[(ours.version, ours.manifest_sha256)]
+        if first.number != ours.number:
+            log.info(
+                "MLflow: %s was registered meanwhile as %s version %s; deleting our duplicate "
+                "version %s",
+                ours.version, self.model, first.number, ours.number,
+            )  # fmt: skip
+            self.client.delete_model_version(self.model, ours.number)
+        return first
+
+    def _follow_production(
+        self, registry: Registry, have: dict, result: SyncResult, run_name
+    ) -> None:
+        """Point MLflow's production at distilq's production as it is when the alias is set:
+        read again after setting it, until it held still."""
+        for _ in range(ALIAS_ROUNDS):
+            production = registry.alias(PRODUCTION)
+            if production is None:
+                return
+            copy = self._copy(registry, production, have, result, run_name)
+            if copy is None:
+                raise DistilqError(
+                    f"production {production} cannot be mirrored ({result.skipped[production]}); "
+                    f"{self.model}@{PRODUCTION} is left where it was"
+                )
+            moved = self._point_production(copy.number)
+            if moved:
+                first = result.alias_moved[0] if result.alias_moved else moved[0]
+                result.alias_moved = (first, moved[1]) if first != moved[1] else None
+            result.production = copy.number
+            if registry.alias(PRODUCTION) == production:
+                return
+        raise DistilqError(
+            f"distilq's production kept moving while MLflow followed it ({ALIAS_ROUNDS} times); "
+            "run `distilq models sync-mlflow` again"
         )
 
     def _point_production(self, number: str) -> tuple[str | None, str] | None:
@@ -306,18 +256,14 @@ class MlflowMirror:
 
         try:
             current = self.client.get_model_version_by_alias(self.model, PRODUCTION).version
-        except MlflowException:
+        except MlflowException as e:
+            if not _not_found(e):
+                raise
             current = None
         if current == number:
             return None
         self.client.set_registered_model_alias(self.model, PRODUCTION, number)
         return current, number
-
-
-def _where(registry: Registry) -> str:
-    """The registry's URI, a local one as an absolute path (read on other machines)."""
-    local = registry.store.local_path()
-    return str(local.resolve()) if local is not None else registry.uri
 
 
 def _mirrored(mv) -> Mirrored:
@@ -328,6 +274,42 @@ def _mirrored(mv) -> Mirrored:
         registry=mv.tags.get("registry", ""),
         manifest_sha256=mv.tags.get("manifest_sha256", ""),
     )
+
+
+def _not_found(error) -> bool:
+    """Whether MLflow said "no such model, version or alias" (a missing alias is a 400
+    INVALID_PARAMETER_VALUE; a missing model or version a 404)."""
+    return error.get_http_status_code() in (400, 404)
+
+
+@contextlib.contextmanager
+def _translated(tracking_uri: str, what: str):
+    """MLflow's errors as distilq's (see `mlflow_error`)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as e:
+        raise mlflow_error(tracking_uri, e, what) from e
+
+
+def mlflow_error(tracking_uri: str, error, what: str) -> DistilqError:
+    """An MLflow error as a user should read it: HTTP 401 or 403 is a refusal (the
+    credentials or their permissions), a 5xx, 408, 429 or a timeout is transient (a retry
+    may pass: SourceUnavailable), anything else says what MLflow said."""
+    status = error.get_http_status_code()
+    said = f"{error.error_code}: {error.message}"
+    if status in (401, 403):
+        return InputError(
+            f"MLflow at {tracking_uri} refused {what} (HTTP {status}, {said}); check the "
+            "credentials distilq sends (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
+            "or MLFLOW_TRACKING_TOKEN) and their permissions on the model"
+        )
+    if status >= 500 or status in (408, 429):
+        return SourceUnavailable(
+            f"MLflow at {tracking_uri} could not serve {what} ({said}); transient: worth a retry"
+        )
+    return DistilqError(f"MLflow at {tracking_uri}: {what}: {said}")
 
 
 def follow(
@@ -343,7 +325,7 @@ def follow(
     try:
         line = MlflowMirror(tracking_uri, model).sync(registry, versions, run_name).line()
     except Exception as e:  # noqa: BLE001  distilq moved; `sync-mlflow` catches up later
-        line = f"MLflow mirror behind: {e}; run `distilq models sync-mlflow` once it is back"
+        line = f"MLflow mirror behind: {e}; run `distilq models sync-mlflow` once that is fixed"
         log.warning(line)
         return line, True
     log.info(line)
@@ -374,3 +356,23 @@ def resolve_ref(tracking_uri: str, ref: str, registry: Registry) -> str:
         )
     log.info("%s is distilq version %s", where, found.version)
     return found.version
+
+
+def alias_line(registry: Registry, tracking_uri: str, model: str) -> str:
+    """Whether MLflow's `production` is distilq's, in one line; never fails."""
+    production = registry.alias(PRODUCTION)
+    try:
+        found = MlflowMirror(tracking_uri, model).resolve(PRODUCTION)
+        agrees = production is not None and found.version == production
+        if agrees:
+            _, seal = registry.sealed(production)
+            agrees = seal == found.manifest_sha256
+    except Exception as e:  # noqa: BLE001  a report line, whatever went wrong
+        return f"MLflow mirror ({model} at {tracking_uri}) could not be checked: {e}"
+    where = f"{model}@{PRODUCTION} (MLflow version {found.number}) is {found.version}"
+    if agrees:
+        return f"MLflow: {where}, as distilq's production."
+    return (
+        f"MLflow mirror behind: {where}, distilq's production is {production or 'unset'}; "
+        "run `distilq models sync-mlflow`"
+    )
