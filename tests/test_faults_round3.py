@@ -519,3 +519,74 @@ def test_8_mlflow_refusals_and_outages_are_told_apart(
         assert words in done.stderr and "Traceback" not in done.stderr
     finally:
         server.shutdown()
+
+
+# -- case 4: two runs at once on one object-store output ---------------------------------
+
+
+@pytest.mark.slow
+def test_4_a_second_run_on_an_s3_output_is_stopped_before_it_touches_anything(
+    s3, promoted_registry, tmp_path
+):
+    """On main, a second run's --overwrite removed the first run's files and rewrote
+    _audit.parquet before its conditional manifest write could notice the first run."""
+    import json as json_
+
+    from distilq.pipelines.score import score_dataset
+    from distilq.score.output import LOCK, output_lock
+
+    data = tmp_path / "data"
+    for i in range(2):
+        write_parquet(data / f"part-{i}.parquet", make_texts(40, seed=80 + i))
+    output = f"s3://{BUCKET}/two-runs"
+
+    def config(**fields) -> ScoreConfig:
+        return ScoreConfig(
+            inputs=[str(data)], output=output, registry=str(promoted_registry),
+            audit_rate=0.5, **fields,
+        )  # fmt: skip
+
+    first = score_dataset(config())
+    assert first.rows_written == 80 and not s3.exists(f"{BUCKET}/two-runs/{LOCK}")
+    before = {k: s3.cat_file(k) for k in s3.find(f"{BUCKET}/two-runs")}
+    with output_lock(output):  # a run writing there now (it holds the lease)
+        lease = json_.loads(s3.cat_file(f"{BUCKET}/two-runs/{LOCK}"))
+        with pytest.raises(InputError, match="being written by another distilq run"):
+            score_dataset(config(overwrite=True, batch_size=8))
+    assert {k: s3.cat_file(k) for k in s3.find(f"{BUCKET}/two-runs")} == before  # untouched
+    assert not s3.exists(f"{BUCKET}/two-runs/{LOCK}")  # released by its holder
+
+    # A run killed while holding the lease: the next one takes it over once it is stale.
+    s3.pipe_file(f"{BUCKET}/two-runs/{LOCK}", json_.dumps({**lease, "renewed_at": 0}).encode())
+    again = score_dataset(config(overwrite=True, batch_size=8))
+    assert again.rows_written == 80 and again.files_scored == 2
+    assert not s3.exists(f"{BUCKET}/two-runs/{LOCK}")
+    # A live lease of another run: refused however old the output is.
+    s3.pipe_file(
+        f"{BUCKET}/two-runs/{LOCK}", json_.dumps({**lease, "renewed_at": time.time()}).encode()
+    )
+    with pytest.raises(InputError, match="being written by another distilq run"):
+        score_dataset(config())
+
+
+def test_4_object_stores_without_conditional_writes_are_refused_for_writing(
+    promoted_registry, tmp_path
+):
+    """gs://, az:// and the like (here memory://, the same branch): a plain overwrite and a
+    lock that always succeeds would lose a concurrent run's updates unseen."""
+    from distilq.pipelines.score import score_dataset
+    from distilq.storage.store import Store
+
+    data = write_parquet(tmp_path / "data" / "part.parquet", make_texts(10))
+    with pytest.raises(InputError, match=r"is on memory://, where distilq has no lock"):
+        score_dataset(
+            ScoreConfig(inputs=[data], output="memory://out", registry=str(promoted_registry))
+        )
+    with pytest.raises(InputError, match=r"memory://reg .*no conditional write"):
+        Registry("memory://reg").check_writable()
+    with pytest.raises(InputError, match=r"--registry memory://reg is on memory://"):
+        score_dataset(
+            ScoreConfig(inputs=[data], output=str(tmp_path / "o"), registry="memory://reg")
+        )
+    with pytest.raises(InputError, match="no conditional write"):
+        Store("memory://cas").write_if_unchanged("pointer.json", b"1", None)

@@ -167,13 +167,14 @@ def test_concurrent_publishes_leave_production_on_the_newest(staged, tmp_path):
 
 def test_object_store_registry_downloads_and_verifies(staged, tmp_path):
     staging, manifest = staged
-    registry = Registry("memory://reg-test")
-    version = registry.publish(staging, manifest)
-    registry.promote(version, "gate passed", command="test")
+    local = Registry(tmp_path / "made-here")  # memory:// has no conditional writes: read-only
+    version = local.publish(staging, manifest)
+    local.promote(version, "gate passed", command="test")
+    fs = fsspec.filesystem("memory")
+    fs.put(str(tmp_path / "made-here"), "/reg-test", recursive=True)
     classifier = distilq.load("memory://reg-test", cache_dir=tmp_path / "cache")
     assert classifier.version == version
     assert (tmp_path / "cache" / version / "model" / "model.safetensors").is_file()
-    fs = fsspec.filesystem("memory")
     fs.pipe_file(f"/reg-test/versions/{version}/model/config.json", b"{}")
     shutil.rmtree(tmp_path / "cache")
     with pytest.raises(IntegrityError, match="config.json: sha256"):

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from distilq.config.score import ScoreConfig, ScoreOptions
 from distilq.config.shared import MLFLOW_PREFIX
-from distilq.errors import AuditFailed, ScoringFailed
+from distilq.errors import AuditFailed, InputError, ScoringFailed
 from distilq.manifest import AuditFigures, RunAudit, ScoreSummary
 from distilq.pipelines.runner import Runner
 from distilq.registry.layout import utc_now
@@ -129,6 +129,9 @@ def resolve_model(config: ScoreConfig) -> tuple[str, ScoreOptions]:
     """The version behind `config.model` and the options to score with (its batching
     policy); fails early if the model is unknown or cannot take `max_length`."""
     registry = Registry(config.registry)
+    unguarded = registry.store.unguarded()
+    if unguarded:  # a run records its attestations and audit there
+        raise InputError(f"--registry {config.registry} {unguarded}")
     if config.model.startswith(MLFLOW_PREFIX):
         from distilq.integrations.mlflow.mirror import resolve_ref
 

@@ -23,11 +23,13 @@ from distilq.manifest import OutputRecord, ScoreSummary, ShardRecord, read_outpu
 from distilq.score.audit import AUDIT_FILE, AuditPlan
 from distilq.score.evidence import pooled
 from distilq.score.inputs import Plan, Shard
+from distilq.storage.lease import LEASE_SECONDS, s3_lease
 from distilq.storage.store import Store, WriteConflict, temporary_prefix
 
 log = logging.getLogger("distilq")
 
 MANIFEST = "_manifest.json"
+LOCK = "_lock.json"  # an S3 output's lease, held by the run writing it
 
 
 class ManifestNotSaved(DistilqError):
@@ -205,7 +207,7 @@ def prepare_output(
     store = manifest.store
     store.makedirs()
     for name in files:
-        if is_temporary(name) or ((problems or overwrite) and name != MANIFEST):
+        if is_temporary(name) or ((problems or overwrite) and name not in (MANIFEST, LOCK)):
             store.remove(name)
     manifest.record = OutputRecord(
         model_version=model_version,
@@ -270,7 +272,8 @@ def _refuse_foreign_files(
     ours = set()
     if existing:
         ours = set(existing.shards) | {s.output for s in plan.shards} | {AUDIT_FILE}
-    foreign = [f for f in files if f != MANIFEST and f not in ours and not is_temporary(f)]
+    own = (MANIFEST, LOCK)
+    foreign = [f for f in files if f not in own and f not in ours and not is_temporary(f)]
     if foreign:
         raise InputError(
             f"output {output_dir} holds files distilq did not write there "
@@ -317,14 +320,23 @@ def refuse_if_locked(output_dir: str) -> None:
 
 @contextlib.contextmanager
 def output_lock(output_dir: str) -> Iterator[None]:
-    """Refuse a second run writing to the same output directory at the same time. Object
-    stores have no lock; there the manifest's conditional writes stop a run as soon as
-    another one changed the manifest under it (see `OutputManifest.save`)."""
-    with Store(output_dir).lock("", wait=False) as held:
+    """Refuse a second run writing to the same output directory at the same time, before
+    it changes anything there (its `--overwrite` removals, `_audit.parquet`): on disk by
+    flock, on S3 by a lease (`_lock.json`, see `distilq.storage.lease`). The manifest's
+    conditional writes stay the backstop (`OutputManifest.save`)."""
+    store = Store(output_dir)
+    if store.protocol == "s3":
+        hold, how = (
+            s3_lease(store, LOCK),
+            f" (its lease {LOCK} expires {LEASE_SECONDS} s after it stops)",
+        )
+    else:
+        hold, how = store.lock("", wait=False), ""
+    with hold as held:
         if not held:
             raise InputError(
-                f"output {output_dir} is being written by another distilq run; wait for it "
-                "or choose another --output"
+                f"output {output_dir} is being written by another distilq run{how}; wait "
+                "for it or choose another --output"
             )
         yield
 

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 import fsspec
 
-from distilq.errors import DistilqError
+from distilq.errors import DistilqError, InputError
 
 
 class WriteConflict(DistilqError):
@@ -188,6 +188,7 @@ class Store:
         `write_atomic`, and the caller holds `lock`.
         """
         if not self._s3:
+            self._refuse_unguarded()
             self.write_atomic(rel, data)
             return None
         path = self.path(rel)
@@ -231,6 +232,7 @@ class Store:
         Object stores have no locks: there conditional writes detect a concurrent writer,
         and this yields True at once."""
         if not self._local:
+            self._refuse_unguarded()
             yield True
             return
         import fcntl
@@ -261,6 +263,11 @@ class Store:
         finally:
             os.close(fd)  # closing releases the lock
 
+    def _refuse_unguarded(self) -> None:
+        problem = self.unguarded()
+        if problem:
+            raise InputError(f"{self.uri} {problem}")
+
     def remove_tree(self, *parts: str) -> None:
         """Remove a directory and everything in it (local stores only)."""
         shutil.rmtree(self.path(*parts), ignore_errors=True)
@@ -278,13 +285,26 @@ class Store:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
 
+    def unguarded(self) -> str | None:
+        """Why two writers of this store could overwrite each other's updates unseen, if
+        they could: an object store other than S3 (gs://, az://, ...), where distilq has
+        neither a lock nor a conditional write. Reading from one is fine."""
+        if self._local or self._s3:
+            return None
+        return (
+            f"is on {self.protocol}://, where distilq has no lock and no conditional write, "
+            "so two runs could overwrite each other's updates unseen; write registries and "
+            "outputs to a local or shared path or to s3:// (any S3-compatible store); "
+            f"{self.protocol}:// inputs and checkpoint sources are read as usual"
+        )
+
     def writable_problem(self, *subdirs: str) -> str | None:
         """Why this directory (and those of `subdirs` that exist) cannot be made or written
         here, if it cannot: found by writing a probe file, so a read-only mount, a full
-        disk's quota or missing permissions show before any work. Object stores answer
-        only when written: None."""
+        disk's quota or missing permissions show before any work. S3 answers only when
+        written: None; other object stores are refused (`unguarded`)."""
         if not self._local:
-            return None
+            return self.unguarded()
         target = Path(self.root)
         if target.exists() and not target.is_dir():
             return "is an existing file, not a directory"
