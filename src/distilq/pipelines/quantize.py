@@ -389,8 +389,7 @@ def mirror(version: str, config: QuantizeConfig, name: str) -> tuple[str, bool]:
     distilq's is; never fails the run: says "MLflow mirror behind: <why>" instead."""
     from distilq.integrations.mlflow.mirror import follow
 
-    registry = Registry(config.registry)
-    return follow(registry, *mirror_target(config), [version], name)
+    return follow(Registry(config.registry), *mirror_target(config), [version], name)
 
 
 def mirror_target(config: QuantizeConfig) -> tuple[str, str] | None:

@@ -89,26 +89,7 @@ def per_token(graph, layers: set[str], signed_weights: bool):
             helper.make_node("Unsqueeze", [p + "s", "pt.last"], [p + "s1"]),
             helper.make_node("Shape", [x], [p + "lead"], end=-1),
         ]
-        products = []
-        for node in nodes:
-            name = node.input[1][: -len(WEIGHT_SUFFIX)]
-            q, scale = _int8_columns(numpy_helper.to_array(weights[node.input[1]]))
-            values, zero = _stored(q, signed_weights)
-            w, wz = const(name + ".weight_int8", values), const(name + ".weight_zero", zero)
-            ws = const(name + ".weight_scale", scale)
-            out = const(name + ".out", np.array([values.shape[1]], np.int64))
-            y = node.output[0]
-            products += [
-                helper.make_node(
-                    "MatMulIntegerToFloat",
-                    [p + "q", w, "pt.one", ws, "pt.zp", wz],
-                    [y + ".int"],
-                    domain="com.microsoft",
-                ),
-                helper.make_node("Mul", [y + ".int", p + "s1"], [y + ".rows"]),
-                helper.make_node("Concat", [p + "lead", out], [y + ".shape"], axis=0),
-                helper.make_node("Reshape", [y + ".rows", y + ".shape"], [y]),
-            ]
+        products = _row_products(nodes, p, weights, const, signed_weights)
         at = min(list(g.node).index(n) for n in nodes)
         for node in nodes:
             g.node.remove(node)
@@ -117,6 +98,33 @@ def per_token(graph, layers: set[str], signed_weights: bool):
     use_microsoft_domain(graph)
     drop_dead(graph)
     return graph
+
+
+def _row_products(nodes, p: str, weights: dict, const, signed_weights: bool) -> list:
+    """Each Linear of `nodes` (which share the input quantized as `p`q, scaled `p`s1) as an
+    integer product of INT8 columns, the row's scale after, reshaped to the output's."""
+    _, helper, numpy_helper = _graph_tools()
+    products = []
+    for node in nodes:
+        name = node.input[1][: -len(WEIGHT_SUFFIX)]
+        q, scale = _int8_columns(numpy_helper.to_array(weights[node.input[1]]))
+        values, zero = _stored(q, signed_weights)
+        w, wz = const(name + ".weight_int8", values), const(name + ".weight_zero", zero)
+        ws = const(name + ".weight_scale", scale)
+        out = const(name + ".out", np.array([values.shape[1]], np.int64))
+        y = node.output[0]
+        products += [
+            helper.make_node(
+                "MatMulIntegerToFloat",
+                [p + "q", w, "pt.one", ws, "pt.zp", wz],
+                [y + ".int"],
+                domain="com.microsoft",
+            ),
+            helper.make_node("Mul", [y + ".int", p + "s1"], [y + ".rows"]),
+            helper.make_node("Concat", [p + "lead", out], [y + ".shape"], axis=0),
+            helper.make_node("Reshape", [y + ".rows", y + ".shape"], [y]),
+        ]
+    return products
 
 
 def per_channel(graph, layers: set[str], signed_weights: bool):
