@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -366,6 +367,26 @@ def stop(proc: subprocess.Popen, grace: float = 15) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # children that outlived their parent
     proc.wait()
+
+
+def all_at_once(calls: int, fn) -> list[BaseException]:
+    """Run `fn(i)` in `calls` threads started together; the exceptions they raised."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(calls)
+
+    def one(i: int) -> None:
+        start.wait()
+        try:
+            fn(i)
+        except Exception as e:  # noqa: BLE001  (returned to the test)
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
 
 
 BUCKET = "distilq-test"

@@ -23,6 +23,7 @@ from distilq.storage.parquet import discover_inputs
 from distilq.storage.store import sha256_file
 from tests.conftest import (
     BUCKET,
+    all_at_once,
     make_checkpoint,
     make_texts,
     run,
@@ -203,26 +204,6 @@ def test_1_a_shard_whose_audit_rows_were_not_written_is_not_recorded(promoted_re
     assert [s.output for s in again] == [todo[0].output]
 
 
-def _all_at_once(calls: int, fn) -> list[BaseException]:
-    """Run `fn(i)` in `calls` threads started together; the exceptions they raised."""
-    errors: list[BaseException] = []
-    start = threading.Barrier(calls)
-
-    def one(i: int) -> None:
-        start.wait()
-        try:
-            fn(i)
-        except Exception as e:  # noqa: BLE001  (returned to the test)
-            errors.append(e)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(calls)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return errors
-
-
 @pytest.mark.slow
 def test_5_workers_fetching_into_one_cache_at_once_never_read_a_half_written_file(
     s3, tiny_checkpoint, tiny_validation, tmp_path
@@ -242,10 +223,10 @@ def test_5_workers_fetching_into_one_cache_at_once_never_read_a_half_written_fil
     for round_ in range(4):
         cache = tmp_path / f"cache-{round_}"
         fetch = functools.partial(Registry(registry.uri).fetch, manifest.version, cache_dir=cache)
-        errors = _all_at_once(6, lambda i, fetch=fetch: fetch())
+        errors = all_at_once(6, lambda i, fetch=fetch: fetch())
         assert not errors, errors[0]
         found = functools.partial(resolve_checkpoint, source, None, cache)
-        errors = _all_at_once(6, lambda i, found=found: found().weight_sha256)
+        errors = all_at_once(6, lambda i, found=found: found().weight_sha256)
         assert not errors, errors[0]
         assert found().weight_sha256["model.safetensors"] == weights
 
@@ -326,7 +307,7 @@ def test_6_two_syncs_at_once_register_each_version_once(mlflow_server, staged_ve
 
     versions = _versions(tmp_path / "reg-twice", staged_version, 2)
     model = "round3-twice"
-    errors = _all_at_once(
+    errors = all_at_once(
         3, lambda i: MlflowMirror(mlflow_server.uri, model).sync(Registry(tmp_path / "reg-twice"))
     )
     assert not errors, errors[0]

@@ -4,7 +4,6 @@ mode) on loopback, reached through the usual AWS environment variables."""
 from __future__ import annotations
 
 import json
-import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,6 +19,7 @@ from distilq.score.output import OutputManifest
 from distilq.storage.store import Store, WriteConflict, sha256_file
 from tests.conftest import (
     BUCKET,
+    all_at_once,
     make_texts,
     stage_tiny_version,
 )
@@ -136,19 +136,11 @@ def test_racing_promotions_on_s3_keep_a_consistent_alias_and_history(
         )
         versions.append(registry.publish(staging, manifest))
 
-    errors = []
-
-    def promote(version: str) -> None:
-        try:
-            Registry(registry.uri).promote(version, "race", newer_only=True)
-        except Exception as e:  # noqa: BLE001  (reported below)
-            errors.append(e)
-
-    threads = [threading.Thread(target=promote, args=(v,)) for v in reversed(versions)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    newest_first = versions[::-1]
+    errors = all_at_once(
+        len(versions),
+        lambda i: Registry(registry.uri).promote(newest_first[i], "race", newer_only=True),
+    )
     assert not errors
     assert registry.alias() == versions[-1]  # automatic promotion never moves backwards
     history = registry.history()
