@@ -1,10 +1,12 @@
 """One storage interface for the registry, checkpoint sources and scored outputs: a local
 directory or an fsspec object store behind the same methods.
 
-Everything that differs between the two lives here and only here: atomic writes (temp file
-and rename on disk, one PUT on object stores), conditional writes (an S3 ETag, or the lock
-on disk), locks (flock on disk; object stores rely on conditional writes), and files that
-must appear whole. A new backend is a new branch in these methods, nowhere else.
+Everything that differs between the two lives here: atomic writes (temp file and rename
+on disk, one PUT on object stores), conditional writes (an S3 ETag, or the lock on disk),
+locks (flock on disk; S3 relies on conditional writes, and a run that must hold a whole
+directory takes a lease built on them, lease.py), files that must appear whole, and which
+object stores cannot be written safely at all (`unguarded`: all but S3). A new backend is
+a new branch in these methods.
 """
 
 from __future__ import annotations
