@@ -234,7 +234,9 @@ def batch_independence_and_startup(tmp: Path) -> list[str]:
     ]
 
 
-def main() -> None:
+def models_and_texts() -> tuple:
+    """The real shared model and its tokenizer, the full-size `DistilBertConfig()` shape with
+    random weights (seed 0), and the text sets: SST-2 dev and the IMDB reviews."""
     if not SHARED_MODEL.is_dir():
         sys.exit(f"the shared model is not at {SHARED_MODEL}")
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
@@ -244,18 +246,29 @@ def main() -> None:
     dev = load_validation(PACKAGED_VALIDATION, label2id=SST2_CLASSES).texts
     texts = {"SST-2 dev": dev, "IMDB": imdb_reviews()}
     real, tokenizer = load_checkpoint(SHARED_MODEL)
-    fp32_labels = predict(real, tokenizer, texts["SST-2 dev"], POLICY).labels
     torch.manual_seed(0)
     full = DistilBertForSequenceClassification(DistilBertConfig()).eval()
+    return real, tokenizer, full, texts
+
+
+def run_stamp(script: str, versions: str = "") -> str:
+    """When, by what and on which CPU a bench ran (`versions`: engines besides torch)."""
+    return (
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python {script}` on "
+        f"{cpu_model()} ({', '.join(cpu_features())}), {os.cpu_count()} cores, torch "
+        f"{torch.__version__}{versions} ({torch.get_num_threads()} threads)."
+    )
+
+
+def main() -> None:
+    real, tokenizer, full, texts = models_and_texts()
+    fp32_labels = predict(real, tokenizer, texts["SST-2 dev"], POLICY).labels
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "real").mkdir()
         (tmp / "full").mkdir()
         block = [
-            f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
-            f"`python bench/bench_int8.py` on {cpu_model()} ({', '.join(cpu_features())}), "
-            f"{os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads). No FP32 layer in any INT8 path.",
+            f"{run_stamp('bench/bench_int8.py')} No FP32 layer in any INT8 path.",
             "",
             *speed_table(
                 "Real model `distilbert-sst2-minilm`:",

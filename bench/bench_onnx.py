@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 
 from distilq.config.shared import BatchingPolicy
-from distilq.gate.data import PACKAGED_VALIDATION, load_validation
-from distilq.hardware import cpu_features, cpu_model
+from distilq.hardware import cpu_features
 from distilq.inference import predict
 from distilq.quantize.int8 import quantize
 from distilq.recipes import resolve_recipe
@@ -40,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SHARED_MODEL = SHARED / "models" / "distilbert-sst2-minilm"
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_int8 import OrtClassifier, imdb_reviews, rates_table  # noqa: E402
+from bench_int8 import OrtClassifier, models_and_texts, rates_table, run_stamp  # noqa: E402
 from bench_quantize import write_results  # noqa: E402
 from bench_score import (  # noqa: E402
     quantize_into,
@@ -179,27 +178,14 @@ def default_as_on_avx2(tmp: Path) -> list[str]:
 
 
 def main() -> None:
-    if not SHARED_MODEL.is_dir():
-        sys.exit(f"the shared model is not at {SHARED_MODEL}")
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification
-
-    from distilq.quantize.checkpoint import load_checkpoint
-
-    real, tokenizer = load_checkpoint(SHARED_MODEL)
-    dev = load_validation(PACKAGED_VALIDATION, label2id=real.config.label2id).texts
-    texts = {"SST-2 dev": dev, "IMDB": imdb_reviews()}
-    torch.manual_seed(0)
-    full = DistilBertForSequenceClassification(DistilBertConfig()).eval()
+    real, tokenizer, full, texts = models_and_texts()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "real").mkdir()
         (tmp / "full").mkdir()
+        ort = f", ONNX Runtime {__import__('onnxruntime').__version__}"
         block = [
-            f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
-            f"`python bench/bench_onnx.py` on {cpu_model()} ({', '.join(cpu_features())}), "
-            f"{os.cpu_count()} cores, torch {torch.__version__}, ONNX Runtime "
-            f"{__import__('onnxruntime').__version__} ({torch.get_num_threads()} threads). "
-            "No FP32 layer in any INT8 path below.",
+            f"{run_stamp('bench/bench_onnx.py', ort)} No FP32 layer in any INT8 path below.",
             "",
             *speed_table(
                 "Real model `distilbert-sst2-minilm`:", real, tokenizer, texts, tmp / "real", True
