@@ -178,7 +178,7 @@ def _check_mlflow(args: argparse.Namespace) -> None:
 def _follow_in_mlflow(registry, args: argparse.Namespace) -> None:
     """Move MLflow's production where distilq's now is (distilq's has moved either way): the
     mirror the flags name, else the one the registry records."""
-    target = _mirror_target(registry, args)
+    target = registry.mirror_target(args.mlflow_tracking_uri, args.mlflow_model)
     if target is None:
         return
     from distilq.integrations.mlflow.mirror import follow
@@ -187,19 +187,13 @@ def _follow_in_mlflow(registry, args: argparse.Namespace) -> None:
     print(line)
 
 
-def _mirror_target(registry, args: argparse.Namespace) -> tuple[str, str] | None:
-    if getattr(args, "mlflow_tracking_uri", None):
-        return args.mlflow_tracking_uri, args.mlflow_model
-    return registry.mirror_target()
-
-
 def _models_sync_mlflow(registry, args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from distilq.integrations.mlflow.mirror import MlflowMirror
 
     _check_mlflow(args)
-    target = _mirror_target(registry, args)
+    target = registry.mirror_target(args.mlflow_tracking_uri, args.mlflow_model)
     if target is None:
         raise InputError(
             "sync-mlflow needs --mlflow-tracking-uri and --mlflow-model (this registry "

@@ -394,6 +394,4 @@ def mirror(version: str, config: QuantizeConfig, name: str) -> tuple[str, bool]:
 
 def mirror_target(config: QuantizeConfig) -> tuple[str, str] | None:
     """The MLflow mirror to follow: the one `config` names, else the registry's own."""
-    if config.mlflow_tracking_uri:
-        return config.mlflow_tracking_uri, config.mlflow_model
-    return Registry(config.registry).mirror_target()
+    return Registry(config.registry).mirror_target(config.mlflow_tracking_uri, config.mlflow_model)

@@ -133,9 +133,14 @@ class Registry(AliasMoves):
                 rel, manifest_bytes({**record, "created_at": utc_now()}), None
             )
 
-    def mirror_target(self) -> tuple[str, str] | None:
-        """The MLflow tracking URI and model this registry is mirrored to (recorded by the
-        last sync), if any: promotions and rollbacks follow it without being told."""
+    def mirror_target(
+        self, tracking_uri: str | None = None, model: str | None = None
+    ) -> tuple[str, str] | None:
+        """The MLflow mirror to follow: `tracking_uri` and `model` when given (flags), else
+        the one this registry's last sync recorded, if any: promotions and rollbacks follow
+        it without being told."""
+        if tracking_uri:
+            return tracking_uri, model
         try:
             return self._record((), MIRROR, _mirror_record)
         except FileNotFoundError:
