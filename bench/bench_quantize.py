@@ -25,7 +25,7 @@ from distilq.gate.data import PACKAGED_VALIDATION, load_validation
 from distilq.hardware import cpu_features, cpu_model
 from distilq.pipelines.quantize import quantize_and_promote
 from distilq.quantize.int8 import save_int8
-from distilq.recipes import RECIPE_NAMES, RECIPES
+from distilq.recipes import CURRENT_NAMES, RECIPES
 
 # The packaged SST-2 set's labels as the shared model's classes (texts only are read here).
 SST2_CLASSES = {"negative": 0, "positive": 1}
@@ -40,7 +40,7 @@ def real_model(tmp: Path) -> list[str]:
     """Every recipe through the library pipeline itself (a dry run each, as `distilq
     quantize --dry-run --recipe R` would): the figures are the gate's own."""
     runs = {}
-    for name in RECIPE_NAMES:
+    for name in CURRENT_NAMES:
         config = QuantizeConfig(
             source=str(SHARED_MODEL),
             recipe=name,

@@ -63,7 +63,7 @@ def prefect_server(env: dict, log: Path) -> Iterator[dict]:
 def measure(tmp: Path, env: dict) -> dict[str, float]:
     full = setup_full(tmp)
     registry = tmp / "reg-full"
-    open_gate = ["--recipe", "dynamic-int8-pc", "--min-agreement", "0", "--max-accuracy-drop", "1"]
+    open_gate = ["--recipe", "ort-int8-token", "--min-agreement", "0", "--max-accuracy-drop", "1"]
     quantize_into(registry, full, *open_gate, env=env)
     one = write_texts(tmp / "one.parquet", ["a fine film"])
     out = tmp / "out"

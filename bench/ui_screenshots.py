@@ -70,7 +70,7 @@ def run_flows(tmp: Path, env: dict) -> None:
     distilq(env, "quantize", *real)  # reused
     tiny = ["--source", str(sensitive), "--validation", str(validation)]
     distilq(env, "quantize", *tiny, "--registry", str(tmp / "reg2"), "--recipe", "auto", *loose)
-    distilq(env, "quantize", *tiny, "--registry", str(registry), "--recipe", "dynamic-int8-pc",
+    distilq(env, "quantize", *tiny, "--registry", str(registry), "--recipe", "dynamic-int8-token",
             "--min-agreement", "0.95")  # fmt: skip  # rejected
     data = tmp / "data"
     data.mkdir()

@@ -187,10 +187,10 @@ def tiny_validation(tmp_path_factory) -> Path:
 
 
 def tiny_config(checkpoint: Path, validation: Path, registry: Path, **fields):
-    """A QuantizeConfig for the tiny checkpoint: per-channel INT8, a gate it passes."""
+    """A QuantizeConfig for the tiny checkpoint: per-token INT8, a gate it passes."""
     from distilq.config.quantize import QuantizeConfig
 
-    defaults = {"recipe": "dynamic-int8-pc", "min_agreement": 0.0, "max_accuracy_drop": 1.0}
+    defaults = {"recipe": "dynamic-int8-token", "min_agreement": 0.0, "max_accuracy_drop": 1.0}
     return QuantizeConfig(
         source=str(checkpoint),
         validation=[str(validation)],

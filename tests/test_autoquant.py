@@ -100,7 +100,7 @@ def test_auto_stops_at_the_start_when_it_already_passes(tiny_checkpoint, tiny_va
     assert len(candidate.attempts) == 1 and candidate.reached_target
 
 
-@pytest.mark.parametrize("recipe", ["dynamic-int8", "dynamic-int8-pc"])
+@pytest.mark.parametrize("recipe", ["dynamic-int8-token", "dynamic-int8-pc"])
 def test_static_recipes_never_fall_back(sensitive_checkpoint, tiny_validation, recipe):
     model, tokenizer, data, policy, fp32 = _setup(sensitive_checkpoint, tiny_validation)
     candidate = quantize_for_gate(model, tokenizer, get_recipe(recipe), data, fp32, policy, TARGET)

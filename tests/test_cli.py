@@ -54,7 +54,7 @@ def test_first_run_on_an_empty_prefect_home_promotes(tmp_path, tiny_checkpoint, 
             json.dumps({"text": f"good film {i}", "label": "positive"}) + "\n" for i in range(60)
         )
     )
-    extra = ["--recipe", "dynamic-int8-pc", "--min-agreement", "0.9", "--max-accuracy-drop", "1"]
+    extra = ["--recipe", "dynamic-int8-token", "--min-agreement", "0.9", "--max-accuracy-drop", "1"]
     extra += ["--validation", str(reviews), "--json"]
     done = run(*quantize(tiny_checkpoint, tiny_validation, registry, *extra), prefect_home=home)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -85,7 +85,7 @@ def test_first_run_on_an_empty_prefect_home_promotes(tmp_path, tiny_checkpoint, 
 @pytest.mark.slow
 def test_gate_rejection_exits_3_with_the_manifest(tmp_path, sensitive_checkpoint, tiny_validation):
     args = quantize(
-        sensitive_checkpoint, tiny_validation, tmp_path / "reg", "--recipe", "dynamic-int8-pc"
+        sensitive_checkpoint, tiny_validation, tmp_path / "reg", "--recipe", "dynamic-int8-token"
     )
     done = run(*args, "--min-agreement", "0.95", "--json")
     assert done.returncode == 3, done.stderr[-3000:]
@@ -149,7 +149,7 @@ def test_a_run_with_nothing_to_do_loads_no_model(tmp_path, tiny_checkpoint, tiny
     """Reusing a version and re-running a complete output import no torch at all, so no
     model is loaded; the Prefect runs are still made."""
     registry = tmp_path / "reg"
-    args = quantize(tiny_checkpoint, tiny_validation, registry, "--recipe", "dynamic-int8-pc")
+    args = quantize(tiny_checkpoint, tiny_validation, registry, "--recipe", "dynamic-int8-token")
     args += ["--min-agreement", "0.9", "--max-accuracy-drop", "1"]
     texts = tmp_path / "in.parquet"
     pq.write_table(pa.table({"text": ["a fine film", "dull"]}), texts)

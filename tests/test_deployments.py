@@ -140,7 +140,7 @@ def test_deploy_quantize_trigger_rescore_on_a_server_and_worker(
         "config": {
             "source": str(checkpoint),
             "validation": str(tiny_validation),
-            "recipe": "dynamic-int8-pc",
+            "recipe": "dynamic-int8-token",
             "min_agreement": 0.9,
             "max_accuracy_drop": 1.0,
             "registry": "./registry",

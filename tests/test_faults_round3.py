@@ -252,7 +252,7 @@ def test_9_regate_draws_scored_data_with_null_and_empty_texts(
         source=str(tiny_checkpoint),
         validation=inputs,
         registry=str(tmp_path / "reg"),
-        recipe="dynamic-int8-pc",
+        recipe="dynamic-int8-token",
         min_agreement=0.0,
         no_accuracy_check=True,
     )

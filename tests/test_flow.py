@@ -36,8 +36,8 @@ def test_passing_gate_publishes_and_promotes_then_rerun_is_reused(
     assert "![agreement with FP32 and layer sensitivity](report.png)" in report
     run, artifacts = as_shown(state)
     assert "](data:image/png;base64," in artifacts["quantize-report"].data  # the UI shows it
-    assert run.name == f"quantize {tiny_checkpoint} dynamic-int8-pc"
-    assert run.tags == ["dynamic-int8-pc", "promoted"]
+    assert run.name == f"quantize {tiny_checkpoint} dynamic-int8-token"
+    assert run.tags == ["dynamic-int8-token", "promoted"]
     headline = f"APPROVED and promoted: production {result.version} (was no version before)"
     assert artifacts["quantize-report"].description.startswith(f"{headline}. Gate: agreement")
     assert artifacts["quantize-report"].data.startswith(f"**{headline}.**\n\n# distilq INT8")
@@ -48,7 +48,7 @@ def test_passing_gate_publishes_and_promotes_then_rerun_is_reused(
     assert again.reused and again.version == result.version
     assert len(registry.versions()) == 1
     run, artifacts = as_shown(state)
-    assert run.tags == ["approved", "dynamic-int8-pc", "reused"]
+    assert run.tags == ["approved", "dynamic-int8-token", "reused"]
     assert artifacts["quantize-report"].description.startswith(
         f"Unchanged inputs, {result.version} reused. APPROVED {result.version}: already in "
         "production. Gate: agreement"
@@ -79,7 +79,7 @@ def test_failed_gate_fails_the_run_keeps_the_candidate_and_production(
     assert registry.manifest(version).decision.approved is False
     assert registry.alias() == good.version
     run, artifacts = as_shown(state)
-    assert run.tags == ["dynamic-int8-pc", "rejected"]
+    assert run.tags == ["dynamic-int8-token", "rejected"]
     headline = f"REJECTED {version}: kept in the registry with its report; production unchanged."
     assert artifacts["quantize-report"].description.startswith(headline)
     assert "agreement lower bound" in artifacts["quantize-report"].description
@@ -148,5 +148,5 @@ def test_an_unreachable_mlflow_is_said_and_tagged_and_production_moves(
     assert result.promoted and Registry(tmp_path / "reg").alias() == result.version
     assert result.mirror.startswith(f"MLflow mirror behind: MLflow at {down} does not answer")
     run, artifacts = as_shown(state)
-    assert run.tags == ["dynamic-int8-pc", "mlflow-behind", "promoted"]
+    assert run.tags == ["dynamic-int8-token", "mlflow-behind", "promoted"]
     assert f"\n\n{result.mirror}.\n\n# distilq INT8" in artifacts["quantize-report"].data

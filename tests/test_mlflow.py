@@ -50,7 +50,7 @@ def mirrored(server, tmp_path_factory, tiny_checkpoint, sensitive_checkpoint, ti
 
     root = tmp_path_factory.mktemp("mirrored")
     registry = root / "reg"
-    gate = ["--recipe", "dynamic-int8-pc", "--min-agreement", "0", "--max-accuracy-drop", "1"]
+    gate = ["--recipe", "dynamic-int8-token", "--min-agreement", "0", "--max-accuracy-drop", "1"]
     mlflow_flags = ["--mlflow-tracking-uri", server.uri, "--mlflow-model", NAME]
     done = run(*quantize(tiny_checkpoint, tiny_validation, registry, *gate, *mlflow_flags))
     assert done.returncode == 0, done.stderr

@@ -129,7 +129,7 @@ def test_onnx_runtime_weights_are_signed_only_where_mlas_multiplies_them_exactly
     assert for_cpu(token, VNNI).signed_weights and for_cpu(token, ["avx_vnni"]).signed_weights
     assert not for_cpu(token, AVX2).signed_weights
     assert not for_cpu(token, ["avx2", "avx512f", "avx512bw"]).signed_weights  # no VNNI
-    assert for_cpu(RECIPES["dynamic-int8-pc"], AVX2) == RECIPES["dynamic-int8-pc"]
+    assert for_cpu(RECIPES["dynamic-int8-token"], AVX2) == RECIPES["dynamic-int8-token"]
 
 
 def _integer_product(a_u8: np.ndarray, w: np.ndarray, signed: bool) -> np.ndarray:
@@ -237,10 +237,10 @@ def test_auto_measures_onnx_runtime_against_torch_and_keeps_the_fastest_likely(
     policy = BatchingPolicy()
     fp32 = predict(model, tokenizer, data.texts, policy)
     target = PassTarget(probability=0.9, confirmation_sizes=(1000,), allowed=(80,))
-    auto = resolve_recipe("auto", AVX2)
+    auto = resolve_recipe("auto", VNNI)
     candidate = quantize_for_gate(model, tokenizer, auto, data, fp32, policy, target)
     first = {a.recipe: a for a in candidate.attempts if not a.fp32_layers}
-    assert set(first) == {"dynamic-int8-pc", "ort-int8-token"}
+    assert set(first) == {"dynamic-int8-token", "ort-int8-token"}
     likely = [a for a in first.values() if a.predicted_pass_probability >= 0.9]
     kept = candidate.recipe.base
     if likely:

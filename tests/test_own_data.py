@@ -122,7 +122,9 @@ def test_a_three_class_model_is_measured_on_two_class_data_by_name(three_class, 
 def test_generic_labels_are_refused_then_gated_on_agreement_alone(tmp_path):
     generic = make_checkpoint(tmp_path / "generic", seed=4, labels=GENERIC)
     registry = tmp_path / "reg"
-    refused = run(*quantize(generic, PACKAGED_VALIDATION, registry, "--recipe", "dynamic-int8-pc"))
+    refused = run(
+        *quantize(generic, PACKAGED_VALIDATION, registry, "--recipe", "dynamic-int8-token")
+    )
     assert refused.returncode == 2, refused.stderr
     assert "The data's labels: negative, positive; the model's: LABEL_0, LABEL_1, LABEL_2" in (
         refused.stderr

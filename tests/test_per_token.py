@@ -32,7 +32,6 @@ from distilq.quantize.kernels.token_linear import (
     token_linear_float,
 )
 from distilq.recipes import (
-    AUTO_PRESETS,
     INTEGER_GEMM_FEATURES,
     RECIPES,
     auto_choices,
@@ -177,11 +176,25 @@ def test_auto_starts_from_the_recipe_that_is_faithful_and_fast_on_the_cpu():
     vnni = resolve_recipe("auto", ["avx2", "avx512f", "avx512_vnni"])
     assert vnni.base == "dynamic-int8-token" and "avx512_vnni" in vnni.base_reason
     assert vnni.activations == "per-token" and vnni.name == "auto" and vnni.fallback
+    assert [r.name for r in vnni.alternatives] == ["ort-int8-token"]
+    # Without VNNI, INT8 runs on ONNX Runtime (exact uint8 x uint8 products) where installed.
     avx2 = resolve_recipe("auto", ["avx2"])
-    assert avx2.base == "dynamic-int8-pc" and "no VNNI" in avx2.base_reason
-    assert avx2.activations == "per-tensor" and avx2.name == "auto" and avx2.fallback
+    assert avx2.base == "ort-int8-token" and "no VNNI" in avx2.base_reason
+    assert not avx2.signed_weights and avx2.alternatives == () and avx2.fallback
+    bare = resolve_recipe("auto", ["avx2"], engines=("torch",))
+    assert bare.base == "dynamic-int8-token" and "pip install" in bare.base_reason
     # A fixed recipe is itself on every CPU, never searched.
-    assert resolve_recipe("dynamic-int8", ["avx512_vnni"]) == RECIPES["dynamic-int8"]
+    assert resolve_recipe("dynamic-int8-token", ["avx2"]) == RECIPES["dynamic-int8-token"]
+
+
+@pytest.mark.parametrize("retired", ["dynamic-int8-pc", "dynamic-int8"])
+def test_the_torch_ao_recipes_make_no_new_version(retired, tmp_path):
+    from distilq.config.quantize import QuantizeConfig
+
+    with pytest.raises(InputError, match=f"recipe {retired} is retired: .*deprecates"):
+        resolve_recipe(retired, ["avx2"])
+    with pytest.raises(ValueError, match=f"recipe {retired} is retired: .*still load and score"):
+        QuantizeConfig(source=str(tmp_path), recipe=retired)
 
 
 def test_recipe_fields_are_typed():
@@ -195,10 +208,11 @@ def test_auto_records_where_it_started_and_why(tiny_checkpoint, tiny_validation,
     result = quantize_and_promote(
         tiny_config(tiny_checkpoint, tiny_validation, tmp_path / "reg", recipe="auto")
     )
-    # This machine's CPU decides the torch preset; with ONNX Runtime installed (the dev
-    # extra) auto measures ort-int8-token against it and keeps the faster likely one.
+    # With ONNX Runtime installed (the dev extra) auto measures ort-int8-token, and on a
+    # VNNI CPU torch's per-token too, and keeps the faster likely one.
     choices = {c.base: c for c in auto_choices(resolve_recipe("auto", cpu_features()))}
-    assert set(choices) == {AUTO_PRESETS["vnni" if _has_vnni() else "avx2"], "ort-int8-token"}
+    torch_too = {"dynamic-int8-token"} if _has_vnni() else set()  # no VNNI: ONNX Runtime only
+    assert set(choices) == {"ort-int8-token", *torch_too}
     record = result.manifest.recipe
     chosen = choices[record.auto.base]
     assert record.name == "auto" and record.activations == chosen.activations

@@ -43,7 +43,7 @@ def test_quantize_score_and_load_on_s3(s3, tiny_checkpoint, tiny_validation, tmp
             source=f"s3://{BUCKET}/checkpoints/tiny",
             validation=str(tiny_validation),
             registry=registry_uri,
-            recipe="dynamic-int8-pc",
+            recipe="dynamic-int8-token",
             min_agreement=0.9,
             max_accuracy_drop=1.0,
         )

@@ -13,8 +13,9 @@ from typing import Literal, get_args
 
 from distilq.errors import InputError
 
-# Linear inputs: "per-tensor" (torch.ao's dynamic Linear: one 7-bit scale per batch) or
-# "per-token" (one 8-bit scale per row: a row's output never depends on its batch).
+# Linear inputs: "per-tensor" (one scale per batch: ONNX Runtime's dynamic quantization, or
+# torch.ao's retired 7-bit one) or "per-token" (one 8-bit scale per row: a row's output
+# never depends on its batch).
 Activations = Literal["per-tensor", "per-token"]
 # What runs the model: torch's quantized engine its weights are packed for, or ONNX Runtime.
 Engine = Literal["x86", "fbgemm", "onednn", "onnxruntime"]
@@ -42,6 +43,8 @@ class Recipe:
     # `auto` only: the other recipes it measures against `base` (the fastest of those
     # predicted to pass is kept).
     alternatives: tuple[Recipe, ...] = ()
+    # Why no new version is made by it any more (versions made by it still load and score).
+    retired: str | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in (("activations", Activations), ("engine", Engine)):
@@ -51,6 +54,14 @@ class Recipe:
                     f"{', '.join(get_args(allowed))}"
                 )
 
+
+# The per-tensor torch recipes ran on torch's quantized tensors (fbgemm), which torch 2.13
+# deprecates with no successor for them; ONNX Runtime now runs INT8 on CPUs without VNNI.
+TORCH_AO_RETIRED = (
+    "it ran on torch's quantized tensors, which torch deprecates; versions made by it still "
+    "load and score (with torch's deprecation warning) while torch ships them. For a new "
+    "version use auto, or ort-int8-pc for the same per-batch activations on ONNX Runtime"
+)
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -82,38 +93,40 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             "dynamic-int8-pc",
+            "retired (versions made by it load and score): torch.ao per-tensor activations, "
             "Linear weights INT8 per channel, word/position embeddings INT8 per row",
             per_channel=True,
             int8_embeddings=True,
+            retired=TORCH_AO_RETIRED,
         ),
-        # The seed's method, kept for comparison: exactly torch.ao quantize_dynamic's defaults.
         Recipe(
             "dynamic-int8",
-            "the seed's torch.ao quantize_dynamic: per-tensor weights, FP32 embeddings",
+            "retired (versions made by it load and score): the seed's torch.ao "
+            "quantize_dynamic, per-tensor weights, FP32 embeddings",
             per_channel=False,
             int8_embeddings=False,
+            retired=TORCH_AO_RETIRED,
         ),
     )
 }
 AUTO = "auto"
 AUTO_SUMMARY = (
-    "the fastest on this CPU, measured on the tuning part, of ort-int8-token and the torch "
-    "preset (dynamic-int8-token with VNNI, else dynamic-int8-pc) predicted to pass; then "
-    "keep the most sensitive Linear layers FP32 until the tuning part predicts the gate "
-    "will pass with probability --pass-probability"
+    "the fastest on this CPU, measured on the tuning part, of the recipes with fast integer "
+    "products here (dynamic-int8-token with VNNI or AMX; ort-int8-token where ONNX Runtime "
+    "is installed) predicted to pass; then keep the most sensitive Linear layers FP32 until "
+    "the tuning part predicts the gate will pass with probability --pass-probability"
 )
-RECIPE_NAMES = (AUTO, *RECIPES)  # what a config may name
+RECIPE_NAMES = (AUTO, *RECIPES)  # what a config may name (a retired one is refused, with why)
+CURRENT_NAMES = tuple(n for n in RECIPE_NAMES if n == AUTO or not RECIPES[n].retired)
 DEFAULT_RECIPE = AUTO
 
 # With these, torch's integer GEMM (per-token recipe) runs VNNI/AMX kernels; without them it
 # falls back to a slow reference loop (pytorch#136942), so the per-token layers run exact
-# float32 GEMMs instead (no faster than FP32), and fbgemm's kernels are the fast ones. MLAS
-# (ONNX Runtime) multiplies uint8 x int8 exactly only with them, too.
+# float32 GEMMs instead (no faster than FP32). MLAS (ONNX Runtime) multiplies uint8 x int8
+# exactly only with them, too.
 INTEGER_GEMM_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
-# `auto`'s torch recipe per instruction set, as Optimum names a preset per ISA; with ONNX
-# Runtime installed it is measured against ort-int8-token.
-AUTO_PRESETS = {"vnni": "dynamic-int8-token", "avx2": "dynamic-int8-pc"}
-AUTO_ONNX = "ort-int8-token"
+AUTO_TORCH = "dynamic-int8-token"  # `auto`'s torch recipe, on every CPU
+AUTO_ONNX = "ort-int8-token"  # ...and its ONNX Runtime one, where installed
 ENGINES = ("torch", ONNXRUNTIME)  # what may run a model, when installed
 # What the onnxruntime engine needs (the `onnxruntime` extra); onnxscript: torch's exporter.
 ONNX_MODULES = ("onnxruntime", "onnx", "onnxscript")
@@ -128,12 +141,17 @@ def installed_engines() -> tuple[str, ...]:
     return ENGINES if onnx else ENGINES[:1]
 
 
-def check_engine(name: str) -> None:
-    """Refuse at once, with the install line, a fixed recipe whose engine is missing (a
-    ValueError: the config's validators raise these)."""
-    if name in RECIPES and RECIPES[name].engine == ONNXRUNTIME:
-        if ONNXRUNTIME not in installed_engines():
-            raise ValueError(f"recipe {name} {ONNX_MISSING}")
+def recipe_problem(name: str) -> str | None:
+    """Why no new version can be made by recipe `name` here (retired, or its engine is not
+    installed), with what to do instead; None when it can."""
+    recipe = RECIPES.get(name)
+    if recipe is None:
+        return None
+    if recipe.retired:
+        return f"recipe {name} is retired: {recipe.retired}"
+    if recipe.engine == ONNXRUNTIME and ONNXRUNTIME not in installed_engines():
+        return f"recipe {name} {ONNX_MISSING}"
+    return None
 
 
 def for_cpu(recipe: Recipe, cpu_features: list[str] | tuple[str, ...]) -> Recipe:
@@ -149,27 +167,35 @@ def resolve_recipe(
 ) -> Recipe:
     """The recipe `name` quantizes by on a CPU with `cpu_features` when `engines` are
     installed (a pure function: the caller reads the CPU). A fixed recipe is itself, for
-    that CPU (`for_cpu`); `auto` is a search, under the name `auto`: it starts from the
-    torch preset that is both faithful and fast on that CPU (`base`, with the reason) and
-    measures it against ort-int8-token where ONNX Runtime is installed."""
+    that CPU (`for_cpu`); a retired one is refused. `auto` is a search, under the name
+    `auto`: it starts from the recipe that is both faithful and fast on that CPU (`base`,
+    with the reason) and measures the others that are (`alternatives`)."""
     if name != AUTO:
-        return for_cpu(get_recipe(name), cpu_features)
+        recipe = get_recipe(name)
+        if recipe.retired:
+            raise InputError(f"recipe {name} is retired: {recipe.retired}")
+        return for_cpu(recipe, cpu_features)
     fast = [f for f in INTEGER_GEMM_FEATURES if f in cpu_features]
+    onnx = (for_cpu(RECIPES[AUTO_ONNX], cpu_features),) if ONNXRUNTIME in engines else ()
     if fast:
-        base = RECIPES[AUTO_PRESETS["vnni"]]
         why = (
             f"this CPU has {', '.join(fast)}: torch's integer GEMM is fast here, and per-token "
             "activations agree best with FP32"
         )
-    else:
-        base = RECIPES[AUTO_PRESETS["avx2"]]
+        return replace(_as_auto(RECIPES[AUTO_TORCH], why), alternatives=onnx)
+    if onnx:
         why = (
-            "this CPU has no VNNI: per-token INT8 runs exact float32 GEMMs here, no faster than "
-            "FP32 (torch's integer GEMM is a slow reference loop, pytorch#136942), so "
-            "fbgemm's per-tensor kernels are the fast path"
+            "this CPU has no VNNI: torch's integer GEMM is a slow reference loop here "
+            "(pytorch#136942), so INT8 runs on ONNX Runtime, whose MLAS multiplies uint8 x "
+            "uint8 exactly on AVX2 (its uint8 x int8 kernel saturates there)"
         )
-    others = (for_cpu(RECIPES[AUTO_ONNX], cpu_features),) if ONNXRUNTIME in engines else ()
-    return replace(_as_auto(base, why), alternatives=others)
+        return _as_auto(onnx[0], why)
+    why = (
+        "this CPU has no VNNI and ONNX Runtime is not installed: per-token INT8 runs exact "
+        "float32 GEMMs here, about as fast as FP32 in a quarter of its bytes; pip install "
+        "'distilq[onnxruntime]' for integer kernels on this CPU"
+    )
+    return _as_auto(RECIPES[AUTO_TORCH], why)
 
 
 def _as_auto(recipe: Recipe, why: str) -> Recipe:
@@ -201,7 +227,7 @@ def get_recipe(name: str) -> Recipe:
         return RECIPES[name]
     except KeyError:
         raise InputError(
-            f"unknown recipe {name!r}; choose one of {', '.join(RECIPE_NAMES)}"
+            f"unknown recipe {name!r}; choose one of {', '.join(CURRENT_NAMES)}"
         ) from None
 
 

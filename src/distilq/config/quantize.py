@@ -27,7 +27,7 @@ from distilq.config.shared import (
     check_mlflow,
     default_source,
 )
-from distilq.recipes import DEFAULT_RECIPE, RECIPE_NAMES, check_engine
+from distilq.recipes import DEFAULT_RECIPE, RECIPE_NAMES, recipe_problem
 
 # One validation spec or several: deployments made before sets could repeat, and Prefect's
 # parameter forms, pass a single string; it is read as a list of one.
@@ -163,7 +163,9 @@ class QuantizeConfig(BaseModel):
                 "--no-accuracy-check ignores labels: drop --label-map and --label-column, or it"
             )
         check_mlflow(self.mlflow_tracking_uri, self.mlflow_model)
-        check_engine(self.recipe)
+        problem = recipe_problem(self.recipe)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property

@@ -1,9 +1,9 @@
 """Linear layers on torch.ao's dynamic quantized kernels (fbgemm): INT8 weights, per channel
 or per tensor; activations quantized with one scale per batch.
 
-They need torch's quantized tensors, which torch deprecates (its warning is left to show):
-kept for CPUs without VNNI and without ONNX Runtime, where they are torch's fast INT8 path,
-and to read the versions made with them."""
+They need torch's quantized tensors, which torch deprecates (its warning is left to show).
+The recipes that made them are retired (`recipes.TORCH_AO_RETIRED`): this kind now reads the
+versions made with them, and builds them only for the benches and the reader's tests."""
 
 from __future__ import annotations
 
