@@ -148,10 +148,14 @@ def recipe_problem(name: str) -> str | None:
     if recipe is None:
         return None
     if recipe.retired:
-        return f"recipe {name} is retired: {recipe.retired}"
+        return _retired(recipe)
     if recipe.engine == ONNXRUNTIME and ONNXRUNTIME not in installed_engines():
         return f"recipe {name} {ONNX_MISSING}"
     return None
+
+
+def _retired(recipe: Recipe) -> str:
+    return f"recipe {recipe.name} is retired: {recipe.retired}"
 
 
 def for_cpu(recipe: Recipe, cpu_features: list[str] | tuple[str, ...]) -> Recipe:
@@ -173,7 +177,7 @@ def resolve_recipe(
     if name != AUTO:
         recipe = get_recipe(name)
         if recipe.retired:
-            raise InputError(f"recipe {name} is retired: {recipe.retired}")
+            raise InputError(_retired(recipe))
         return for_cpu(recipe, cpu_features)
     fast = [f for f in INTEGER_GEMM_FEATURES if f in cpu_features]
     onnx = (for_cpu(RECIPES[AUTO_ONNX], cpu_features),) if ONNXRUNTIME in engines else ()
