@@ -103,9 +103,9 @@ def products() -> dict:
 
 def build_graphs(out: Path) -> None:
     """The three INT8 graphs of the real model into `out`, and FP32's probabilities."""
-    import torch
     from bench_int8 import SHARED_MODEL, models_and_texts
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from ort_script import export_fp32
 
     from distilq.config.shared import BatchingPolicy
     from distilq.inference import predict
@@ -115,14 +115,7 @@ def build_graphs(out: Path) -> None:
     real, tokenizer, _, texts = models_and_texts()
     token = quantize(real, resolve_recipe("ort-int8-token", ["avx2"]))  # uint8 weights
     (out / f"{GRAPHS[0]}.onnx").write_bytes(token.graph)
-    enc = tokenizer(["a b c"], return_tensors="pt")
-    axes = {0: "batch", 1: "tokens"}
-    torch.onnx.export(
-        real, (enc["input_ids"], enc["attention_mask"]), str(out / "fp32.onnx"),
-        input_names=["input_ids", "attention_mask"], output_names=["logits"],
-        dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": {0: "batch"}},
-        dynamo=False,
-    )  # fmt: skip
+    export_fp32(real, tokenizer, out / "fp32.onnx")
     for name, weights in zip(GRAPHS[1:], (QuantType.QInt8, QuantType.QUInt8), strict=True):
         quantize_dynamic(
             out / "fp32.onnx", out / f"{name}.onnx", per_channel=True, weight_type=weights

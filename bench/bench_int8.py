@@ -69,19 +69,10 @@ class OrtClassifier:
     def __init__(self, model, tokenizer, directory: Path):
         import onnxruntime as ort
         from onnxruntime.quantization import QuantType, quantize_dynamic
+        from ort_script import export_fp32
 
-        enc = tokenizer(["a b c"], return_tensors="pt")
-        fp32_path, int8_path = directory / "model.onnx", directory / "model.int8.onnx"
-        axes = {0: "batch", 1: "tokens"}
-        torch.onnx.export(
-            model,
-            (enc["input_ids"], enc["attention_mask"]),
-            str(fp32_path),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": {0: "batch"}},
-            dynamo=False,
-        )
+        int8_path = directory / "model.int8.onnx"
+        fp32_path = export_fp32(model, tokenizer, directory / "model.onnx")
         quantize_dynamic(fp32_path, int8_path, per_channel=True, weight_type=QuantType.QInt8)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()

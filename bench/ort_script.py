@@ -17,9 +17,24 @@ import pyarrow.parquet as pq
 from transformers import AutoTokenizer
 
 
+def export_fp32(model, tokenizer, path: Path) -> Path:
+    """`model` as an FP32 ONNX graph at `path`, as Optimum exports it (TorchScript exporter,
+    batch and token axes dynamic)."""
+    import torch
+
+    enc = tokenizer(["a b c"], return_tensors="pt")
+    axes = {0: "batch", 1: "tokens"}
+    torch.onnx.export(
+        model, (enc["input_ids"], enc["attention_mask"]), str(path),
+        input_names=["input_ids", "attention_mask"], output_names=["logits"],
+        dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": {0: "batch"}},
+        dynamo=False,
+    )  # fmt: skip
+    return path
+
+
 def build(model_dir: Path) -> Path:
     """model.int8.onnx beside the checkpoint, made once."""
-    import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import AutoModelForSequenceClassification
 
@@ -29,15 +44,8 @@ def build(model_dir: Path) -> Path:
         return int8
     out.mkdir(exist_ok=True)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    enc = AutoTokenizer.from_pretrained(model_dir)(["a b c"], return_tensors="pt")
-    axes = {0: "batch", 1: "tokens"}
-    torch.onnx.export(
-        model, (enc["input_ids"], enc["attention_mask"]), str(out / "model.onnx"),
-        input_names=["input_ids", "attention_mask"], output_names=["logits"],
-        dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": {0: "batch"}},
-        dynamo=False,
-    )  # fmt: skip
-    quantize_dynamic(out / "model.onnx", int8, per_channel=True, weight_type=QuantType.QInt8)
+    fp32 = export_fp32(model, AutoTokenizer.from_pretrained(model_dir), out / "model.onnx")
+    quantize_dynamic(fp32, int8, per_channel=True, weight_type=QuantType.QInt8)
     return int8
 
 
