@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def emulated(args: list[str], env: dict | None = None, cpuinfo: Path | None = No
     """stdout of this venv's Python running `args` on the emulated Zen 3."""
     cmd = ["qemu-x86_64", "-cpu", EMULATED_CPU, sys.executable, *args]
     if cpuinfo is not None:  # mount --bind in a namespace of its own, gone when it ends
-        inner = f"mount --bind {cpuinfo} /proc/cpuinfo && exec {' '.join(map(repr, cmd))}"
+        inner = f"mount --bind {shlex.quote(str(cpuinfo))} /proc/cpuinfo && exec {shlex.join(cmd)}"
         cmd = ["unshare", "-m", "sh", "-c", inner]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
