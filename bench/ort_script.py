@@ -1,6 +1,7 @@
 """The ONNX Runtime baseline a CPU-minded user builds by hand, as Optimum's ORTQuantizer
-does it: export (TorchScript exporter, as Optimum's), `quantize_dynamic` per-channel int8
-weights, one session on every core, batches of 32 sorted by length, over a Parquet file.
+does it: export (TorchScript exporter, as Optimum's), `quantize_dynamic` per-channel weights
+of the type Optimum's preset for this CPU takes (`optimum_weights`), one session on every
+core, batches of 32 sorted by length, over a Parquet file.
 
 Usage: python bench/ort_script.py MODEL_DIR INPUT.parquet OUTPUT.parquet THREADS
 (exports and quantizes into MODEL_DIR/ort-by-hand/ on first use; that step is timed apart)
@@ -33,27 +34,45 @@ def export_fp32(model, tokenizer, path: Path) -> Path:
     return path
 
 
-def build(model_dir: Path) -> Path:
-    """model.int8.onnx beside the checkpoint, made once."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def optimum_weights(features: list[str]):
+    """The weight type of Optimum's `AutoQuantizationConfig` preset for a CPU with these ISA
+    features (`distilq.hardware.cpu_features`): int8 with AVX-512 (its `avx512` and
+    `avx512_vnni` presets), uint8 on AVX2 alone (its `avx2` preset; there MLAS's uint8 x
+    int8 products saturate, bench_avx2)."""
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QInt8 if "avx512f" in features else QuantType.QUInt8
+
+
+def quantize_by_hand(fp32: Path, int8: Path, features: list[str]) -> Path:
+    """`quantize_dynamic` per channel, as Optimum's dynamic preset for this CPU does it."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(fp32, int8, per_channel=True, weight_type=optimum_weights(features))
+    return int8
+
+
+def build(model_dir: Path, features: list[str]) -> Path:
+    """The INT8 graph beside the checkpoint, made once per weight type."""
     from transformers import AutoModelForSequenceClassification
 
     out = model_dir / "ort-by-hand"
-    int8 = out / "model.int8.onnx"
+    int8 = out / f"model.{optimum_weights(features).name}.onnx"
     if int8.exists():
         return int8
     out.mkdir(exist_ok=True)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     fp32 = export_fp32(model, AutoTokenizer.from_pretrained(model_dir), out / "model.onnx")
-    quantize_dynamic(fp32, int8, per_channel=True, weight_type=QuantType.QInt8)
-    return int8
+    return quantize_by_hand(fp32, int8, features)
 
 
 def main() -> None:
     model_dir, source, target, threads = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    from distilq.hardware import cpu_features
+
     start = time.perf_counter()
-    path = build(model_dir)
-    print(f"built in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    path = build(model_dir, cpu_features())
+    print(f"built {path.name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads)
