@@ -105,8 +105,8 @@ def products() -> dict:
 def build_graphs(out: Path) -> None:
     """The three INT8 graphs of the real model into `out`, and FP32's probabilities."""
     from bench_int8 import SHARED_MODEL, models_and_texts
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from ort_script import export_fp32
+    from onnxruntime.quantization import QuantType
+    from ort_script import export_fp32, quantize_by_hand
 
     from distilq.config.shared import BatchingPolicy
     from distilq.inference import predict
@@ -118,9 +118,7 @@ def build_graphs(out: Path) -> None:
     (out / f"{GRAPHS[0]}.onnx").write_bytes(token.graph)
     export_fp32(real, tokenizer, out / "fp32.onnx")
     for name, weights in zip(GRAPHS[1:], (QuantType.QInt8, QuantType.QUInt8), strict=True):
-        quantize_dynamic(
-            out / "fp32.onnx", out / f"{name}.onnx", per_channel=True, weight_type=weights
-        )
+        quantize_by_hand(out / "fp32.onnx", out / f"{name}.onnx", weights)
     np.save(out / "fp32.npy", predict(real, tokenizer, texts["SST-2 dev"], BatchingPolicy()).probs)
     (out / "model").write_text(str(SHARED_MODEL))
 

@@ -69,10 +69,11 @@ class OrtClassifier:
 
     def __init__(self, model, tokenizer, directory: Path):
         import onnxruntime as ort
-        from ort_script import export_fp32, quantize_by_hand
+        from ort_script import export_fp32, optimum_weights, quantize_by_hand
 
         fp32_path = export_fp32(model, tokenizer, directory / "model.onnx")
-        int8_path = quantize_by_hand(fp32_path, directory / "model.int8.onnx", cpu_features())
+        weights = optimum_weights(cpu_features())
+        int8_path = quantize_by_hand(fp32_path, directory / "model.int8.onnx", weights)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         self.session = ort.InferenceSession(str(int8_path), options)

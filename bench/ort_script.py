@@ -44,11 +44,12 @@ def optimum_weights(features: list[str]):
     return QuantType.QInt8 if "avx512f" in features else QuantType.QUInt8
 
 
-def quantize_by_hand(fp32: Path, int8: Path, features: list[str]) -> Path:
-    """`quantize_dynamic` per channel, as Optimum's dynamic preset for this CPU does it."""
+def quantize_by_hand(fp32: Path, int8: Path, weights) -> Path:
+    """`quantize_dynamic` per channel with `weights` (a `QuantType`), as Optimum's dynamic
+    presets do it."""
     from onnxruntime.quantization import quantize_dynamic
 
-    quantize_dynamic(fp32, int8, per_channel=True, weight_type=optimum_weights(features))
+    quantize_dynamic(fp32, int8, per_channel=True, weight_type=weights)
     return int8
 
 
@@ -57,13 +58,14 @@ def build(model_dir: Path, features: list[str]) -> Path:
     from transformers import AutoModelForSequenceClassification
 
     out = model_dir / "ort-by-hand"
-    int8 = out / f"model.{optimum_weights(features).name}.onnx"
+    weights = optimum_weights(features)
+    int8 = out / f"model.{weights.name}.onnx"
     if int8.exists():
         return int8
     out.mkdir(exist_ok=True)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     fp32 = export_fp32(model, AutoTokenizer.from_pretrained(model_dir), out / "model.onnx")
-    return quantize_by_hand(fp32, int8, features)
+    return quantize_by_hand(fp32, int8, weights)
 
 
 def main() -> None:
